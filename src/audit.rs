@@ -1,0 +1,291 @@
+//! The audit log: one JSON object per line for every decision on a kernel start or a session
+//! start. Names and reasons only, never a value (the claimed user is the one exception the
+//! format asks for, and it is an identity, not a secret).
+//!
+//! Records are serialized by the request task and written by one writer task, so a slow disk
+//! never interleaves lines; the channel is bounded, so a stuck disk slows requests down rather
+//! than losing records.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::AuditTarget;
+use crate::policy::{Decision, Mode};
+
+/// One audit record. See the README, "Audit log", for the format.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    /// The decision id, also sent to the client as `X-Envgate-Decision`.
+    pub id: &'a str,
+    /// `kernel_start` or `session_start`.
+    pub event: &'static str,
+    pub mode: &'static str,
+    /// The peer address of the connection.
+    pub client: SocketAddr,
+    pub x_forwarded_for: Option<&'a str>,
+    /// `KERNEL_USERNAME` as the client sent it: a claim, not an identity check.
+    pub user: Option<&'a str>,
+    pub kernelspec: Option<&'a str>,
+    pub kept: Vec<KeptName<'a>>,
+    pub rejected: Vec<RejectedName<'a>>,
+    /// `forwarded` or `refused`.
+    pub outcome: &'static str,
+    /// The upstream's status when forwarded; envgate's own status when refused.
+    pub status: Option<u16>,
+    pub kernel_id: Option<&'a str>,
+    /// Why envgate refused or the upstream failed; never holds a value.
+    pub error: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeptName<'a> {
+    pub name: &'a str,
+    pub source: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejectedName<'a> {
+    pub name: &'a str,
+    pub reason: &'static str,
+}
+
+impl<'a> Record<'a> {
+    /// A record with the request's identity filled in and everything else empty.
+    pub fn new(
+        id: &'a str,
+        event: &'static str,
+        mode: Mode,
+        client: SocketAddr,
+        xff: Option<&'a str>,
+    ) -> Self {
+        Record {
+            time: now_rfc3339(),
+            id,
+            event,
+            mode: mode.as_str(),
+            client,
+            x_forwarded_for: xff,
+            user: None,
+            kernelspec: None,
+            kept: Vec::new(),
+            rejected: Vec::new(),
+            outcome: "refused",
+            status: None,
+            kernel_id: None,
+            error: None,
+        }
+    }
+
+    pub fn with_decision(mut self, d: &'a Decision) -> Self {
+        self.kept = d
+            .kept
+            .iter()
+            .map(|k| KeptName {
+                name: &k.name,
+                source: k.source.as_str(),
+            })
+            .collect();
+        self.rejected = d
+            .rejected
+            .iter()
+            .map(|r| RejectedName {
+                name: &r.name,
+                reason: r.reason.as_str(),
+            })
+            .collect();
+        self
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Decision ids: unique within a process (a counter) and across restarts (a random prefix).
+#[derive(Debug)]
+pub struct Ids {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        Ids {
+            prefix: h.finish() as u32,
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Ids {
+    pub fn next(&self) -> String {
+        format!(
+            "{:08x}-{:08x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// The sending side of the audit log; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl AuditLog {
+    /// Opens the target (a file is created and appended to) and starts the writer task, which
+    /// ends once every `AuditLog` is dropped and the queue is written out.
+    pub async fn open(target: &AuditTarget) -> io::Result<(AuditLog, JoinHandle<()>)> {
+        let out: Box<dyn AsyncWrite + Unpin + Send> = match target {
+            AuditTarget::Stdout => Box::new(tokio::io::stdout()),
+            AuditTarget::File(p) => Box::new(open_append(p).await?),
+        };
+        let (tx, rx) = mpsc::channel(4096);
+        Ok((AuditLog { tx }, tokio::spawn(writer(out, rx))))
+    }
+
+    /// Queues one record.
+    pub async fn write(&self, record: &Record<'_>) {
+        let mut line = serde_json::to_vec(record).expect("serializing an audit record");
+        line.push(b'\n');
+        if self.tx.send(line).await.is_err() {
+            tracing::error!("audit log writer is gone; record {} lost", record.id);
+        }
+    }
+}
+
+async fn open_append(p: &Path) -> io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .await
+}
+
+async fn writer(mut out: Box<dyn AsyncWrite + Unpin + Send>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(line) = rx.recv().await {
+        buf.extend_from_slice(&line);
+        // Batch whatever else is already queued into one write.
+        while buf.len() < 1 << 20 {
+            match rx.try_recv() {
+                Ok(l) => buf.extend_from_slice(&l),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = async {
+            out.write_all(&buf).await?;
+            out.flush().await
+        }
+        .await
+        {
+            tracing::error!(error = %e, "cannot write the audit log");
+        }
+        buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Kept, Reason, Rejected, Source};
+
+    #[test]
+    fn record_format() {
+        let d = Decision {
+            kept: vec![Kept {
+                name: "KERNEL_A".into(),
+                source: Source::KernelPrefix,
+            }],
+            rejected: vec![Rejected {
+                name: "PATH".into(),
+                reason: Reason::Denied,
+            }],
+        };
+        let mut r = Record::new(
+            "id-1",
+            "kernel_start",
+            Mode::Drop,
+            "127.0.0.1:5000".parse().unwrap(),
+            Some("10.0.0.1"),
+        )
+        .with_decision(&d);
+        r.user = Some("alice");
+        r.kernelspec = Some("python3");
+        r.outcome = "forwarded";
+        r.status = Some(201);
+        r.kernel_id = Some("k1");
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "time": v["time"], "id": "id-1", "event": "kernel_start", "mode": "drop",
+                "client": "127.0.0.1:5000", "x_forwarded_for": "10.0.0.1", "user": "alice",
+                "kernelspec": "python3",
+                "kept": [{"name": "KERNEL_A", "source": "prefix:KERNEL_"}],
+                "rejected": [{"name": "PATH", "reason": "denied"}],
+                "outcome": "forwarded", "status": 201, "kernel_id": "k1", "error": null
+            })
+        );
+        let t = v["time"].as_str().unwrap();
+        assert!(humantime::parse_rfc3339(t).is_ok(), "{t}");
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let ids = Ids::default();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 17);
+    }
+
+    #[tokio::test]
+    async fn file_log_appends_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "old\n").unwrap();
+        let (log, task) = AuditLog::open(&AuditTarget::File(path.clone()))
+            .await
+            .unwrap();
+        for i in 0..100 {
+            let id = format!("{i}");
+            log.write(&Record::new(
+                &id,
+                "kernel_start",
+                Mode::Drop,
+                "127.0.0.1:1".parse().unwrap(),
+                None,
+            ))
+            .await;
+        }
+        drop(log);
+        task.await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 101);
+        assert_eq!(lines[0], "old");
+        for (i, l) in lines[1..].iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["id"], format!("{i}"));
+        }
+    }
+}

@@ -1,0 +1,842 @@
+//! Configuration: a TOML file, `ENVGATE_*` environment variables and flags, merged into one
+//! validated [`Config`] (flags win over the environment, the environment over the file).
+//!
+//! Every problem is reported as one line that names the key and where it came from, so that
+//! `envgate check` and start-up can print it and exit with code 2.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use http::uri::{Authority, Scheme};
+use http::Uri;
+
+use crate::policy::{self, Mode, Policy, Sessions};
+
+/// A configuration problem, as one line naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// envgate: an env-policy proxy in front of Jupyter Enterprise Gateway.
+#[derive(Debug, Parser)]
+#[command(name = "envgate", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub opts: Opts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print the effective policy; exit 2 when it is invalid.
+    Check,
+}
+
+/// Every setting, as a flag and an `ENVGATE_*` variable. Each overrides the config file's key
+/// of the same name (dashes for underscores).
+#[derive(Debug, Default, Args)]
+pub struct Opts {
+    /// TOML configuration file.
+    #[arg(long, env = "ENVGATE_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8889].
+    #[arg(long, env = "ENVGATE_LISTEN", global = true, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The Enterprise Gateway to protect, with its base_url as path [default: http://127.0.0.1:8888].
+    #[arg(long, env = "ENVGATE_UPSTREAM", global = true, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// drop | reject | report [default: drop].
+    #[arg(long, env = "ENVGATE_MODE", global = true)]
+    pub mode: Option<String>,
+    /// Names every kernelspec accepts, comma-separated [default: none].
+    #[arg(
+        long,
+        env = "ENVGATE_CLIENT_ENVS",
+        global = true,
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
+    pub client_envs: Option<Vec<String>>,
+    /// Names always refused, comma-separated; replaces the built-in list [default: see README].
+    #[arg(
+        long,
+        env = "ENVGATE_DENY_ENVS",
+        global = true,
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
+    pub deny_envs: Option<Vec<String>>,
+    /// Keep every KERNEL_* name, as EG does: true | false [default: true].
+    #[arg(
+        long,
+        env = "ENVGATE_KERNEL_PREFIX",
+        global = true,
+        value_name = "BOOL"
+    )]
+    pub kernel_prefix: Option<String>,
+    /// Per-kernelspec names, NAME=A,B; repeat the flag or separate with ';'.
+    #[arg(
+        long,
+        env = "ENVGATE_KERNELSPEC_CLIENT_ENVS",
+        global = true,
+        value_delimiter = ';',
+        value_name = "NAME=NAMES"
+    )]
+    pub kernelspec_client_envs: Option<Vec<String>>,
+    /// POST /api/sessions: deny | allow [default: deny].
+    #[arg(long, env = "ENVGATE_SESSIONS", global = true)]
+    pub sessions: Option<String>,
+    /// How long kernelspecs fetched from the upstream are trusted [default: 10s].
+    #[arg(
+        long,
+        env = "ENVGATE_KERNELSPEC_CACHE_TTL",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub kernelspec_cache_ttl: Option<String>,
+    /// Largest kernel-start body accepted, in bytes [default: 1048576].
+    #[arg(
+        long,
+        env = "ENVGATE_MAX_BODY_BYTES",
+        global = true,
+        value_name = "BYTES"
+    )]
+    pub max_body_bytes: Option<String>,
+    /// Upstream connect timeout [default: 5s].
+    #[arg(
+        long,
+        env = "ENVGATE_CONNECT_TIMEOUT",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub connect_timeout: Option<String>,
+    /// Upstream response-header timeout [default: 120s].
+    #[arg(
+        long,
+        env = "ENVGATE_RESPONSE_TIMEOUT",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub response_timeout: Option<String>,
+    /// Audit log: - for stdout, or a file path (appended to) [default: -].
+    #[arg(long, env = "ENVGATE_AUDIT_LOG", global = true, value_name = "PATH")]
+    pub audit_log: Option<String>,
+    /// Diagnostics format on stderr: text | json [default: text].
+    #[arg(long, env = "ENVGATE_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+}
+
+/// Where the audit log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The upstream EG: where to connect, and its base path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// EG's base_url, always ending in `/` (`/` or `/gw/`).
+    pub base: String,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base)
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: UpstreamUrl,
+    pub policy: Policy,
+    pub kernelspec_cache_ttl: Duration,
+    pub max_body_bytes: usize,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub audit_log: AuditTarget,
+    pub log_format: LogFormat,
+}
+
+/// The keys a config file may hold.
+const FILE_KEYS: &[&str] = &[
+    "listen",
+    "upstream",
+    "mode",
+    "client_envs",
+    "deny_envs",
+    "kernel_prefix",
+    "kernelspecs",
+    "sessions",
+    "kernelspec_cache_ttl",
+    "max_body_bytes",
+    "connect_timeout",
+    "response_timeout",
+    "audit_log",
+    "log_format",
+];
+
+/// One raw setting and where it came from, for error messages.
+#[derive(Debug, Clone)]
+struct Setting<T> {
+    value: T,
+    origin: String,
+}
+
+impl<T> Setting<T> {
+    fn err(&self, key: &str, msg: impl fmt::Display) -> ConfigError {
+        ConfigError(format!("invalid `{key}` ({}): {msg}", self.origin))
+    }
+}
+
+/// `[kernelspecs.NAME] client_envs`, in the order given.
+type KernelspecLists = Vec<(String, Vec<String>)>;
+
+/// The settings before validation: file first, then flags and environment on top.
+#[derive(Debug, Default)]
+struct Raw {
+    listen: Option<Setting<String>>,
+    upstream: Option<Setting<String>>,
+    mode: Option<Setting<String>>,
+    client_envs: Option<Setting<Vec<String>>>,
+    deny_envs: Option<Setting<Vec<String>>>,
+    kernel_prefix: Option<Setting<bool>>,
+    kernelspecs: Option<Setting<KernelspecLists>>,
+    sessions: Option<Setting<String>>,
+    kernelspec_cache_ttl: Option<Setting<String>>,
+    max_body_bytes: Option<Setting<u64>>,
+    connect_timeout: Option<Setting<String>>,
+    response_timeout: Option<Setting<String>>,
+    audit_log: Option<Setting<String>>,
+    log_format: Option<Setting<String>>,
+}
+
+impl Config {
+    /// Builds the configuration from the config file named in `opts` (if any) and `opts`.
+    pub fn load(opts: &Opts) -> Result<Config, ConfigError> {
+        let mut raw = Raw::default();
+        if let Some(path) = &opts.config {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            raw = Raw::from_toml(&text, path)?;
+        }
+        raw.overlay(opts)?;
+        raw.validate()
+    }
+
+    /// Builds the configuration from TOML text alone (tests, `explain`).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Raw::from_toml(text, Path::new("config"))?.validate()
+    }
+}
+
+fn toml_line(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => format!(
+            " at line {}",
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        ),
+        None => String::new(),
+    }
+}
+
+impl Raw {
+    fn from_toml(text: &str, path: &Path) -> Result<Raw, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError(format!(
+                "{}: TOML syntax error{}: {}",
+                path.display(),
+                toml_line(text, &e),
+                e.message().trim()
+            ))
+        })?;
+        let origin = path.display().to_string();
+        if let Some(k) = table.keys().find(|k| !FILE_KEYS.contains(&k.as_str())) {
+            return Err(ConfigError(format!(
+                "unknown key `{k}` in {origin} (known keys: {})",
+                FILE_KEYS.join(", ")
+            )));
+        }
+        fn take<T: serde::de::DeserializeOwned>(
+            table: &mut toml::Table,
+            key: &str,
+            origin: &str,
+            what: &str,
+        ) -> Result<Option<Setting<T>>, ConfigError> {
+            match table.remove(key) {
+                None => Ok(None),
+                Some(v) => {
+                    let value = v.try_into().map_err(|_| {
+                        ConfigError(format!("invalid `{key}` ({origin}): expected {what}"))
+                    })?;
+                    Ok(Some(Setting {
+                        value,
+                        origin: origin.to_string(),
+                    }))
+                }
+            }
+        }
+        let o = origin.as_str();
+        let mut raw = Raw {
+            listen: take(&mut table, "listen", o, "a string like \"127.0.0.1:8889\"")?,
+            upstream: take(&mut table, "upstream", o, "a URL string")?,
+            mode: take(&mut table, "mode", o, "a string")?,
+            client_envs: take(&mut table, "client_envs", o, "an array of strings")?,
+            deny_envs: take(&mut table, "deny_envs", o, "an array of strings")?,
+            kernel_prefix: take(&mut table, "kernel_prefix", o, "true or false")?,
+            kernelspecs: None,
+            sessions: take(&mut table, "sessions", o, "a string")?,
+            kernelspec_cache_ttl: take(
+                &mut table,
+                "kernelspec_cache_ttl",
+                o,
+                "a duration string like \"10s\"",
+            )?,
+            max_body_bytes: take(&mut table, "max_body_bytes", o, "a positive integer")?,
+            connect_timeout: take(
+                &mut table,
+                "connect_timeout",
+                o,
+                "a duration string like \"5s\"",
+            )?,
+            response_timeout: take(
+                &mut table,
+                "response_timeout",
+                o,
+                "a duration string like \"120s\"",
+            )?,
+            audit_log: take(&mut table, "audit_log", o, "\"-\" or a file path")?,
+            log_format: take(&mut table, "log_format", o, "a string")?,
+        };
+        if let Some(ks) = table.remove("kernelspecs") {
+            let ks = ks.as_table().ok_or_else(|| {
+                ConfigError(format!(
+                    "invalid `kernelspecs` ({o}): expected a table of tables"
+                ))
+            })?;
+            let mut list = Vec::new();
+            for (name, t) in ks {
+                let key = format!("kernelspecs.{name}");
+                let t = t.as_table().ok_or_else(|| {
+                    ConfigError(format!("invalid `{key}` ({o}): expected a table"))
+                })?;
+                if let Some(k) = t.keys().find(|k| *k != "client_envs") {
+                    return Err(ConfigError(format!(
+                        "unknown key `{key}.{k}` in {o} (known keys: client_envs)"
+                    )));
+                }
+                let envs: Vec<String> = match t.get("client_envs") {
+                    None => Vec::new(),
+                    Some(v) => v.clone().try_into().map_err(|_| {
+                        ConfigError(format!(
+                            "invalid `{key}.client_envs` ({o}): expected an array of strings"
+                        ))
+                    })?,
+                };
+                list.push((name.clone(), envs));
+            }
+            raw.kernelspecs = Some(Setting {
+                value: list,
+                origin: o.to_string(),
+            });
+        }
+        Ok(raw)
+    }
+
+    fn overlay(&mut self, opts: &Opts) -> Result<(), ConfigError> {
+        fn set<T>(slot: &mut Option<Setting<T>>, v: Option<T>, key: &str) {
+            if let Some(value) = v {
+                let flag = key.replace('_', "-");
+                let env = format!("ENVGATE_{}", key.to_ascii_uppercase());
+                *slot = Some(Setting {
+                    value,
+                    origin: format!("--{flag} or {env}"),
+                });
+            }
+        }
+        set(&mut self.listen, opts.listen.clone(), "listen");
+        set(&mut self.upstream, opts.upstream.clone(), "upstream");
+        set(&mut self.mode, opts.mode.clone(), "mode");
+        set(
+            &mut self.client_envs,
+            opts.client_envs.clone().map(trim_list),
+            "client_envs",
+        );
+        set(
+            &mut self.deny_envs,
+            opts.deny_envs.clone().map(trim_list),
+            "deny_envs",
+        );
+        set(&mut self.sessions, opts.sessions.clone(), "sessions");
+        set(
+            &mut self.kernelspec_cache_ttl,
+            opts.kernelspec_cache_ttl.clone(),
+            "kernelspec_cache_ttl",
+        );
+        set(
+            &mut self.connect_timeout,
+            opts.connect_timeout.clone(),
+            "connect_timeout",
+        );
+        set(
+            &mut self.response_timeout,
+            opts.response_timeout.clone(),
+            "response_timeout",
+        );
+        set(&mut self.audit_log, opts.audit_log.clone(), "audit_log");
+        set(&mut self.log_format, opts.log_format.clone(), "log_format");
+        let origin = |k: &str| {
+            format!(
+                "--{} or ENVGATE_{}",
+                k.replace('_', "-"),
+                k.to_ascii_uppercase()
+            )
+        };
+        if let Some(v) = &opts.kernel_prefix {
+            let value = parse_bool(v).ok_or_else(|| {
+                ConfigError(format!(
+                    "invalid `kernel_prefix` ({}): expected true or false, got {v:?}",
+                    origin("kernel_prefix")
+                ))
+            })?;
+            self.kernel_prefix = Some(Setting {
+                value,
+                origin: origin("kernel_prefix"),
+            });
+        }
+        if let Some(v) = &opts.max_body_bytes {
+            let value = v.trim().parse::<u64>().map_err(|_| {
+                ConfigError(format!(
+                    "invalid `max_body_bytes` ({}): expected a positive integer, got {v:?}",
+                    origin("max_body_bytes")
+                ))
+            })?;
+            self.max_body_bytes = Some(Setting {
+                value,
+                origin: origin("max_body_bytes"),
+            });
+        }
+        if let Some(items) = &opts.kernelspec_client_envs {
+            let o = origin("kernelspec_client_envs");
+            let mut list = Vec::new();
+            for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+                let (name, envs) = item.split_once('=').ok_or_else(|| {
+                    ConfigError(format!(
+                        "invalid `kernelspecs` ({o}): expected NAME=A,B, got {item:?}"
+                    ))
+                })?;
+                list.push((
+                    name.trim().to_string(),
+                    trim_list(envs.split(',').map(str::to_string).collect()),
+                ));
+            }
+            self.kernelspecs = Some(Setting {
+                value: list,
+                origin: o,
+            });
+        }
+        Ok(())
+    }
+
+    fn validate(self) -> Result<Config, ConfigError> {
+        let listen = match &self.listen {
+            None => "127.0.0.1:8889".parse().expect("default listen address"),
+            Some(s) => s.value.trim().parse::<SocketAddr>().map_err(|_| {
+                s.err(
+                    "listen",
+                    format!("expected an address like 127.0.0.1:8889, got {:?}", s.value),
+                )
+            })?,
+        };
+        let upstream = match &self.upstream {
+            None => parse_upstream("http://127.0.0.1:8888").expect("default upstream"),
+            Some(s) => parse_upstream(&s.value).map_err(|m| s.err("upstream", m))?,
+        };
+        let mode = match &self.mode {
+            None => Mode::Drop,
+            Some(s) => match s.value.trim() {
+                "drop" => Mode::Drop,
+                "reject" => Mode::Reject,
+                "report" => Mode::Report,
+                v => {
+                    return Err(s.err(
+                        "mode",
+                        format!("expected drop, reject or report, got {v:?}"),
+                    ))
+                }
+            },
+        };
+        let sessions = match &self.sessions {
+            None => Sessions::Deny,
+            Some(s) => match s.value.trim() {
+                "deny" => Sessions::Deny,
+                "allow" => Sessions::Allow,
+                v => return Err(s.err("sessions", format!("expected deny or allow, got {v:?}"))),
+            },
+        };
+        let names = |s: &Option<Setting<Vec<String>>>,
+                     key: &str|
+         -> Result<Option<BTreeSet<String>>, ConfigError> {
+            let Some(s) = s else { return Ok(None) };
+            check_names(&s.value).map_err(|m| s.err(key, m))?;
+            Ok(Some(s.value.iter().cloned().collect()))
+        };
+        let client_envs = names(&self.client_envs, "client_envs")?.unwrap_or_default();
+        let deny_envs = names(&self.deny_envs, "deny_envs")?.unwrap_or_else(|| {
+            policy::DEFAULT_DENY_ENVS
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
+        let mut kernelspecs = HashMap::new();
+        if let Some(s) = &self.kernelspecs {
+            for (name, envs) in &s.value {
+                if name.is_empty() {
+                    return Err(s.err("kernelspecs", "a kernelspec name is empty"));
+                }
+                check_names(envs)
+                    .map_err(|m| s.err(&format!("kernelspecs.{name}.client_envs"), m))?;
+                kernelspecs
+                    .entry(name.to_ascii_lowercase())
+                    .or_insert_with(BTreeSet::new)
+                    .extend(envs.iter().cloned());
+            }
+        }
+        let duration = |s: &Option<Setting<String>>,
+                        key: &str,
+                        default: u64|
+         -> Result<Duration, ConfigError> {
+            match s {
+                None => Ok(Duration::from_secs(default)),
+                Some(s) => humantime::parse_duration(s.value.trim()).map_err(|e| {
+                    s.err(
+                        key,
+                        format!("expected a duration like \"10s\", got {:?} ({e})", s.value),
+                    )
+                }),
+            }
+        };
+        let kernelspec_cache_ttl =
+            duration(&self.kernelspec_cache_ttl, "kernelspec_cache_ttl", 10)?;
+        let connect_timeout = duration(&self.connect_timeout, "connect_timeout", 5)?;
+        let response_timeout = duration(&self.response_timeout, "response_timeout", 120)?;
+        for (d, s, key) in [
+            (connect_timeout, &self.connect_timeout, "connect_timeout"),
+            (response_timeout, &self.response_timeout, "response_timeout"),
+        ] {
+            if d.is_zero() {
+                return Err(s
+                    .as_ref()
+                    .expect("defaults are not zero")
+                    .err(key, "must be greater than zero"));
+            }
+        }
+        let max_body_bytes = match &self.max_body_bytes {
+            None => 1024 * 1024,
+            Some(s) if s.value == 0 || s.value > (1 << 30) => {
+                return Err(s.err(
+                    "max_body_bytes",
+                    "expected an integer between 1 and 1073741824",
+                ))
+            }
+            Some(s) => s.value as usize,
+        };
+        let audit_log = match &self.audit_log {
+            None => AuditTarget::Stdout,
+            Some(s) if s.value.trim() == "-" => AuditTarget::Stdout,
+            Some(s) if s.value.trim().is_empty() => {
+                return Err(s.err("audit_log", "expected \"-\" or a file path"))
+            }
+            Some(s) => AuditTarget::File(PathBuf::from(s.value.trim())),
+        };
+        let log_format = match &self.log_format {
+            None => LogFormat::Text,
+            Some(s) => match s.value.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                v => return Err(s.err("log_format", format!("expected text or json, got {v:?}"))),
+            },
+        };
+        Ok(Config {
+            listen,
+            upstream,
+            policy: Policy {
+                mode,
+                sessions,
+                kernel_prefix: self.kernel_prefix.map_or(true, |s| s.value),
+                client_envs,
+                deny_envs,
+                kernelspecs,
+            },
+            kernelspec_cache_ttl,
+            max_body_bytes,
+            connect_timeout,
+            response_timeout,
+            audit_log,
+            log_format,
+        })
+    }
+}
+
+fn trim_list(v: Vec<String>) -> Vec<String> {
+    v.into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn check_names(names: &[String]) -> Result<(), String> {
+    match names.iter().find(|n| !policy::valid_name(n)) {
+        Some(bad) => Err(format!("{bad:?} is not a valid environment variable name")),
+        None => Ok(()),
+    }
+}
+
+/// Parses the upstream URL: `http://host:port[/base_url]`, no query or fragment.
+pub fn parse_upstream(s: &str) -> Result<UpstreamUrl, String> {
+    let uri: Uri = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("expected a URL like http://127.0.0.1:8888, got {s:?} ({e})"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{s:?} has no scheme (http://)"))?;
+    if scheme != Scheme::HTTP {
+        return Err(format!("scheme {scheme} is not supported (use http://)"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{s:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in the URL are not supported".to_string());
+    }
+    if uri.query().is_some() {
+        return Err(format!(
+            "{s:?} has a query string; only a base path is allowed"
+        ));
+    }
+    let path = uri.path();
+    let base = if path.ends_with('/') {
+        path.to_string()
+    } else {
+        format!("{path}/")
+    };
+    Ok(UpstreamUrl {
+        scheme,
+        authority,
+        base,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> Opts {
+        Opts::default()
+    }
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(&opts()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8889".parse().unwrap());
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:8888/");
+        assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.kernelspec_cache_ttl, Duration::from_secs(10));
+        assert_eq!(c.max_body_bytes, 1 << 20);
+        assert_eq!(c.audit_log, AuditTarget::Stdout);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_key_from_a_file() {
+        let c = load_toml(
+            r#"
+            listen = "0.0.0.0:9000"
+            upstream = "http://eg:8888/gw"
+            mode = "reject"
+            client_envs = ["FOO", "BAR"]
+            deny_envs = ["EVIL"]
+            kernel_prefix = false
+            sessions = "allow"
+            kernelspec_cache_ttl = "2s"
+            max_body_bytes = 4096
+            connect_timeout = "1s"
+            response_timeout = "3m"
+            audit_log = "/var/log/envgate.jsonl"
+            log_format = "json"
+            [kernelspecs.Spark]
+            client_envs = ["SPARK_OPTS"]
+            [kernelspecs.r]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.upstream.base, "/gw/");
+        assert_eq!(c.upstream.authority.as_str(), "eg:8888");
+        assert_eq!(c.policy.mode, Mode::Reject);
+        assert_eq!(
+            c.policy.client_envs,
+            BTreeSet::from(["FOO".into(), "BAR".into()])
+        );
+        assert_eq!(c.policy.deny_envs, BTreeSet::from(["EVIL".into()]));
+        assert!(!c.policy.kernel_prefix);
+        assert_eq!(c.policy.sessions, Sessions::Allow);
+        assert_eq!(
+            c.policy.kernelspecs["spark"],
+            BTreeSet::from(["SPARK_OPTS".into()])
+        );
+        assert!(c.policy.kernelspecs["r"].is_empty());
+        assert_eq!(c.kernelspec_cache_ttl, Duration::from_secs(2));
+        assert_eq!(c.max_body_bytes, 4096);
+        assert_eq!(c.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.response_timeout, Duration::from_secs(180));
+        assert_eq!(
+            c.audit_log,
+            AuditTarget::File("/var/log/envgate.jsonl".into())
+        );
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("envgate.toml");
+        std::fs::write(
+            &path,
+            "mode = \"reject\"\nclient_envs = [\"A\"]\n[kernelspecs.x]\nclient_envs=[\"X\"]\n",
+        )
+        .unwrap();
+        let o = Opts {
+            config: Some(path),
+            mode: Some("report".into()),
+            client_envs: Some(vec!["FOO".into(), " BAR ".into(), "".into()]),
+            kernel_prefix: Some("false".into()),
+            kernelspec_client_envs: Some(vec!["py=P1,P2".into(), "r=".into()]),
+            max_body_bytes: Some("10".into()),
+            ..Opts::default()
+        };
+        let c = Config::load(&o).unwrap();
+        assert_eq!(c.policy.mode, Mode::Report);
+        assert_eq!(
+            c.policy.client_envs,
+            BTreeSet::from(["FOO".into(), "BAR".into()])
+        );
+        assert!(!c.policy.kernel_prefix);
+        assert!(!c.policy.kernelspecs.contains_key("x"));
+        assert_eq!(
+            c.policy.kernelspecs["py"],
+            BTreeSet::from(["P1".into(), "P2".into()])
+        );
+        assert_eq!(c.max_body_bytes, 10);
+    }
+
+    #[test]
+    fn errors_are_one_line_and_name_the_key() {
+        for (text, key) in [
+            ("mode = \"dorp\"", "`mode`"),
+            ("mode = 3", "`mode`"),
+            ("listen = \"nowhere\"", "`listen`"),
+            ("upstream = \"ftp://x\"", "`upstream`"),
+            ("upstream = \"http://x/?a=1\"", "`upstream`"),
+            ("upstream = \"https://x\"", "`upstream`"),
+            ("client_envs = \"FOO\"", "`client_envs`"),
+            ("client_envs = [\"A=B\"]", "`client_envs`"),
+            ("deny_envs = [1]", "`deny_envs`"),
+            ("kernel_prefix = \"yes\"", "`kernel_prefix`"),
+            ("sessions = \"maybe\"", "`sessions`"),
+            ("kernelspec_cache_ttl = \"soon\"", "`kernelspec_cache_ttl`"),
+            ("max_body_bytes = 0", "`max_body_bytes`"),
+            ("max_body_bytes = -5", "`max_body_bytes`"),
+            ("connect_timeout = \"0s\"", "`connect_timeout`"),
+            ("log_format = \"xml\"", "`log_format`"),
+            ("audit_log = \"\"", "`audit_log`"),
+            ("colour = 1", "`colour`"),
+            (
+                "[kernelspecs.py]\nclient_env = []",
+                "`kernelspecs.py.client_env`",
+            ),
+            (
+                "[kernelspecs.py]\nclient_envs = \"A\"",
+                "`kernelspecs.py.client_envs`",
+            ),
+            ("kernelspecs = 1", "`kernelspecs`"),
+            ("mode = ", "line 1"),
+            ("\n\nmode = \"drop\"\nmode = \"drop\"", "line 4"),
+        ] {
+            let e = load_toml(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text:?} -> {e}");
+            assert!(!e.contains('\n'), "{text:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn flag_errors_name_the_flag() {
+        let o = Opts {
+            mode: Some("x".into()),
+            ..Opts::default()
+        };
+        let e = Config::load(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("`mode`") && e.contains("--mode") && e.contains("ENVGATE_MODE"),
+            "{e}"
+        );
+        let o = Opts {
+            kernelspec_client_envs: Some(vec!["nope".into()]),
+            ..Opts::default()
+        };
+        assert!(Config::load(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("NAME=A,B"));
+    }
+
+    #[test]
+    fn upstream_base_paths() {
+        assert_eq!(parse_upstream("http://h:1").unwrap().base, "/");
+        assert_eq!(parse_upstream("http://h:1/").unwrap().base, "/");
+        assert_eq!(parse_upstream("http://h:1/gw").unwrap().base, "/gw/");
+        assert_eq!(parse_upstream("http://h:1/a/b/").unwrap().base, "/a/b/");
+        assert!(parse_upstream("h:1").is_err());
+        assert!(parse_upstream("http://u:p@h:1").is_err());
+    }
+}

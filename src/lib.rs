@@ -1,0 +1,24 @@
+//! envgate: a reverse proxy in front of Jupyter Enterprise Gateway that enforces which
+//! environment variables a client may hand to a kernel.
+//!
+//! Where things are:
+//! - [`policy`]: the decision per name (pure);
+//! - [`rewrite`]: kernel-start and kernelspec bodies, bytes to bytes (pure);
+//! - [`routes`]: which route a raw request is (pure);
+//! - [`config`]: file + environment + flags -> one validated [`config::Config`];
+//! - [`wire`]: header hygiene, JSON errors, ETags;
+//! - [`proxy`]: the hyper service, one function per route class;
+//! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
+//! - [`audit`]: the audit log;
+//! - [`server`]: listener, connections, signals.
+
+pub mod audit;
+pub mod body;
+pub mod config;
+pub mod policy;
+pub mod proxy;
+pub mod rewrite;
+pub mod routes;
+pub mod server;
+pub mod upstream;
+pub mod wire;

@@ -1,0 +1,99 @@
+//! The `envgate` command: parse flags, load and validate the configuration, then run or check.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use envgate::config::{Cli, Command, Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One line naming the flag; clap's usage hints follow only with --help.
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let config = match Config::load(&cli.opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("envgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => {
+            println!("# envgate: configuration is valid; effective settings:");
+            println!("listen = {:?}", config.listen.to_string());
+            println!("upstream = {:?}", config.upstream.to_string());
+            println!(
+                "kernelspec_cache_ttl = {:?}",
+                humantime::format_duration(config.kernelspec_cache_ttl).to_string()
+            );
+            println!("max_body_bytes = {}", config.max_body_bytes);
+            println!(
+                "connect_timeout = {:?}",
+                humantime::format_duration(config.connect_timeout).to_string()
+            );
+            println!(
+                "response_timeout = {:?}",
+                humantime::format_duration(config.response_timeout).to_string()
+            );
+            println!(
+                "audit_log = {:?}",
+                match &config.audit_log {
+                    envgate::config::AuditTarget::Stdout => "-".to_string(),
+                    envgate::config::AuditTarget::File(p) => p.display().to_string(),
+                }
+            );
+            println!(
+                "log_format = {:?}",
+                if config.log_format == LogFormat::Json {
+                    "json"
+                } else {
+                    "text"
+                }
+            );
+            print!("{}", config.policy);
+            ExitCode::SUCCESS
+        }
+        Some(Command::Run) | None => {
+            init_tracing(config.log_format);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("envgate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(envgate::server::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "envgate failed");
+                    eprintln!("envgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

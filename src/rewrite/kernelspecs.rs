@@ -1,0 +1,257 @@
+//! Kernelspec documents (`GET {base}/api/kernelspecs[/{name}]`): read what the policy needs
+//! from them, and inject `spec.metadata.client_envs` so that clients can learn the policy.
+//!
+//! The rewrite keeps every other member and its order (serde_json's `preserve_order`); only
+//! the formatting (whitespace) changes. A body that does not have the expected shape is an
+//! error, and the proxy then passes the upstream's bytes on unchanged.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::policy::{Policy, SpecFacts};
+
+/// What envgate learned from a kernelspecs list: the default kernelspec and, per kernelspec,
+/// the facts the policy uses. Kernelspec names are stored lower-cased: EG finds them
+/// case-insensitively.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecIndex {
+    pub default: Option<String>,
+    pub specs: HashMap<String, SpecFacts>,
+}
+
+impl SpecIndex {
+    /// The facts of kernelspec `name`, if the upstream serves it.
+    pub fn get(&self, name: &str) -> Option<&SpecFacts> {
+        self.specs
+            .get(name)
+            .or_else(|| self.specs.get(&name.to_ascii_lowercase()))
+    }
+}
+
+/// Why a body could not be read as a kernelspec document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub &'static str);
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// The policy facts of one kernelspec entry (`{"name", "spec": {...}, "resources"}`).
+pub fn facts_of(entry: &Value) -> SpecFacts {
+    let list = entry
+        .pointer("/spec/metadata/client_envs")
+        .and_then(Value::as_array);
+    SpecFacts {
+        metadata_client_envs: list
+            .map(|l| {
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect::<BTreeSet<_>>()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Reads a kernelspecs list body into a [`SpecIndex`].
+pub fn index(body: &[u8]) -> Result<SpecIndex, ShapeError> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
+    let specs = v
+        .get("kernelspecs")
+        .and_then(Value::as_object)
+        .ok_or(ShapeError("no \"kernelspecs\" object"))?;
+    Ok(SpecIndex {
+        default: v.get("default").and_then(Value::as_str).map(str::to_string),
+        specs: specs
+            .iter()
+            .map(|(k, e)| (k.to_ascii_lowercase(), facts_of(e)))
+            .collect(),
+    })
+}
+
+/// Sets `spec.metadata.client_envs` of one entry to the names the policy allows for it,
+/// creating `metadata` when absent.
+fn inject(policy: &Policy, name: &str, entry: &mut Value) -> Result<(), ShapeError> {
+    let facts = facts_of(entry);
+    let allowed = policy.allowed_names(Some(name), Some(&facts));
+    let spec = entry
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        .ok_or(ShapeError("a kernelspec without a \"spec\" object"))?;
+    let metadata = spec
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if metadata.is_null() {
+        *metadata = Value::Object(Map::new());
+    }
+    let metadata = metadata
+        .as_object_mut()
+        .ok_or(ShapeError("\"metadata\" is not an object"))?;
+    metadata.insert("client_envs".to_string(), Value::from(allowed));
+    Ok(())
+}
+
+/// Rewrites a kernelspecs list body (`{"default", "kernelspecs": {name: entry}}`).
+pub fn rewrite_list(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
+    let specs = v
+        .get_mut("kernelspecs")
+        .and_then(Value::as_object_mut)
+        .ok_or(ShapeError("no \"kernelspecs\" object"))?;
+    for (name, entry) in specs.iter_mut() {
+        inject(policy, name, entry)?;
+    }
+    Ok(serde_json::to_vec(&v).expect("serializing a Value"))
+}
+
+/// Rewrites a single kernelspec body (`{"name", "spec", "resources"}`).
+pub fn rewrite_one(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or(ShapeError("a kernelspec without a \"name\""))?
+        .to_string();
+    inject(policy, &name, &mut v)?;
+    Ok(serde_json::to_vec(&v).expect("serializing a Value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIST: &str = include_str!("../../tests/fixtures/kernelspecs.json");
+    const ONE: &str = include_str!("../../tests/fixtures/kernelspec_python3.json");
+
+    fn policy() -> Policy {
+        Policy {
+            client_envs: ["FOO", "PATH"].iter().map(|s| s.to_string()).collect(),
+            kernelspecs: HashMap::from([(
+                "python3".to_string(),
+                BTreeSet::from(["PY_ONLY".to_string()]),
+            )]),
+            ..Policy::default()
+        }
+    }
+
+    fn keys(v: &Value) -> Vec<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn list_gets_client_envs_and_keeps_everything_else_in_order() {
+        let out: Value =
+            serde_json::from_slice(&rewrite_list(&policy(), LIST.as_bytes()).unwrap()).unwrap();
+        let mut expect: Value = serde_json::from_str(LIST).unwrap();
+        expect["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"] =
+            json!(["FOO", "PY_ONLY"]);
+        assert_eq!(out, expect);
+        assert_eq!(keys(&out), ["default", "kernelspecs"]);
+        let spec = &out["kernelspecs"]["python3"]["spec"];
+        assert_eq!(
+            keys(spec),
+            [
+                "argv",
+                "env",
+                "display_name",
+                "language",
+                "interrupt_mode",
+                "metadata"
+            ]
+        );
+        assert_eq!(keys(&spec["metadata"]), ["debugger", "client_envs"]);
+    }
+
+    #[test]
+    fn single_spec_is_rewritten_the_same_way() {
+        let out: Value =
+            serde_json::from_slice(&rewrite_one(&policy(), ONE.as_bytes()).unwrap()).unwrap();
+        let mut expect: Value = serde_json::from_str(ONE).unwrap();
+        expect["spec"]["metadata"]["client_envs"] = json!(["FOO", "PY_ONLY"]);
+        assert_eq!(out, expect);
+        assert_eq!(keys(&out), ["name", "spec", "resources"]);
+    }
+
+    #[test]
+    fn upstream_metadata_is_merged_sorted_and_denied_names_removed() {
+        let body = json!({"default": "a", "kernelspecs": {
+            "a": {"name": "a", "spec": {"metadata": {"client_envs": ["ZED", "LD_PRELOAD", 7, "ALPHA"]}}},
+            "b": {"name": "b", "spec": {}},
+            "c": {"name": "c", "spec": {"metadata": null}},
+        }});
+        let out: Value = serde_json::from_slice(
+            &rewrite_list(&policy(), &serde_json::to_vec(&body).unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            out["kernelspecs"]["a"]["spec"]["metadata"]["client_envs"],
+            json!(["ALPHA", "FOO", "ZED"])
+        );
+        assert_eq!(
+            out["kernelspecs"]["b"]["spec"]["metadata"],
+            json!({"client_envs": ["FOO"]})
+        );
+        assert_eq!(
+            out["kernelspecs"]["c"]["spec"]["metadata"],
+            json!({"client_envs": ["FOO"]})
+        );
+    }
+
+    #[test]
+    fn an_empty_list_is_fine() {
+        let out = rewrite_list(&policy(), br#"{"default":"x","kernelspecs":{}}"#).unwrap();
+        assert_eq!(out, br#"{"default":"x","kernelspecs":{}}"#);
+    }
+
+    #[test]
+    fn odd_shapes_are_errors_not_corruption() {
+        let p = policy();
+        for b in [
+            &b"not json"[..],
+            b"[]",
+            b"{}",
+            br#"{"kernelspecs":[]}"#,
+            br#"{"kernelspecs":{"a":{"spec":1}}}"#,
+        ] {
+            assert!(
+                rewrite_list(&p, b).is_err(),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        for b in [
+            &b"{}"[..],
+            br#"{"name":"a"}"#,
+            br#"{"name":"a","spec":{"metadata":[]}}"#,
+            br#"{"name":1,"spec":{}}"#,
+        ] {
+            assert!(
+                rewrite_one(&p, b).is_err(),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+
+    #[test]
+    fn index_reads_default_and_facts() {
+        let idx = index(
+            br#"{"default":"Py","kernelspecs":{"Py":{"spec":{"metadata":{"client_envs":["M"]}}},"r":{"spec":{}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(idx.default.as_deref(), Some("Py"));
+        assert_eq!(
+            idx.get("py").unwrap().metadata_client_envs,
+            BTreeSet::from(["M".to_string()])
+        );
+        assert_eq!(idx.get("PY"), idx.get("py"));
+        assert_eq!(idx.get("r"), Some(&SpecFacts::default()));
+        assert_eq!(idx.get("nope"), None);
+        assert!(index(b"[]").is_err());
+    }
+}

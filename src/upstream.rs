@@ -1,0 +1,276 @@
+//! The upstream side: a pooled keep-alive HTTP/1.1 client, requests bounded by the configured
+//! timeouts, failures turned into EG-style 502/504 answers, and the kernelspecs envgate fetches
+//! for itself (cached for `kernelspec_cache_ttl`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::ProxyBody;
+use crate::config::{Config, UpstreamUrl};
+use crate::rewrite::kernelspecs::{self, SpecIndex};
+use crate::wire;
+
+/// Largest kernelspecs body envgate reads for itself.
+const MAX_SPECS_BYTES: usize = 16 << 20;
+
+/// Why the upstream gave no usable answer.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection could be made (refused, unreachable, connect timeout).
+    Connect(String),
+    /// No response headers within `response_timeout`.
+    Timeout,
+    /// The connection failed after it was made (reset, garbage, closed early).
+    Failed(String),
+}
+
+impl UpstreamError {
+    /// The answer envgate gives its client.
+    pub fn response(&self) -> Response<ProxyBody> {
+        match self {
+            UpstreamError::Connect(e) => wire::json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("cannot connect to the upstream gateway: {e}"),
+            ),
+            UpstreamError::Timeout => wire::json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream gateway did not answer in time",
+            ),
+            UpstreamError::Failed(e) => wire::json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("the upstream gateway failed: {e}"),
+            ),
+        }
+    }
+
+    /// A short, bounded label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Failed(_) => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "connect: {e}"),
+            UpstreamError::Timeout => write!(f, "timeout"),
+            UpstreamError::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+/// The pooled client and where it points.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, ProxyBody>,
+    pub url: UpstreamUrl,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(cfg: &Config) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            // Keep the client's Host header: EG compares it with Origin.
+            .set_host(true)
+            .build(connector);
+        Upstream {
+            client,
+            url: cfg.upstream.clone(),
+            response_timeout: cfg.response_timeout,
+        }
+    }
+
+    /// The upstream URI for a client's raw path and query, which are kept byte for byte.
+    pub fn uri(&self, path_and_query: Option<http::uri::PathAndQuery>) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.url.scheme.clone());
+        parts.authority = Some(self.url.authority.clone());
+        parts.path_and_query =
+            Some(path_and_query.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+    }
+
+    /// Sends one request, bounded by the response timeout.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => Err(UpstreamError::Timeout),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(source_chain(&e))),
+            Ok(Err(e)) => Err(UpstreamError::Failed(source_chain(&e))),
+        }
+    }
+}
+
+/// An error and its causes on one line (hyper's top-level messages alone are vague).
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Why envgate could not learn the kernelspecs.
+#[derive(Debug)]
+pub enum SpecsError {
+    /// The upstream answered, but not 200 (401 and 403 are passed on as they are).
+    Status(StatusCode, HeaderMap, Bytes),
+    Upstream(UpstreamError),
+    /// The body was not a kernelspecs list.
+    Body(String),
+}
+
+impl SpecsError {
+    /// The answer to the kernel start that needed the kernelspecs.
+    pub fn response(self) -> Response<ProxyBody> {
+        match self {
+            SpecsError::Status(s, headers, body) if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => {
+                let mut r = Response::new(ProxyBody::full(body));
+                *r.status_mut() = s;
+                if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+                    r.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+                }
+                r
+            }
+            SpecsError::Status(s, _, _) => wire::json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("cannot learn the kernelspecs from the upstream gateway (status {}); refusing to start a kernel", s.as_u16()),
+            ),
+            SpecsError::Upstream(e) => {
+                let mut r = e.response();
+                let msg = format!("cannot learn the kernelspecs from the upstream gateway ({e}); refusing to start a kernel");
+                if let Ok(b) = serde_json::to_vec(&serde_json::json!({
+                    "reason": r.status().canonical_reason().unwrap_or("Error"),
+                    "message": msg,
+                })) {
+                    *r.body_mut() = ProxyBody::full(b);
+                }
+                r
+            }
+            SpecsError::Body(e) => wire::json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("the upstream gateway's kernelspecs cannot be read ({e}); refusing to start a kernel"),
+            ),
+        }
+    }
+}
+
+struct Cached {
+    at: Instant,
+    index: Arc<SpecIndex>,
+}
+
+/// The kernelspecs the policy needs, fetched from the upstream at most once per TTL.
+pub struct SpecCache {
+    current: ArcSwapOption<Cached>,
+    refresh: tokio::sync::Mutex<()>,
+    ttl: Duration,
+}
+
+impl SpecCache {
+    pub fn new(ttl: Duration) -> SpecCache {
+        SpecCache {
+            current: ArcSwapOption::empty(),
+            refresh: tokio::sync::Mutex::new(()),
+            ttl,
+        }
+    }
+
+    fn fresh(&self) -> Option<Arc<SpecIndex>> {
+        let cur = self.current.load();
+        cur.as_ref()
+            .filter(|c| c.at.elapsed() < self.ttl)
+            .map(|c| c.index.clone())
+    }
+
+    /// The kernelspecs, fetched with the client's own credentials (`headers`, and the query of
+    /// its request, which may hold `?token=`) when the cache is stale. One fetch at a time.
+    pub async fn get(
+        &self,
+        upstream: &Upstream,
+        kernelspecs_path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Arc<SpecIndex>, SpecsError> {
+        if let Some(i) = self.fresh() {
+            return Ok(i);
+        }
+        let _one = self.refresh.lock().await;
+        if let Some(i) = self.fresh() {
+            return Ok(i);
+        }
+        let pq = match query {
+            Some(q) => format!("{kernelspecs_path}?{q}"),
+            None => kernelspecs_path.to_string(),
+        };
+        let pq = pq
+            .parse()
+            .map_err(|_| SpecsError::Body("bad kernelspecs path".into()))?;
+        let mut req = Request::new(ProxyBody::empty());
+        *req.method_mut() = Method::GET;
+        *req.uri_mut() = upstream.uri(Some(pq));
+        *req.headers_mut() = headers.clone();
+        for h in [
+            header::CONTENT_LENGTH,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::EXPECT,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+        ] {
+            req.headers_mut().remove(h);
+        }
+        req.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let resp = upstream.send(req).await.map_err(SpecsError::Upstream)?;
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_SPECS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| SpecsError::Upstream(UpstreamError::Failed(e.to_string())))?
+            .to_bytes();
+        if parts.status != StatusCode::OK {
+            return Err(SpecsError::Status(parts.status, parts.headers, body));
+        }
+        if parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v != "identity")
+        {
+            return Err(SpecsError::Body(
+                "compressed although identity was asked for".into(),
+            ));
+        }
+        let index =
+            Arc::new(kernelspecs::index(&body).map_err(|e| SpecsError::Body(e.to_string()))?);
+        self.current.store(Some(Arc::new(Cached {
+            at: Instant::now(),
+            index: index.clone(),
+        })));
+        Ok(index)
+    }
+}

@@ -1,0 +1,276 @@
+//! HTTP wire details shared by every route: hop-by-hop headers, `X-Forwarded-*`, EG-style
+//! JSON errors, and ETags for rewritten bodies. Pure functions over header maps and bytes.
+
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::body::ProxyBody;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, and the older names
+/// proxies still meet). Never forwarded as they are.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Whether a request asks to switch protocols (`Connection: upgrade` and an `Upgrade` header).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, every header named in `Connection`, and `Upgrade` (which the
+/// upgrade path puts back deliberately).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for v in &named {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                // Never let `Connection` strip what identifies the request to EG.
+                if !token.eq_ignore_ascii_case("host") && !token.eq_ignore_ascii_case("origin") {
+                    headers.remove(token);
+                }
+            }
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Appends this hop to `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
+    append_list(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &client.to_string(),
+    );
+    append_list(headers, HeaderName::from_static("x-forwarded-proto"), proto);
+    if let Some(host) = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+    {
+        append_list(headers, HeaderName::from_static("x-forwarded-host"), &host);
+    }
+}
+
+/// Appends `item` to a comma-separated list header, folding earlier lines into one.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+    let mut joined = String::new();
+    for v in headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        joined.push_str(v);
+        joined.push_str(", ");
+    }
+    joined.push_str(item);
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a, T: Serialize> {
+    reason: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    extra: Option<T>,
+}
+
+/// An EG-style JSON error: `{"reason": <status phrase>, "message": ...}` plus optional members.
+pub fn json_error_with<T: Serialize>(
+    status: StatusCode,
+    message: &str,
+    extra: Option<T>,
+) -> Response<ProxyBody> {
+    let body = ErrorBody {
+        reason: status.canonical_reason().unwrap_or("Error"),
+        message,
+        extra,
+    };
+    let bytes = serde_json::to_vec(&body).expect("serializing an error body");
+    let mut r = Response::new(ProxyBody::full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// An EG-style JSON error.
+pub fn json_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    json_error_with::<()>(status, message, None)
+}
+
+/// The strong ETag of a body envgate rewrote. Distinct from any upstream ETag (which describes
+/// other bytes), stable for equal bodies.
+pub fn etag(body: &[u8]) -> HeaderValue {
+    // SipHash with fixed keys: deterministic within a build, which is all an ETag needs.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(0x656e_7667_6174_6531, 0x6b65_726e_656c_7370);
+    body.hash(&mut h);
+    let v = format!("\"envgate-{:016x}-{:x}\"", h.finish(), body.len());
+    HeaderValue::from_str(&v).expect("an ETag is ASCII")
+}
+
+/// Whether `If-None-Match` (any of its lines) matches `etag` by weak comparison (RFC 9110
+/// §13.1.2), so that the answer is 304.
+pub fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let Ok(etag) = etag.to_str() else {
+        return false;
+    };
+    let etag = etag.trim_start_matches("W/");
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("connection", "Foo"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("foo", "2"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("authorization", "token t"),
+            ("host", "h"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["authorization", "host"]);
+    }
+
+    #[test]
+    fn connection_cannot_strip_host_or_origin() {
+        let mut h = map(&[
+            ("connection", "host, origin"),
+            ("host", "h"),
+            ("origin", "http://h"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        assert!(wants_upgrade(&map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+        assert!(!wants_upgrade(&map(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended() {
+        let mut h = map(&[
+            ("host", "gw.example:8889"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "gw.example:8889");
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn json_errors_look_like_eg() {
+        let r = json_error(StatusCode::FORBIDDEN, "no");
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let ProxyBody::Full(Some(b)) = r.into_body() else {
+            panic!()
+        };
+        assert_eq!(&b[..], br#"{"reason":"Forbidden","message":"no"}"#);
+        let r = json_error_with(
+            StatusCode::BAD_REQUEST,
+            "m",
+            Some(serde_json::json!({"rejected": []})),
+        );
+        let ProxyBody::Full(Some(b)) = r.into_body() else {
+            panic!()
+        };
+        assert_eq!(
+            &b[..],
+            br#"{"reason":"Bad Request","message":"m","rejected":[]}"#
+        );
+    }
+
+    #[test]
+    fn etags_differ_by_body_and_match_if_none_match() {
+        let a = etag(b"{\"a\":1}");
+        let b = etag(b"{\"a\":2}");
+        assert_ne!(a, b);
+        assert_eq!(a, etag(b"{\"a\":1}"));
+        let tag = a.to_str().unwrap().to_string();
+        assert!(if_none_match(&map(&[("if-none-match", &tag)]), &a));
+        assert!(if_none_match(
+            &map(&[("if-none-match", &format!("\"x\", W/{tag}"))]),
+            &a
+        ));
+        assert!(if_none_match(&map(&[("if-none-match", "*")]), &a));
+        assert!(!if_none_match(
+            &map(&[("if-none-match", "\"4a58b029ecd0\"")]),
+            &a
+        ));
+        assert!(!if_none_match(&HeaderMap::new(), &a));
+    }
+}
