@@ -272,7 +272,7 @@ impl Raw {
                 "{}: TOML syntax error{}: {}",
                 path.display(),
                 toml_line(text, &e),
-                e.message().trim()
+                e.message().trim().replace('\n', "; ")
             ))
         })?;
         let origin = path.display().to_string();

@@ -1,0 +1,184 @@
+//! The command line: `envgate check`, precedence of flags over `ENVGATE_*` over the file, and
+//! one-line errors with exit code 2.
+
+mod support;
+
+use std::process::{Command, Output};
+
+fn envgate(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(support::envgate::bin());
+    cmd.args(args);
+    // Start from a clean slate: no ENVGATE_* from the developer's shell.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ENVGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running envgate")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn config(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let p = path.to_str().unwrap().to_string();
+    (dir, p)
+}
+
+#[test]
+fn check_prints_the_effective_policy() {
+    let (_d, path) = config(
+        "mode = \"reject\"\nclient_envs = [\"FOO\"]\nupstream = \"http://eg:8888/gw\"\n[kernelspecs.spark]\nclient_envs = [\"SPARK_OPTS\"]\n",
+    );
+    let o = envgate(&["check", "--config", &path], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "mode = \"reject\"",
+        "client_envs = [\"FOO\"]",
+        "upstream = \"http://eg:8888/gw/\"",
+        "[kernelspecs.\"spark\"]",
+        "client_envs = [\"SPARK_OPTS\"]",
+        "\"LD_PRELOAD\"",
+        "kernel_prefix = true",
+        "sessions = \"deny\"",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    // What check prints is itself a valid config file.
+    let body: String = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (_d2, again) = config(&body);
+    let o = envgate(&["check", "--config", &again], &[]);
+    assert!(o.status.success(), "{}\n{body}", stderr(&o));
+}
+
+#[test]
+fn flags_win_over_environment_which_wins_over_the_file() {
+    let (_d, path) = config("mode = \"reject\"\nsessions = \"allow\"\nclient_envs = [\"FILE\"]\n");
+    let o = envgate(
+        &["check", "--config", &path],
+        &[
+            ("ENVGATE_MODE", "report"),
+            ("ENVGATE_CLIENT_ENVS", "ENV_A,ENV_B"),
+        ],
+    );
+    let out = stdout(&o);
+    assert!(out.contains("mode = \"report\""), "{out}");
+    assert!(
+        out.contains("client_envs = [\"ENV_A\", \"ENV_B\"]"),
+        "{out}"
+    );
+    assert!(out.contains("sessions = \"allow\""), "{out}");
+    let o = envgate(
+        &["check", "--config", &path, "--mode", "drop"],
+        &[("ENVGATE_MODE", "report")],
+    );
+    assert!(stdout(&o).contains("mode = \"drop\""), "{}", stdout(&o));
+    // The config file itself can come from ENVGATE_CONFIG.
+    let o = envgate(&["check"], &[("ENVGATE_CONFIG", &path)]);
+    assert!(stdout(&o).contains("mode = \"reject\""));
+}
+
+#[test]
+fn bad_files_and_flags_give_one_line_naming_the_key_and_exit_2() {
+    for (text, key) in [
+        ("mode = \"dorp\"\n", "mode"),
+        ("client_envs = \"FOO\"\n", "client_envs"),
+        ("listen = \"x\"\n", "listen"),
+        ("colour = true\n", "colour"),
+        ("mode = \n", "line 1"),
+    ] {
+        let (_d, path) = config(text);
+        for sub in [&["check"][..], &[][..]] {
+            let mut args = sub.to_vec();
+            args.extend(["--config", &path]);
+            let o = envgate(&args, &[]);
+            assert_eq!(o.status.code(), Some(2), "{text:?} {sub:?}");
+            let err = stderr(&o);
+            assert_eq!(err.trim_end().lines().count(), 1, "{text:?}: {err}");
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+    }
+    for (args, key) in [
+        (&["check", "--mode", "loud"][..], "mode"),
+        (&["check", "--upstream", "https://x"][..], "upstream"),
+        (&["check", "--max-body-bytes", "lots"][..], "max_body_bytes"),
+        (&["check", "--no-such-flag"][..], "--no-such-flag"),
+    ] {
+        let o = envgate(args, &[]);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = stderr(&o);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(key), "{args:?}: {err}");
+    }
+    let o = envgate(&["check", "--config", "/nonexistent/envgate.toml"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = envgate(&["check"], &[("ENVGATE_SESSIONS", "sometimes")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("ENVGATE_SESSIONS"));
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/envgate.toml");
+    let o = envgate(&["check", "--config", path], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn the_issue_command_line_works_as_written() {
+    // `envgate --listen 127.0.0.1:8889 --upstream http://127.0.0.1:8888 --client-envs FOO,BAR`
+    let o = envgate(
+        &[
+            "check",
+            "--listen",
+            "127.0.0.1:8889",
+            "--upstream",
+            "http://127.0.0.1:8888",
+            "--client-envs",
+            "FOO,BAR",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("client_envs = [\"BAR\", \"FOO\"]"),
+        "{}",
+        stdout(&o)
+    );
+    let o = envgate(&["--help"], &[]);
+    assert!(o.status.success());
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--client-envs",
+        "--mode",
+        "--config",
+        "--audit-log",
+        "--log-format",
+    ] {
+        assert!(stdout(&o).contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn sigterm_stops_envgate_with_exit_0() {
+    let gate = support::envgate::Envgate::start("http://127.0.0.1:9", &[]);
+    let status = gate.terminate();
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,0 +1,373 @@
+//! Starts a real Jupyter Enterprise Gateway (from PyPI, pinned in `eg/requirements-*.txt`) for a test.
+//!
+//! Each [`Eg`] is its own EG process on its own loopback port with its own temp dir, so tests can run in
+//! parallel. EG runs through `scripts/eg-start` (the same command line as the quick-start demo) from the
+//! venv that `scripts/eg-venv` prepares; the repo's `eg/kernels/` kernelspecs are available. Dropping the
+//! [`Eg`] stops EG and every kernel it started.
+//!
+//! Start is blocking (std only): call it before or inside an async test, it does not need a runtime.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long EG gets to answer `GET /api/kernelspecs` (it takes ~0.5 s on the 2-core machine).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Starting on a free port can still lose a race with another test; retry on a new port this often.
+const PORT_ATTEMPTS: usize = 5;
+
+#[derive(Debug, Clone)]
+pub struct EgOptions {
+    /// EG release with a pinned requirements file: "3.3.0" or "3.2.3".
+    pub version: &'static str,
+    /// EG's `base_url`, e.g. `Some("/gw".into())`; `None` serves at `/`.
+    pub base_url: Option<String>,
+    /// Names EG lets through from a request's `env` besides `KERNEL_*` (passed as `EG_CLIENT_ENVS=a,b`).
+    pub client_envs: Vec<String>,
+    /// EG's `auth_token` (`EG_AUTH_TOKEN`): requests then need `Authorization: token X`.
+    pub auth_token: Option<String>,
+    /// Extra variables in EG's own process environment, set last (so they override the harness's), e.g.
+    /// a secret that must never reach a kernel, or `EG_UNAUTHORIZED_USERS=root` to restore EG's default.
+    pub extra_env: Vec<(String, String)>,
+    /// Extra kernelspecs: (name, kernel.json contents). Use `"python"` as `argv[0]`: jupyter_client swaps
+    /// it for EG's own interpreter. Names already in `eg/kernels/` take precedence over these.
+    pub kernelspecs: Vec<(String, serde_json::Value)>,
+}
+
+impl Default for EgOptions {
+    fn default() -> Self {
+        EgOptions {
+            version: "3.3.0",
+            base_url: None,
+            client_envs: Vec::new(),
+            auth_token: None,
+            extra_env: Vec::new(),
+            kernelspecs: Vec::new(),
+        }
+    }
+}
+
+/// A running EG. Dropping it stops EG and its kernels.
+pub struct Eg {
+    pub port: u16,
+    /// `127.0.0.1:PORT`, for `support::http::request`.
+    pub addr: String,
+    /// Normalised base URL: `""` or `"/gw"` (leading slash, no trailing slash).
+    pub base_url: String,
+    /// `http://127.0.0.1:PORT{base_url}`, no trailing slash.
+    pub url: String,
+    pub auth_token: Option<String>,
+    child: Option<Child>,
+    log_path: PathBuf,
+    // Fields drop after `Drop::drop` has stopped the processes, so the dir outlives them.
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Eg {
+    /// Starts EG and waits until `GET {url}/api/kernelspecs` answers 200. Panics with EG's log on failure.
+    pub fn start(opts: EgOptions) -> Eg {
+        // Build the venv first if needed (~25 s, once per machine), so it does not eat into START_TIMEOUT;
+        // eg-start then finds it ready.
+        venv(opts.version);
+        let dir = tempfile::Builder::new()
+            .prefix("envgate-eg-")
+            .tempdir()
+            .expect("temp dir");
+        for sub in ["jupyter/kernels", "data", "runtime", "config", "work"] {
+            fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        for (name, spec) in &opts.kernelspecs {
+            let spec_dir = dir.path().join("jupyter/kernels").join(name);
+            fs::create_dir_all(&spec_dir).unwrap();
+            fs::write(
+                spec_dir.join("kernel.json"),
+                serde_json::to_vec_pretty(spec).unwrap(),
+            )
+            .unwrap();
+        }
+        let base_url = normalize_base_url(opts.base_url.as_deref());
+
+        // The temp dir moves into the Eg only once EG is up; a failed attempt's Eg is dropped (stopping its
+        // process) while the dir, shared by all attempts, stays here.
+        let mut dir = Some(dir);
+        let mut last_log = String::new();
+        for attempt in 1..=PORT_ATTEMPTS {
+            let port = free_port();
+            let root = dir.as_ref().unwrap().path();
+            let log_path = root.join(format!("eg-{attempt}.log"));
+            let child = spawn(&opts, root, port, &base_url, &log_path);
+            let mut eg = Eg {
+                port,
+                addr: format!("127.0.0.1:{port}"),
+                url: format!("http://127.0.0.1:{port}{base_url}"),
+                base_url: base_url.clone(),
+                auth_token: opts.auth_token.clone(),
+                child: Some(child),
+                log_path,
+                dir: None,
+            };
+            match eg.wait_ready() {
+                Ok(()) => {
+                    eg.dir = dir.take();
+                    return eg;
+                }
+                Err(Failure::PortTaken) => last_log = eg.log(),
+                Err(Failure::Fatal(why)) => {
+                    let log = eg.log();
+                    drop(eg);
+                    panic!(
+                        "EG {} did not start: {why}\n--- EG log ---\n{log}",
+                        opts.version
+                    );
+                }
+            }
+        }
+        panic!(
+            "EG {} found no free port in {PORT_ATTEMPTS} tries\n--- last EG log ---\n{last_log}",
+            opts.version
+        );
+    }
+
+    /// Everything EG printed so far (stdout and stderr, including eg-start's command line).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("<cannot read {:?}: {e}>", self.log_path))
+    }
+
+    /// `ws://127.0.0.1:PORT{base_url}/api/kernels/{id}/channels`
+    pub fn channels_url(&self, kernel_id: &str) -> String {
+        format!(
+            "ws://{}{}/api/kernels/{kernel_id}/channels",
+            self.addr, self.base_url
+        )
+    }
+
+    /// `(Authorization, token X)` when EG has a token, for `http::request` and `kernel::run_code`.
+    pub fn auth_headers(&self) -> Vec<(&'static str, String)> {
+        match &self.auth_token {
+            Some(t) => vec![("Authorization", format!("token {t}"))],
+            None => Vec::new(),
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), Failure> {
+        // Wait for EG's own "available at ...:PORT" line before polling: with port_retries=0 it proves EG
+        // holds this port, so a 200 cannot come from some other test's server that grabbed it.
+        let bound = format!("is available at http://127.0.0.1:{}", self.port);
+        let path = format!("{}/api/kernelspecs", self.base_url);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let log = self.log();
+                if log.contains("could not be started because no available port") {
+                    return Err(Failure::PortTaken);
+                }
+                return Err(Failure::Fatal(format!("EG exited with {status}")));
+            }
+            if self.log().contains(&bound) {
+                match get_status(&self.addr, &path, self.auth_token.as_deref()) {
+                    Ok(200) => return Ok(()),
+                    Ok(code) => return Err(Failure::Fatal(format!("GET {path} answered {code}"))),
+                    Err(_) => {} // not accepting yet
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::Fatal(format!(
+                    "no 200 from GET {path} within {START_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops EG and all its kernels. SIGTERM lets EG shut its kernels down (it takes ~10 ms); if EG is
+    /// still there after a grace period, SIGKILL goes to its process group. Kernels run in sessions of
+    /// their own (jupyter_client uses start_new_session), so last every process that was below EG and is
+    /// still alive gets SIGKILL too.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id();
+        let descendants = descendants_of(pid);
+        signal("-TERM", &[pid.to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if child.try_wait().ok().flatten().is_none() {
+            // Not reaped yet, so the group id cannot have been reused.
+            signal("-KILL", &[format!("-{pid}")]);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let survivors: Vec<String> = descendants
+            .into_iter()
+            .filter(|&(p, started)| proc_stat(p).is_some_and(|(_, s)| s == started))
+            .map(|(p, _)| p.to_string())
+            .collect();
+        if !survivors.is_empty() {
+            signal("-KILL", &survivors);
+        }
+    }
+}
+
+impl Drop for Eg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+enum Failure {
+    PortTaken,
+    Fatal(String),
+}
+
+/// Path of the ready venv for `version` (runs `scripts/eg-venv`, which builds it on first use).
+pub fn venv(version: &str) -> PathBuf {
+    let script = repo_path("scripts/eg-venv");
+    let out = Command::new(&script)
+        .arg(version)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script:?} {version} failed ({})",
+        out.status
+    );
+    let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        Path::new(&path).join("bin/python").exists(),
+        "eg-venv printed {path:?}, which has no bin/python"
+    );
+    PathBuf::from(path)
+}
+
+fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Path) -> Child {
+    let log = fs::File::create(log_path).unwrap();
+    let mut cmd = Command::new(repo_path("scripts/eg-start"));
+    cmd.args(["--version", opts.version, "--port", &port.to_string()]);
+    if !base_url.is_empty() {
+        cmd.args(["--base-url", base_url]);
+    }
+    // EG inherits the test's environment (realistic: that is what a careless EG leaks), minus any EG/Jupyter
+    // settings from the developer's shell, which would make runs differ.
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("EG_") || n.starts_with("KG_") || n.starts_with("JUPYTER") {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd.env("JUPYTER_PATH", dir.join("jupyter"))
+        .env("JUPYTER_DATA_DIR", dir.join("data"))
+        .env("JUPYTER_RUNTIME_DIR", dir.join("runtime"))
+        .env("JUPYTER_CONFIG_DIR", dir.join("config"));
+    if !opts.client_envs.is_empty() {
+        cmd.env("EG_CLIENT_ENVS", opts.client_envs.join(","));
+    }
+    if let Some(token) = &opts.auth_token {
+        cmd.env("EG_AUTH_TOKEN", token);
+    }
+    cmd.envs(opts.extra_env.iter().map(|(k, v)| (k, v)));
+    cmd.current_dir(dir.join("work"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .process_group(0); // so Drop can signal EG (and anything else in its group) at once
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn scripts/eg-start: {e}"))
+}
+
+fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn normalize_base_url(base: Option<&str>) -> String {
+    let trimmed = base.unwrap_or("").trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+/// A port that was free a moment ago (the OS does not hand it out again right away).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Status code of a plain `GET`, std only (start must not need a tokio runtime).
+fn get_status(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let auth = token
+        .map(|t| format!("Authorization: token {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad status line"))
+}
+
+/// Live descendants of `pid` as (pid, start time), from /proc (Linux). The start time lets `stop` make
+/// sure a pid still names the same process before killing it.
+fn descendants_of(pid: u32) -> Vec<(u32, u64)> {
+    let procs: Vec<(u32, u32, u64)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| proc_stat(p).map(|(ppid, started)| (p, ppid, started)))
+        .collect();
+    let mut found = vec![(pid, 0)];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i].0;
+        found.extend(
+            procs
+                .iter()
+                .filter(|(_, pp, _)| *pp == parent)
+                .map(|&(p, _, s)| (p, s)),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// (parent pid, start time in clock ticks) of a live process, from `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ... starttime(22nd) ...": comm may hold spaces or parens, so split after the
+    // last ')'; what follows starts at field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// `kill SIG targets...` (no libc in the dev-dependencies). Errors for already-gone targets are expected.
+fn signal(sig: &str, targets: &[String]) {
+    let _ = Command::new("kill")
+        .arg(sig)
+        .arg("--")
+        .args(targets)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}

@@ -1,0 +1,6 @@
+//! Shared helpers for integration tests (`mod support;` in each test crate).
+
+pub mod eg;
+pub mod envgate;
+pub mod http;
+pub mod kernel;
