@@ -50,7 +50,7 @@ pub struct Record<'a> {
 #[derive(Debug, Serialize)]
 pub struct KeptName<'a> {
     pub name: &'a str,
-    pub source: &'static str,
+    pub source: &'a str,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,13 +61,7 @@ pub struct RejectedName<'a> {
 
 impl<'a> Record<'a> {
     /// A record with the request's identity filled in and everything else empty.
-    pub fn new(
-        id: &'a str,
-        event: &'static str,
-        mode: Mode,
-        client: SocketAddr,
-        xff: Option<&'a str>,
-    ) -> Self {
+    pub fn new(id: &'a str, event: &'static str, mode: Mode, client: SocketAddr, xff: Option<&'a str>) -> Self {
         Record {
             time: now_rfc3339(),
             id,
@@ -87,22 +81,8 @@ impl<'a> Record<'a> {
     }
 
     pub fn with_decision(mut self, d: &'a Decision) -> Self {
-        self.kept = d
-            .kept
-            .iter()
-            .map(|k| KeptName {
-                name: &k.name,
-                source: k.source.as_str(),
-            })
-            .collect();
-        self.rejected = d
-            .rejected
-            .iter()
-            .map(|r| RejectedName {
-                name: &r.name,
-                reason: r.reason.as_str(),
-            })
-            .collect();
+        self.kept = d.kept.iter().map(|k| KeptName { name: &k.name, source: k.source.as_str() }).collect();
+        self.rejected = d.rejected.iter().map(|r| RejectedName { name: &r.name, reason: r.reason.as_str() }).collect();
         self
     }
 }
@@ -122,25 +102,14 @@ impl Default for Ids {
     fn default() -> Self {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        Ids {
-            prefix: h.finish() as u32,
-            next: AtomicU64::new(1),
-        }
+        h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        Ids { prefix: h.finish() as u32, next: AtomicU64::new(1) }
     }
 }
 
 impl Ids {
     pub fn next(&self) -> String {
-        format!(
-            "{:08x}-{:08x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
+        format!("{:08x}-{:08x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -173,11 +142,7 @@ impl AuditLog {
 }
 
 async fn open_append(p: &Path) -> io::Result<tokio::fs::File> {
-    tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(p)
-        .await
+    tokio::fs::OpenOptions::new().create(true).append(true).open(p).await
 }
 
 async fn writer(mut out: Box<dyn AsyncWrite + Unpin + Send>, mut rx: mpsc::Receiver<Vec<u8>>) {
@@ -211,23 +176,12 @@ mod tests {
     #[test]
     fn record_format() {
         let d = Decision {
-            kept: vec![Kept {
-                name: "KERNEL_A".into(),
-                source: Source::KernelPrefix,
-            }],
-            rejected: vec![Rejected {
-                name: "PATH".into(),
-                reason: Reason::Denied,
-            }],
+            kept: vec![Kept { name: "KERNEL_A".into(), source: Source::Prefix("prefix:KERNEL_".into()) }],
+            rejected: vec![Rejected { name: "PATH".into(), reason: Reason::Denied }],
         };
-        let mut r = Record::new(
-            "id-1",
-            "kernel_start",
-            Mode::Drop,
-            "127.0.0.1:5000".parse().unwrap(),
-            Some("10.0.0.1"),
-        )
-        .with_decision(&d);
+        let mut r =
+            Record::new("id-1", "kernel_start", Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("10.0.0.1"))
+                .with_decision(&d);
         r.user = Some("alice");
         r.kernelspec = Some("python3");
         r.outcome = "forwarded";
@@ -263,19 +217,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, "old\n").unwrap();
-        let (log, task) = AuditLog::open(&AuditTarget::File(path.clone()))
-            .await
-            .unwrap();
+        let (log, task) = AuditLog::open(&AuditTarget::File(path.clone())).await.unwrap();
         for i in 0..100 {
             let id = format!("{i}");
-            log.write(&Record::new(
-                &id,
-                "kernel_start",
-                Mode::Drop,
-                "127.0.0.1:1".parse().unwrap(),
-                None,
-            ))
-            .await;
+            log.write(&Record::new(&id, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None)).await;
         }
         drop(log);
         task.await.unwrap();

@@ -17,10 +17,7 @@ pub enum ProxyBody {
     /// A whole body envgate holds (rewritten, or an error). `None` once sent.
     Full(Option<Bytes>),
     /// Bytes already read, then the rest of the stream (a body too large to rewrite).
-    Prefixed {
-        prefix: Option<Bytes>,
-        rest: Incoming,
-    },
+    Prefixed { prefix: Option<Bytes>, rest: Incoming },
 }
 
 impl ProxyBody {
@@ -38,10 +35,7 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use http::uri::{Authority, Scheme};
 use http::Uri;
 
-use crate::policy::{self, Mode, Policy, Sessions};
+use crate::policy::{self, EgEnvs, Mode, Policy, PrefixRule, Sessions};
 
 /// A configuration problem, as one line naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,31 +63,36 @@ pub struct Opts {
     #[arg(long, env = "ENVGATE_MODE", global = true)]
     pub mode: Option<String>,
     /// Names every kernelspec accepts, comma-separated [default: none].
-    #[arg(
-        long,
-        env = "ENVGATE_CLIENT_ENVS",
-        global = true,
-        value_delimiter = ',',
-        value_name = "NAMES"
-    )]
+    #[arg(long, env = "ENVGATE_CLIENT_ENVS", global = true, value_delimiter = ',', value_name = "NAMES")]
     pub client_envs: Option<Vec<String>>,
     /// Names always refused, comma-separated; replaces the built-in list [default: see README].
-    #[arg(
-        long,
-        env = "ENVGATE_DENY_ENVS",
-        global = true,
-        value_delimiter = ',',
-        value_name = "NAMES"
-    )]
+    #[arg(long, env = "ENVGATE_DENY_ENVS", global = true, value_delimiter = ',', value_name = "NAMES")]
     pub deny_envs: Option<Vec<String>>,
     /// Keep every KERNEL_* name, as EG does: true | false [default: true].
+    #[arg(long, env = "ENVGATE_KERNEL_PREFIX", global = true, value_name = "BOOL")]
+    pub kernel_prefix: Option<String>,
+    /// More prefixes whose names are kept, comma-separated (e.g. SPARK_) [default: none].
+    #[arg(long, env = "ENVGATE_ALLOW_PREFIXES", global = true, value_delimiter = ',', value_name = "PREFIXES")]
+    pub allow_prefixes: Option<Vec<String>>,
+    /// Allow the names in a kernelspec's spec.metadata.client_envs: true | false [default: true].
+    #[arg(long, env = "ENVGATE_KERNELSPEC_METADATA", global = true, value_name = "BOOL")]
+    pub kernelspec_metadata: Option<String>,
+    /// Allow the keys of a kernelspec's env stanza ("plan B"): true | false [default: false].
+    #[arg(long, env = "ENVGATE_KERNELSPEC_ENV", global = true, value_name = "BOOL")]
+    pub kernelspec_env: Option<String>,
+    /// Allow a kernelspec's process_proxy.config.forwarded_envs / forward_env ("plan C") [default: false].
+    #[arg(long, env = "ENVGATE_PROCESS_PROXY_ENVS", global = true, value_name = "BOOL")]
+    pub process_proxy_envs: Option<String>,
+    /// Also allow what EG's own EG_CLIENT_ENVS / EG_ENV_WHITELIST (in envgate's environment) allow [default: false].
     #[arg(
         long,
-        env = "ENVGATE_KERNEL_PREFIX",
+        env = "ENVGATE_INHERIT_EG_ENV_CONFIG",
         global = true,
-        value_name = "BOOL"
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
     )]
-    pub kernel_prefix: Option<String>,
+    pub inherit_eg_env_config: Option<String>,
     /// Per-kernelspec names, NAME=A,B; repeat the flag or separate with ';'.
     #[arg(
         long,
@@ -101,36 +106,16 @@ pub struct Opts {
     #[arg(long, env = "ENVGATE_SESSIONS", global = true)]
     pub sessions: Option<String>,
     /// How long kernelspecs fetched from the upstream are trusted [default: 10s].
-    #[arg(
-        long,
-        env = "ENVGATE_KERNELSPEC_CACHE_TTL",
-        global = true,
-        value_name = "DURATION"
-    )]
+    #[arg(long, env = "ENVGATE_KERNELSPEC_CACHE_TTL", global = true, value_name = "DURATION")]
     pub kernelspec_cache_ttl: Option<String>,
     /// Largest kernel-start body accepted, in bytes [default: 1048576].
-    #[arg(
-        long,
-        env = "ENVGATE_MAX_BODY_BYTES",
-        global = true,
-        value_name = "BYTES"
-    )]
+    #[arg(long, env = "ENVGATE_MAX_BODY_BYTES", global = true, value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
     /// Upstream connect timeout [default: 5s].
-    #[arg(
-        long,
-        env = "ENVGATE_CONNECT_TIMEOUT",
-        global = true,
-        value_name = "DURATION"
-    )]
+    #[arg(long, env = "ENVGATE_CONNECT_TIMEOUT", global = true, value_name = "DURATION")]
     pub connect_timeout: Option<String>,
     /// Upstream response-header timeout [default: 120s].
-    #[arg(
-        long,
-        env = "ENVGATE_RESPONSE_TIMEOUT",
-        global = true,
-        value_name = "DURATION"
-    )]
+    #[arg(long, env = "ENVGATE_RESPONSE_TIMEOUT", global = true, value_name = "DURATION")]
     pub response_timeout: Option<String>,
     /// Audit log: - for stdout, or a file path (appended to) [default: -].
     #[arg(long, env = "ENVGATE_AUDIT_LOG", global = true, value_name = "PATH")]
@@ -190,6 +175,11 @@ const FILE_KEYS: &[&str] = &[
     "client_envs",
     "deny_envs",
     "kernel_prefix",
+    "allow_prefixes",
+    "kernelspec_metadata",
+    "kernelspec_env",
+    "process_proxy_envs",
+    "inherit_eg_env_config",
     "kernelspecs",
     "sessions",
     "kernelspec_cache_ttl",
@@ -225,6 +215,11 @@ struct Raw {
     client_envs: Option<Setting<Vec<String>>>,
     deny_envs: Option<Setting<Vec<String>>>,
     kernel_prefix: Option<Setting<bool>>,
+    allow_prefixes: Option<Setting<Vec<String>>>,
+    kernelspec_metadata: Option<Setting<bool>>,
+    kernelspec_env: Option<Setting<bool>>,
+    process_proxy_envs: Option<Setting<bool>>,
+    inherit_eg_env_config: Option<Setting<bool>>,
     kernelspecs: Option<Setting<KernelspecLists>>,
     sessions: Option<Setting<String>>,
     kernelspec_cache_ttl: Option<Setting<String>>,
@@ -240,27 +235,23 @@ impl Config {
     pub fn load(opts: &Opts) -> Result<Config, ConfigError> {
         let mut raw = Raw::default();
         if let Some(path) = &opts.config {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!("cannot read config file {}: {e}", path.display()))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
             raw = Raw::from_toml(&text, path)?;
         }
         raw.overlay(opts)?;
-        raw.validate()
+        raw.validate(&|k| std::env::var(k).ok())
     }
 
     /// Builds the configuration from TOML text alone (tests, `explain`).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Raw::from_toml(text, Path::new("config"))?.validate()
+        Raw::from_toml(text, Path::new("config"))?.validate(&|_| None)
     }
 }
 
 fn toml_line(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
-        Some(span) => format!(
-            " at line {}",
-            text[..span.start.min(text.len())].matches('\n').count() + 1
-        ),
+        Some(span) => format!(" at line {}", text[..span.start.min(text.len())].matches('\n').count() + 1),
         None => String::new(),
     }
 }
@@ -277,10 +268,7 @@ impl Raw {
         })?;
         let origin = path.display().to_string();
         if let Some(k) = table.keys().find(|k| !FILE_KEYS.contains(&k.as_str())) {
-            return Err(ConfigError(format!(
-                "unknown key `{k}` in {origin} (known keys: {})",
-                FILE_KEYS.join(", ")
-            )));
+            return Err(ConfigError(format!("unknown key `{k}` in {origin} (known keys: {})", FILE_KEYS.join(", "))));
         }
         fn take<T: serde::de::DeserializeOwned>(
             table: &mut toml::Table,
@@ -291,13 +279,10 @@ impl Raw {
             match table.remove(key) {
                 None => Ok(None),
                 Some(v) => {
-                    let value = v.try_into().map_err(|_| {
-                        ConfigError(format!("invalid `{key}` ({origin}): expected {what}"))
-                    })?;
-                    Ok(Some(Setting {
-                        value,
-                        origin: origin.to_string(),
-                    }))
+                    let value = v
+                        .try_into()
+                        .map_err(|_| ConfigError(format!("invalid `{key}` ({origin}): expected {what}")))?;
+                    Ok(Some(Setting { value, origin: origin.to_string() }))
                 }
             }
         }
@@ -309,61 +294,40 @@ impl Raw {
             client_envs: take(&mut table, "client_envs", o, "an array of strings")?,
             deny_envs: take(&mut table, "deny_envs", o, "an array of strings")?,
             kernel_prefix: take(&mut table, "kernel_prefix", o, "true or false")?,
+            allow_prefixes: take(&mut table, "allow_prefixes", o, "an array of strings")?,
+            kernelspec_metadata: take(&mut table, "kernelspec_metadata", o, "true or false")?,
+            kernelspec_env: take(&mut table, "kernelspec_env", o, "true or false")?,
+            process_proxy_envs: take(&mut table, "process_proxy_envs", o, "true or false")?,
+            inherit_eg_env_config: take(&mut table, "inherit_eg_env_config", o, "true or false")?,
             kernelspecs: None,
             sessions: take(&mut table, "sessions", o, "a string")?,
-            kernelspec_cache_ttl: take(
-                &mut table,
-                "kernelspec_cache_ttl",
-                o,
-                "a duration string like \"10s\"",
-            )?,
+            kernelspec_cache_ttl: take(&mut table, "kernelspec_cache_ttl", o, "a duration string like \"10s\"")?,
             max_body_bytes: take(&mut table, "max_body_bytes", o, "a positive integer")?,
-            connect_timeout: take(
-                &mut table,
-                "connect_timeout",
-                o,
-                "a duration string like \"5s\"",
-            )?,
-            response_timeout: take(
-                &mut table,
-                "response_timeout",
-                o,
-                "a duration string like \"120s\"",
-            )?,
+            connect_timeout: take(&mut table, "connect_timeout", o, "a duration string like \"5s\"")?,
+            response_timeout: take(&mut table, "response_timeout", o, "a duration string like \"120s\"")?,
             audit_log: take(&mut table, "audit_log", o, "\"-\" or a file path")?,
             log_format: take(&mut table, "log_format", o, "a string")?,
         };
         if let Some(ks) = table.remove("kernelspecs") {
-            let ks = ks.as_table().ok_or_else(|| {
-                ConfigError(format!(
-                    "invalid `kernelspecs` ({o}): expected a table of tables"
-                ))
-            })?;
+            let ks = ks
+                .as_table()
+                .ok_or_else(|| ConfigError(format!("invalid `kernelspecs` ({o}): expected a table of tables")))?;
             let mut list = Vec::new();
             for (name, t) in ks {
                 let key = format!("kernelspecs.{name}");
-                let t = t.as_table().ok_or_else(|| {
-                    ConfigError(format!("invalid `{key}` ({o}): expected a table"))
-                })?;
+                let t = t.as_table().ok_or_else(|| ConfigError(format!("invalid `{key}` ({o}): expected a table")))?;
                 if let Some(k) = t.keys().find(|k| *k != "client_envs") {
-                    return Err(ConfigError(format!(
-                        "unknown key `{key}.{k}` in {o} (known keys: client_envs)"
-                    )));
+                    return Err(ConfigError(format!("unknown key `{key}.{k}` in {o} (known keys: client_envs)")));
                 }
                 let envs: Vec<String> = match t.get("client_envs") {
                     None => Vec::new(),
                     Some(v) => v.clone().try_into().map_err(|_| {
-                        ConfigError(format!(
-                            "invalid `{key}.client_envs` ({o}): expected an array of strings"
-                        ))
+                        ConfigError(format!("invalid `{key}.client_envs` ({o}): expected an array of strings"))
                     })?,
                 };
                 list.push((name.clone(), envs));
             }
-            raw.kernelspecs = Some(Setting {
-                value: list,
-                origin: o.to_string(),
-            });
+            raw.kernelspecs = Some(Setting { value: list, origin: o.to_string() });
         }
         Ok(raw)
     }
@@ -373,61 +337,35 @@ impl Raw {
             if let Some(value) = v {
                 let flag = key.replace('_', "-");
                 let env = format!("ENVGATE_{}", key.to_ascii_uppercase());
-                *slot = Some(Setting {
-                    value,
-                    origin: format!("--{flag} or {env}"),
-                });
+                *slot = Some(Setting { value, origin: format!("--{flag} or {env}") });
             }
         }
         set(&mut self.listen, opts.listen.clone(), "listen");
         set(&mut self.upstream, opts.upstream.clone(), "upstream");
         set(&mut self.mode, opts.mode.clone(), "mode");
-        set(
-            &mut self.client_envs,
-            opts.client_envs.clone().map(trim_list),
-            "client_envs",
-        );
-        set(
-            &mut self.deny_envs,
-            opts.deny_envs.clone().map(trim_list),
-            "deny_envs",
-        );
+        set(&mut self.client_envs, opts.client_envs.clone().map(trim_list), "client_envs");
+        set(&mut self.deny_envs, opts.deny_envs.clone().map(trim_list), "deny_envs");
         set(&mut self.sessions, opts.sessions.clone(), "sessions");
-        set(
-            &mut self.kernelspec_cache_ttl,
-            opts.kernelspec_cache_ttl.clone(),
-            "kernelspec_cache_ttl",
-        );
-        set(
-            &mut self.connect_timeout,
-            opts.connect_timeout.clone(),
-            "connect_timeout",
-        );
-        set(
-            &mut self.response_timeout,
-            opts.response_timeout.clone(),
-            "response_timeout",
-        );
+        set(&mut self.kernelspec_cache_ttl, opts.kernelspec_cache_ttl.clone(), "kernelspec_cache_ttl");
+        set(&mut self.connect_timeout, opts.connect_timeout.clone(), "connect_timeout");
+        set(&mut self.response_timeout, opts.response_timeout.clone(), "response_timeout");
         set(&mut self.audit_log, opts.audit_log.clone(), "audit_log");
         set(&mut self.log_format, opts.log_format.clone(), "log_format");
-        let origin = |k: &str| {
-            format!(
-                "--{} or ENVGATE_{}",
-                k.replace('_', "-"),
-                k.to_ascii_uppercase()
-            )
-        };
-        if let Some(v) = &opts.kernel_prefix {
-            let value = parse_bool(v).ok_or_else(|| {
-                ConfigError(format!(
-                    "invalid `kernel_prefix` ({}): expected true or false, got {v:?}",
-                    origin("kernel_prefix")
-                ))
-            })?;
-            self.kernel_prefix = Some(Setting {
-                value,
-                origin: origin("kernel_prefix"),
-            });
+        set(&mut self.allow_prefixes, opts.allow_prefixes.clone().map(trim_list), "allow_prefixes");
+        let origin = |k: &str| format!("--{} or ENVGATE_{}", k.replace('_', "-"), k.to_ascii_uppercase());
+        for (slot, v, key) in [
+            (&mut self.kernel_prefix, &opts.kernel_prefix, "kernel_prefix"),
+            (&mut self.kernelspec_metadata, &opts.kernelspec_metadata, "kernelspec_metadata"),
+            (&mut self.kernelspec_env, &opts.kernelspec_env, "kernelspec_env"),
+            (&mut self.process_proxy_envs, &opts.process_proxy_envs, "process_proxy_envs"),
+            (&mut self.inherit_eg_env_config, &opts.inherit_eg_env_config, "inherit_eg_env_config"),
+        ] {
+            if let Some(v) = v {
+                let value = parse_bool(v).ok_or_else(|| {
+                    ConfigError(format!("invalid `{key}` ({}): expected true or false, got {v:?}", origin(key)))
+                })?;
+                *slot = Some(Setting { value, origin: origin(key) });
+            }
         }
         if let Some(v) = &opts.max_body_bytes {
             let value = v.trim().parse::<u64>().map_err(|_| {
@@ -436,43 +374,31 @@ impl Raw {
                     origin("max_body_bytes")
                 ))
             })?;
-            self.max_body_bytes = Some(Setting {
-                value,
-                origin: origin("max_body_bytes"),
-            });
+            self.max_body_bytes = Some(Setting { value, origin: origin("max_body_bytes") });
         }
         if let Some(items) = &opts.kernelspec_client_envs {
             let o = origin("kernelspec_client_envs");
             let mut list = Vec::new();
             for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
                 let (name, envs) = item.split_once('=').ok_or_else(|| {
-                    ConfigError(format!(
-                        "invalid `kernelspecs` ({o}): expected NAME=A,B, got {item:?}"
-                    ))
+                    ConfigError(format!("invalid `kernelspecs` ({o}): expected NAME=A,B, got {item:?}"))
                 })?;
-                list.push((
-                    name.trim().to_string(),
-                    trim_list(envs.split(',').map(str::to_string).collect()),
-                ));
+                list.push((name.trim().to_string(), trim_list(envs.split(',').map(str::to_string).collect())));
             }
-            self.kernelspecs = Some(Setting {
-                value: list,
-                origin: o,
-            });
+            self.kernelspecs = Some(Setting { value: list, origin: o });
         }
         Ok(())
     }
 
-    fn validate(self) -> Result<Config, ConfigError> {
-        let listen = match &self.listen {
-            None => "127.0.0.1:8889".parse().expect("default listen address"),
-            Some(s) => s.value.trim().parse::<SocketAddr>().map_err(|_| {
-                s.err(
-                    "listen",
-                    format!("expected an address like 127.0.0.1:8889, got {:?}", s.value),
-                )
-            })?,
-        };
+    /// Validates everything; `env` reads envgate's own environment (for `inherit_eg_env_config`).
+    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let listen =
+            match &self.listen {
+                None => "127.0.0.1:8889".parse().expect("default listen address"),
+                Some(s) => s.value.trim().parse::<SocketAddr>().map_err(|_| {
+                    s.err("listen", format!("expected an address like 127.0.0.1:8889, got {:?}", s.value))
+                })?,
+            };
         let upstream = match &self.upstream {
             None => parse_upstream("http://127.0.0.1:8888").expect("default upstream"),
             Some(s) => parse_upstream(&s.value).map_err(|m| s.err("upstream", m))?,
@@ -483,12 +409,7 @@ impl Raw {
                 "drop" => Mode::Drop,
                 "reject" => Mode::Reject,
                 "report" => Mode::Report,
-                v => {
-                    return Err(s.err(
-                        "mode",
-                        format!("expected drop, reject or report, got {v:?}"),
-                    ))
-                }
+                v => return Err(s.err("mode", format!("expected drop, reject or report, got {v:?}"))),
             },
         };
         let sessions = match &self.sessions {
@@ -499,50 +420,32 @@ impl Raw {
                 v => return Err(s.err("sessions", format!("expected deny or allow, got {v:?}"))),
             },
         };
-        let names = |s: &Option<Setting<Vec<String>>>,
-                     key: &str|
-         -> Result<Option<BTreeSet<String>>, ConfigError> {
+        let names = |s: &Option<Setting<Vec<String>>>, key: &str| -> Result<Option<BTreeSet<String>>, ConfigError> {
             let Some(s) = s else { return Ok(None) };
             check_names(&s.value).map_err(|m| s.err(key, m))?;
             Ok(Some(s.value.iter().cloned().collect()))
         };
         let client_envs = names(&self.client_envs, "client_envs")?.unwrap_or_default();
-        let deny_envs = names(&self.deny_envs, "deny_envs")?.unwrap_or_else(|| {
-            policy::DEFAULT_DENY_ENVS
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        });
+        let deny_envs = names(&self.deny_envs, "deny_envs")?
+            .unwrap_or_else(|| policy::DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect());
         let mut kernelspecs = HashMap::new();
         if let Some(s) = &self.kernelspecs {
             for (name, envs) in &s.value {
                 if name.is_empty() {
                     return Err(s.err("kernelspecs", "a kernelspec name is empty"));
                 }
-                check_names(envs)
-                    .map_err(|m| s.err(&format!("kernelspecs.{name}.client_envs"), m))?;
-                kernelspecs
-                    .entry(name.to_ascii_lowercase())
-                    .or_insert_with(BTreeSet::new)
-                    .extend(envs.iter().cloned());
+                check_names(envs).map_err(|m| s.err(&format!("kernelspecs.{name}.client_envs"), m))?;
+                kernelspecs.entry(name.to_ascii_lowercase()).or_insert_with(BTreeSet::new).extend(envs.iter().cloned());
             }
         }
-        let duration = |s: &Option<Setting<String>>,
-                        key: &str,
-                        default: u64|
-         -> Result<Duration, ConfigError> {
+        let duration = |s: &Option<Setting<String>>, key: &str, default: u64| -> Result<Duration, ConfigError> {
             match s {
                 None => Ok(Duration::from_secs(default)),
-                Some(s) => humantime::parse_duration(s.value.trim()).map_err(|e| {
-                    s.err(
-                        key,
-                        format!("expected a duration like \"10s\", got {:?} ({e})", s.value),
-                    )
-                }),
+                Some(s) => humantime::parse_duration(s.value.trim())
+                    .map_err(|e| s.err(key, format!("expected a duration like \"10s\", got {:?} ({e})", s.value))),
             }
         };
-        let kernelspec_cache_ttl =
-            duration(&self.kernelspec_cache_ttl, "kernelspec_cache_ttl", 10)?;
+        let kernelspec_cache_ttl = duration(&self.kernelspec_cache_ttl, "kernelspec_cache_ttl", 10)?;
         let connect_timeout = duration(&self.connect_timeout, "connect_timeout", 5)?;
         let response_timeout = duration(&self.response_timeout, "response_timeout", 120)?;
         for (d, s, key) in [
@@ -550,30 +453,36 @@ impl Raw {
             (response_timeout, &self.response_timeout, "response_timeout"),
         ] {
             if d.is_zero() {
-                return Err(s
-                    .as_ref()
-                    .expect("defaults are not zero")
-                    .err(key, "must be greater than zero"));
+                return Err(s.as_ref().expect("defaults are not zero").err(key, "must be greater than zero"));
             }
         }
         let max_body_bytes = match &self.max_body_bytes {
             None => 1024 * 1024,
             Some(s) if s.value == 0 || s.value > (1 << 30) => {
-                return Err(s.err(
-                    "max_body_bytes",
-                    "expected an integer between 1 and 1073741824",
-                ))
+                return Err(s.err("max_body_bytes", "expected an integer between 1 and 1073741824"))
             }
             Some(s) => s.value as usize,
         };
         let audit_log = match &self.audit_log {
             None => AuditTarget::Stdout,
             Some(s) if s.value.trim() == "-" => AuditTarget::Stdout,
-            Some(s) if s.value.trim().is_empty() => {
-                return Err(s.err("audit_log", "expected \"-\" or a file path"))
-            }
+            Some(s) if s.value.trim().is_empty() => return Err(s.err("audit_log", "expected \"-\" or a file path")),
             Some(s) => AuditTarget::File(PathBuf::from(s.value.trim())),
         };
+        let mut prefixes = Vec::new();
+        if flag(&self.kernel_prefix, true) {
+            prefixes.push(PrefixRule::new(policy::KERNEL_PREFIX));
+        }
+        if let Some(s) = &self.allow_prefixes {
+            if let Some(bad) = s.value.iter().find(|p| p.is_empty() || !policy::valid_name(p)) {
+                return Err(s.err("allow_prefixes", format!("{bad:?} is not a valid name prefix")));
+            }
+            for p in &s.value {
+                if !prefixes.iter().any(|r| &r.prefix == p) {
+                    prefixes.push(PrefixRule::new(p));
+                }
+            }
+        }
         let log_format = match &self.log_format {
             None => LogFormat::Text,
             Some(s) => match s.value.trim() {
@@ -588,10 +497,14 @@ impl Raw {
             policy: Policy {
                 mode,
                 sessions,
-                kernel_prefix: self.kernel_prefix.map_or(true, |s| s.value),
+                prefixes,
                 client_envs,
                 deny_envs,
                 kernelspecs,
+                kernelspec_metadata: flag(&self.kernelspec_metadata, true),
+                kernelspec_env: flag(&self.kernelspec_env, false),
+                process_proxy_envs: flag(&self.process_proxy_envs, false),
+                eg_config: flag(&self.inherit_eg_env_config, false).then(|| EgEnvs::from_env(env)),
             },
             kernelspec_cache_ttl,
             max_body_bytes,
@@ -603,11 +516,12 @@ impl Raw {
     }
 }
 
+fn flag(s: &Option<Setting<bool>>, default: bool) -> bool {
+    s.as_ref().map_or(default, |s| s.value)
+}
+
 fn trim_list(v: Vec<String>) -> Vec<String> {
-    v.into_iter()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
 fn parse_bool(s: &str) -> Option<bool> {
@@ -627,40 +541,22 @@ fn check_names(names: &[String]) -> Result<(), String> {
 
 /// Parses the upstream URL: `http://host:port[/base_url]`, no query or fragment.
 pub fn parse_upstream(s: &str) -> Result<UpstreamUrl, String> {
-    let uri: Uri = s
-        .trim()
-        .parse()
-        .map_err(|e| format!("expected a URL like http://127.0.0.1:8888, got {s:?} ({e})"))?;
-    let scheme = uri
-        .scheme()
-        .cloned()
-        .ok_or_else(|| format!("{s:?} has no scheme (http://)"))?;
+    let uri: Uri =
+        s.trim().parse().map_err(|e| format!("expected a URL like http://127.0.0.1:8888, got {s:?} ({e})"))?;
+    let scheme = uri.scheme().cloned().ok_or_else(|| format!("{s:?} has no scheme (http://)"))?;
     if scheme != Scheme::HTTP {
         return Err(format!("scheme {scheme} is not supported (use http://)"));
     }
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("{s:?} has no host"))?;
+    let authority = uri.authority().cloned().ok_or_else(|| format!("{s:?} has no host"))?;
     if authority.as_str().contains('@') {
         return Err("credentials in the URL are not supported".to_string());
     }
     if uri.query().is_some() {
-        return Err(format!(
-            "{s:?} has a query string; only a base path is allowed"
-        ));
+        return Err(format!("{s:?} has a query string; only a base path is allowed"));
     }
     let path = uri.path();
-    let base = if path.ends_with('/') {
-        path.to_string()
-    } else {
-        format!("{path}/")
-    };
-    Ok(UpstreamUrl {
-        scheme,
-        authority,
-        base,
-    })
+    let base = if path.ends_with('/') { path.to_string() } else { format!("{path}/") };
+    Ok(UpstreamUrl { scheme, authority, base })
 }
 
 #[cfg(test)]
@@ -714,26 +610,17 @@ mod tests {
         assert_eq!(c.upstream.base, "/gw/");
         assert_eq!(c.upstream.authority.as_str(), "eg:8888");
         assert_eq!(c.policy.mode, Mode::Reject);
-        assert_eq!(
-            c.policy.client_envs,
-            BTreeSet::from(["FOO".into(), "BAR".into()])
-        );
+        assert_eq!(c.policy.client_envs, BTreeSet::from(["FOO".into(), "BAR".into()]));
         assert_eq!(c.policy.deny_envs, BTreeSet::from(["EVIL".into()]));
-        assert!(!c.policy.kernel_prefix);
+        assert!(!c.policy.kernel_prefix());
         assert_eq!(c.policy.sessions, Sessions::Allow);
-        assert_eq!(
-            c.policy.kernelspecs["spark"],
-            BTreeSet::from(["SPARK_OPTS".into()])
-        );
+        assert_eq!(c.policy.kernelspecs["spark"], BTreeSet::from(["SPARK_OPTS".into()]));
         assert!(c.policy.kernelspecs["r"].is_empty());
         assert_eq!(c.kernelspec_cache_ttl, Duration::from_secs(2));
         assert_eq!(c.max_body_bytes, 4096);
         assert_eq!(c.connect_timeout, Duration::from_secs(1));
         assert_eq!(c.response_timeout, Duration::from_secs(180));
-        assert_eq!(
-            c.audit_log,
-            AuditTarget::File("/var/log/envgate.jsonl".into())
-        );
+        assert_eq!(c.audit_log, AuditTarget::File("/var/log/envgate.jsonl".into()));
         assert_eq!(c.log_format, LogFormat::Json);
     }
 
@@ -741,11 +628,8 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("envgate.toml");
-        std::fs::write(
-            &path,
-            "mode = \"reject\"\nclient_envs = [\"A\"]\n[kernelspecs.x]\nclient_envs=[\"X\"]\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "mode = \"reject\"\nclient_envs = [\"A\"]\n[kernelspecs.x]\nclient_envs=[\"X\"]\n")
+            .unwrap();
         let o = Opts {
             config: Some(path),
             mode: Some("report".into()),
@@ -757,16 +641,10 @@ mod tests {
         };
         let c = Config::load(&o).unwrap();
         assert_eq!(c.policy.mode, Mode::Report);
-        assert_eq!(
-            c.policy.client_envs,
-            BTreeSet::from(["FOO".into(), "BAR".into()])
-        );
-        assert!(!c.policy.kernel_prefix);
+        assert_eq!(c.policy.client_envs, BTreeSet::from(["FOO".into(), "BAR".into()]));
+        assert!(!c.policy.kernel_prefix());
         assert!(!c.policy.kernelspecs.contains_key("x"));
-        assert_eq!(
-            c.policy.kernelspecs["py"],
-            BTreeSet::from(["P1".into(), "P2".into()])
-        );
+        assert_eq!(c.policy.kernelspecs["py"], BTreeSet::from(["P1".into(), "P2".into()]));
         assert_eq!(c.max_body_bytes, 10);
     }
 
@@ -791,14 +669,8 @@ mod tests {
             ("log_format = \"xml\"", "`log_format`"),
             ("audit_log = \"\"", "`audit_log`"),
             ("colour = 1", "`colour`"),
-            (
-                "[kernelspecs.py]\nclient_env = []",
-                "`kernelspecs.py.client_env`",
-            ),
-            (
-                "[kernelspecs.py]\nclient_envs = \"A\"",
-                "`kernelspecs.py.client_envs`",
-            ),
+            ("[kernelspecs.py]\nclient_env = []", "`kernelspecs.py.client_env`"),
+            ("[kernelspecs.py]\nclient_envs = \"A\"", "`kernelspecs.py.client_envs`"),
             ("kernelspecs = 1", "`kernelspecs`"),
             ("mode = ", "line 1"),
             ("\n\nmode = \"drop\"\nmode = \"drop\"", "line 4"),
@@ -810,24 +682,42 @@ mod tests {
     }
 
     #[test]
+    fn policy_sources_from_file_and_flags() {
+        let c = load_toml(
+            "kernelspec_metadata = false\nkernelspec_env = true\nprocess_proxy_envs = true\n\
+             allow_prefixes = [\"SPARK_\", \"KERNEL_\"]\nkernel_prefix = false\n",
+        )
+        .unwrap();
+        assert!(!c.policy.kernelspec_metadata && c.policy.kernelspec_env && c.policy.process_proxy_envs);
+        let p: Vec<&str> = c.policy.prefixes.iter().map(|p| p.prefix.as_str()).collect();
+        assert_eq!(p, ["SPARK_", "KERNEL_"]);
+        assert!(c.policy.eg_config.is_none());
+        let d = Config::from_toml("").unwrap();
+        assert!(d.policy.kernelspec_metadata && !d.policy.kernelspec_env && !d.policy.process_proxy_envs);
+        assert!(load_toml("allow_prefixes = [\"\"]").unwrap_err().to_string().contains("`allow_prefixes`"));
+        assert!(load_toml("kernelspec_env = 1").unwrap_err().to_string().contains("`kernelspec_env`"));
+        let raw = Raw::from_toml("inherit_eg_env_config = true", Path::new("f")).unwrap();
+        let c = raw.validate(&|k| (k == "EG_CLIENT_ENVS").then(|| "A,B".to_string())).unwrap();
+        assert_eq!(c.policy.eg_config.unwrap().names, BTreeSet::from(["A".into(), "B".into()]));
+        let o = Opts {
+            inherit_eg_env_config: Some("true".into()),
+            allow_prefixes: Some(vec!["X_".into()]),
+            ..Opts::default()
+        };
+        let mut raw = Raw::default();
+        raw.overlay(&o).unwrap();
+        let c = raw.validate(&|k| (k == "EG_ENV_WHITELIST").then(|| "*".to_string())).unwrap();
+        assert!(c.policy.eg_config.unwrap().all);
+        assert_eq!(c.policy.prefixes.len(), 2);
+    }
+
+    #[test]
     fn flag_errors_name_the_flag() {
-        let o = Opts {
-            mode: Some("x".into()),
-            ..Opts::default()
-        };
+        let o = Opts { mode: Some("x".into()), ..Opts::default() };
         let e = Config::load(&o).unwrap_err().to_string();
-        assert!(
-            e.contains("`mode`") && e.contains("--mode") && e.contains("ENVGATE_MODE"),
-            "{e}"
-        );
-        let o = Opts {
-            kernelspec_client_envs: Some(vec!["nope".into()]),
-            ..Opts::default()
-        };
-        assert!(Config::load(&o)
-            .unwrap_err()
-            .to_string()
-            .contains("NAME=A,B"));
+        assert!(e.contains("`mode`") && e.contains("--mode") && e.contains("ENVGATE_MODE"), "{e}");
+        let o = Opts { kernelspec_client_envs: Some(vec!["nope".into()]), ..Opts::default() };
+        assert!(Config::load(&o).unwrap_err().to_string().contains("NAME=A,B"));
     }
 
     #[test]

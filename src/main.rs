@@ -37,14 +37,8 @@ fn main() -> ExitCode {
                 humantime::format_duration(config.kernelspec_cache_ttl).to_string()
             );
             println!("max_body_bytes = {}", config.max_body_bytes);
-            println!(
-                "connect_timeout = {:?}",
-                humantime::format_duration(config.connect_timeout).to_string()
-            );
-            println!(
-                "response_timeout = {:?}",
-                humantime::format_duration(config.response_timeout).to_string()
-            );
+            println!("connect_timeout = {:?}", humantime::format_duration(config.connect_timeout).to_string());
+            println!("response_timeout = {:?}", humantime::format_duration(config.response_timeout).to_string());
             println!(
                 "audit_log = {:?}",
                 match &config.audit_log {
@@ -52,23 +46,13 @@ fn main() -> ExitCode {
                     envgate::config::AuditTarget::File(p) => p.display().to_string(),
                 }
             );
-            println!(
-                "log_format = {:?}",
-                if config.log_format == LogFormat::Json {
-                    "json"
-                } else {
-                    "text"
-                }
-            );
+            println!("log_format = {:?}", if config.log_format == LogFormat::Json { "json" } else { "text" });
             print!("{}", config.policy);
             ExitCode::SUCCESS
         }
         Some(Command::Run) | None => {
             init_tracing(config.log_format);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("envgate: cannot start the runtime: {e}");
@@ -89,9 +73,7 @@ fn main() -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

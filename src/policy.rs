@@ -7,14 +7,19 @@
 //!
 //! 1. a name that cannot be an environment variable name (empty, `=` or NUL) is rejected;
 //! 2. a name in `deny_envs` is rejected (`denied`), even a `KERNEL_*` one;
-//! 3. a name in the allowed set of the kernelspec is kept: the union of the global
-//!    `client_envs`, the kernelspec's `[kernelspecs.K] client_envs` in envgate's config and the
-//!    kernelspec's own `spec.metadata.client_envs` as the upstream serves it;
-//! 4. a name that starts with `KERNEL_` is kept when `kernel_prefix` is on (EG's own rule);
+//! 3. a name in the allowed set of the kernelspec is kept, with the first source that lists it:
+//!    the global `client_envs` (`config`), `[kernelspecs.K] client_envs` (`kernelspec_config`),
+//!    the kernelspec's `spec.metadata.client_envs` (`kernelspec_metadata`), the keys of its `env`
+//!    stanza (`kernelspec_env`, "plan B"), its `metadata.process_proxy.config.forwarded_envs` or
+//!    `forward_env` (`process_proxy`, "plan C"), and EG's own `EG_CLIENT_ENVS` /
+//!    `EG_ENV_WHITELIST` (`eg_config`, where `*` means every name); each source can be turned off;
+//! 4. a name that starts with an allowed prefix is kept: `KERNEL_` when `kernel_prefix` is on
+//!    (EG's own rule), and every prefix in `allow_prefixes` (`prefix:P`);
 //! 5. anything else is rejected (`not_allowed`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -78,8 +83,8 @@ impl Sessions {
     }
 }
 
-/// Why a name was kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a name was kept: the first source that allows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// The global `client_envs` of envgate's config.
     Config,
@@ -87,18 +92,62 @@ pub enum Source {
     KernelspecConfig,
     /// `spec.metadata.client_envs` of the kernelspec as the upstream serves it.
     KernelspecMetadata,
-    /// The built-in `KERNEL_` prefix rule.
-    KernelPrefix,
+    /// A key of the kernelspec's `env` stanza ("plan B").
+    KernelspecEnv,
+    /// `spec.metadata.process_proxy.config.forwarded_envs` / `forward_env` ("plan C").
+    ProcessProxy,
+    /// EG's own `EG_CLIENT_ENVS` / `EG_ENV_WHITELIST`, inherited by envgate.
+    EgConfig,
+    /// A prefix rule; holds its label, `prefix:KERNEL_` for the built-in one.
+    Prefix(Arc<str>),
 }
 
 impl Source {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             Source::Config => "config",
             Source::KernelspecConfig => "kernelspec_config",
             Source::KernelspecMetadata => "kernelspec_metadata",
-            Source::KernelPrefix => "prefix:KERNEL_",
+            Source::KernelspecEnv => "kernelspec_env",
+            Source::ProcessProxy => "process_proxy",
+            Source::EgConfig => "eg_config",
+            Source::Prefix(label) => label,
         }
+    }
+}
+
+/// One prefix rule: names starting with `prefix` are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixRule {
+    pub prefix: String,
+    source: Source,
+}
+
+impl PrefixRule {
+    pub fn new(prefix: &str) -> PrefixRule {
+        PrefixRule { prefix: prefix.to_string(), source: Source::Prefix(format!("prefix:{prefix}").into()) }
+    }
+}
+
+/// The names EG itself would forward, read from its own settings (`EG_CLIENT_ENVS`, or the
+/// deprecated `EG_ENV_WHITELIST`), exactly as EG reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgEnvs {
+    /// The list was exactly `*`: every name.
+    pub all: bool,
+    pub names: BTreeSet<String>,
+}
+
+impl EgEnvs {
+    /// EG 3.x: `os.getenv("EG_CLIENT_ENVS", os.getenv("EG_ENV_WHITELIST", "")).split(",")`, and
+    /// `client_envs == ["*"]` means every name. Items are not trimmed, as in EG.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> EgEnvs {
+        let raw = get("EG_CLIENT_ENVS").or_else(|| get("EG_ENV_WHITELIST")).unwrap_or_default();
+        let items: Vec<&str> = raw.split(',').collect();
+        if items == ["*"] {
+            return EgEnvs { all: true, names: BTreeSet::new() };
+        }
+        EgEnvs { all: false, names: items.into_iter().filter(|s| !s.is_empty()).map(str::to_string).collect() }
     }
 }
 
@@ -124,7 +173,7 @@ impl Reason {
 }
 
 /// The verdict on one name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Keep(Source),
     Reject(Reason),
@@ -135,6 +184,10 @@ pub enum Verdict {
 pub struct SpecFacts {
     /// `spec.metadata.client_envs`, string items only.
     pub metadata_client_envs: BTreeSet<String>,
+    /// The keys of `spec.env`.
+    pub env_keys: BTreeSet<String>,
+    /// `spec.metadata.process_proxy.config.forwarded_envs` and `.forward_env`, string items only.
+    pub process_proxy_envs: BTreeSet<String>,
 }
 
 /// The compiled policy. Built once from the configuration; cheap to share behind an `Arc`.
@@ -142,12 +195,21 @@ pub struct SpecFacts {
 pub struct Policy {
     pub mode: Mode,
     pub sessions: Sessions,
-    pub kernel_prefix: bool,
+    /// Prefix rules, `KERNEL_` first when `kernel_prefix` is on, then `allow_prefixes`.
+    pub prefixes: Vec<PrefixRule>,
     pub client_envs: BTreeSet<String>,
     pub deny_envs: BTreeSet<String>,
     /// `[kernelspecs.K] client_envs`, keyed by the lower-cased kernelspec name (EG looks
     /// kernelspecs up case-insensitively).
     pub kernelspecs: HashMap<String, BTreeSet<String>>,
+    /// Use `spec.metadata.client_envs` (on by default).
+    pub kernelspec_metadata: bool,
+    /// Use the keys of `spec.env` ("plan B"; off by default).
+    pub kernelspec_env: bool,
+    /// Use `metadata.process_proxy.config.forwarded_envs` / `forward_env` ("plan C"; off by default).
+    pub process_proxy_envs: bool,
+    /// EG's own settings, when envgate was told to inherit them.
+    pub eg_config: Option<EgEnvs>,
 }
 
 impl Default for Policy {
@@ -155,10 +217,14 @@ impl Default for Policy {
         Policy {
             mode: Mode::Drop,
             sessions: Sessions::Deny,
-            kernel_prefix: true,
+            prefixes: vec![PrefixRule::new(KERNEL_PREFIX)],
             client_envs: BTreeSet::new(),
             deny_envs: DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect(),
             kernelspecs: HashMap::new(),
+            kernelspec_metadata: true,
+            kernelspec_env: false,
+            process_proxy_envs: false,
+            eg_config: None,
         }
     }
 }
@@ -188,38 +254,50 @@ impl Policy {
     /// The config's own list for kernelspec `kernelspec`, if any.
     fn config_list(&self, kernelspec: Option<&str>) -> Option<&BTreeSet<String>> {
         let k = kernelspec?;
-        self.kernelspecs
-            .get(k)
-            .or_else(|| self.kernelspecs.get(&k.to_ascii_lowercase()))
+        self.kernelspecs.get(k).or_else(|| self.kernelspecs.get(&k.to_ascii_lowercase()))
     }
 
-    /// The verdict on one name for one kernelspec (`None`: no kernelspec could be determined).
-    pub fn verdict(
-        &self,
+    /// Whether the built-in `KERNEL_` prefix rule is on.
+    pub fn kernel_prefix(&self) -> bool {
+        self.prefixes.iter().any(|p| p.prefix == KERNEL_PREFIX)
+    }
+
+    /// Every enabled list source for `kernelspec`, in the order that decides provenance.
+    fn lists<'a>(
+        &'a self,
         kernelspec: Option<&str>,
-        facts: Option<&SpecFacts>,
-        name: &str,
-    ) -> Verdict {
+        facts: Option<&'a SpecFacts>,
+    ) -> [(Source, Option<&'a BTreeSet<String>>); 6] {
+        let f = |on: bool, get: fn(&SpecFacts) -> &BTreeSet<String>| facts.filter(|_| on).map(get);
+        [
+            (Source::Config, Some(&self.client_envs)),
+            (Source::KernelspecConfig, self.config_list(kernelspec)),
+            (Source::KernelspecMetadata, f(self.kernelspec_metadata, |f| &f.metadata_client_envs)),
+            (Source::KernelspecEnv, f(self.kernelspec_env, |f| &f.env_keys)),
+            (Source::ProcessProxy, f(self.process_proxy_envs, |f| &f.process_proxy_envs)),
+            (Source::EgConfig, self.eg_config.as_ref().map(|e| &e.names)),
+        ]
+    }
+
+    /// The verdict on one name for one kernelspec (`None`: no kernelspec could be determined;
+    /// `facts`: what the upstream serves for it, if anything).
+    pub fn verdict(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>, name: &str) -> Verdict {
         if !valid_name(name) {
             return Verdict::Reject(Reason::InvalidName);
         }
         if self.deny_envs.contains(name) {
             return Verdict::Reject(Reason::Denied);
         }
-        if self.client_envs.contains(name) {
-            return Verdict::Keep(Source::Config);
+        for (source, list) in self.lists(kernelspec, facts) {
+            if list.is_some_and(|l| l.contains(name)) {
+                return Verdict::Keep(source);
+            }
         }
-        if self
-            .config_list(kernelspec)
-            .is_some_and(|l| l.contains(name))
-        {
-            return Verdict::Keep(Source::KernelspecConfig);
+        if self.eg_config.as_ref().is_some_and(|e| e.all) {
+            return Verdict::Keep(Source::EgConfig);
         }
-        if facts.is_some_and(|f| f.metadata_client_envs.contains(name)) {
-            return Verdict::Keep(Source::KernelspecMetadata);
-        }
-        if self.kernel_prefix && name.starts_with(KERNEL_PREFIX) {
-            return Verdict::Keep(Source::KernelPrefix);
+        if let Some(rule) = self.prefixes.iter().find(|p| name.starts_with(p.prefix.as_str())) {
+            return Verdict::Keep(rule.source.clone());
         }
         Verdict::Reject(Reason::NotAllowed)
     }
@@ -234,38 +312,28 @@ impl Policy {
         let mut d = Decision::default();
         for name in names {
             match self.verdict(kernelspec, facts, name) {
-                Verdict::Keep(source) => d.kept.push(Kept {
-                    name: name.to_string(),
-                    source,
-                }),
-                Verdict::Reject(reason) => d.rejected.push(Rejected {
-                    name: name.to_string(),
-                    reason,
-                }),
+                Verdict::Keep(source) => d.kept.push(Kept { name: name.to_string(), source }),
+                Verdict::Reject(reason) => d.rejected.push(Rejected { name: name.to_string(), reason }),
             }
         }
         d
     }
 
-    /// The names a client may send for `kernelspec`, sorted: the union of every list source,
-    /// minus `deny_envs`. This is what envgate injects as `spec.metadata.client_envs`. Prefix
-    /// rules (`KERNEL_*`) are rules, not names, and are not listed.
-    pub fn allowed_names(
-        &self,
-        kernelspec: Option<&str>,
-        facts: Option<&SpecFacts>,
-    ) -> Vec<String> {
-        let mut all: BTreeSet<&str> = self.client_envs.iter().map(String::as_str).collect();
-        if let Some(l) = self.config_list(kernelspec) {
-            all.extend(l.iter().map(String::as_str));
+    /// The names a client may send for `kernelspec`, sorted: the union of every enabled list
+    /// source, minus `deny_envs`, plus `*` when EG's inherited setting is `*`. This is what
+    /// envgate injects as `spec.metadata.client_envs`. Prefix rules (`KERNEL_*`) are rules, not
+    /// names, and are not listed.
+    pub fn allowed_names(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>) -> Vec<String> {
+        let mut all: BTreeSet<&str> = BTreeSet::new();
+        for (_, list) in self.lists(kernelspec, facts) {
+            all.extend(list.into_iter().flatten().map(String::as_str));
         }
-        if let Some(f) = facts {
-            all.extend(f.metadata_client_envs.iter().map(String::as_str));
+        let mut names: Vec<String> =
+            all.into_iter().filter(|n| valid_name(n) && !self.deny_envs.contains(*n)).map(str::to_string).collect();
+        if self.eg_config.as_ref().is_some_and(|e| e.all) {
+            names.insert(0, "*".to_string());
         }
-        all.into_iter()
-            .filter(|n| valid_name(n) && !self.deny_envs.contains(*n))
-            .map(str::to_string)
-            .collect()
+        names
     }
 }
 
@@ -284,9 +352,20 @@ impl fmt::Display for Policy {
         }
         writeln!(f, "mode = {:?}", self.mode.as_str())?;
         writeln!(f, "sessions = {:?}", self.sessions.as_str())?;
-        writeln!(f, "kernel_prefix = {}", self.kernel_prefix)?;
+        writeln!(f, "kernel_prefix = {}", self.kernel_prefix())?;
+        let extra: BTreeSet<String> =
+            self.prefixes.iter().filter(|p| p.prefix != KERNEL_PREFIX).map(|p| p.prefix.clone()).collect();
+        writeln!(f, "allow_prefixes = {}", list(&extra))?;
         writeln!(f, "client_envs = {}", list(&self.client_envs))?;
         writeln!(f, "deny_envs = {}", list(&self.deny_envs))?;
+        writeln!(f, "kernelspec_metadata = {}", self.kernelspec_metadata)?;
+        writeln!(f, "kernelspec_env = {}", self.kernelspec_env)?;
+        writeln!(f, "process_proxy_envs = {}", self.process_proxy_envs)?;
+        writeln!(f, "inherit_eg_env_config = {}", self.eg_config.is_some())?;
+        if let Some(e) = &self.eg_config {
+            let shown = if e.all { BTreeSet::from(["*".to_string()]) } else { e.names.clone() };
+            writeln!(f, "# inherited from EG_CLIENT_ENVS / EG_ENV_WHITELIST: {}", list(&shown))?;
+        }
         let mut names: Vec<&String> = self.kernelspecs.keys().collect();
         names.sort();
         for k in names {
@@ -314,23 +393,17 @@ mod tests {
     }
 
     fn facts(v: &[&str]) -> SpecFacts {
-        SpecFacts {
-            metadata_client_envs: set(v),
-        }
+        SpecFacts { metadata_client_envs: set(v), ..SpecFacts::default() }
+    }
+
+    fn kp() -> Source {
+        Source::Prefix("prefix:KERNEL_".into())
     }
 
     #[test]
     fn default_deny_list_covers_the_required_names() {
         let p = Policy::default();
-        for n in [
-            "LD_PRELOAD",
-            "LD_LIBRARY_PATH",
-            "LD_AUDIT",
-            "PYTHONPATH",
-            "PYTHONHOME",
-            "PYTHONSTARTUP",
-            "PATH",
-        ] {
+        for n in ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PATH"] {
             assert!(p.deny_envs.contains(n), "{n}");
         }
     }
@@ -342,25 +415,13 @@ mod tests {
         p.deny_envs.insert("SPARK_OPTS".into());
         let f = facts(&["LD_PRELOAD", "KERNEL_EVIL"]);
         // in client_envs
-        assert_eq!(
-            p.verdict(None, None, "LD_PRELOAD"),
-            Verdict::Reject(Reason::Denied)
-        );
+        assert_eq!(p.verdict(None, None, "LD_PRELOAD"), Verdict::Reject(Reason::Denied));
         // KERNEL_ prefix
-        assert_eq!(
-            p.verdict(None, None, "KERNEL_EVIL"),
-            Verdict::Reject(Reason::Denied)
-        );
+        assert_eq!(p.verdict(None, None, "KERNEL_EVIL"), Verdict::Reject(Reason::Denied));
         // kernelspec config
-        assert_eq!(
-            p.verdict(Some("spark"), None, "SPARK_OPTS"),
-            Verdict::Reject(Reason::Denied)
-        );
+        assert_eq!(p.verdict(Some("spark"), None, "SPARK_OPTS"), Verdict::Reject(Reason::Denied));
         // kernelspec metadata
-        assert_eq!(
-            p.verdict(Some("x"), Some(&f), "KERNEL_EVIL"),
-            Verdict::Reject(Reason::Denied)
-        );
+        assert_eq!(p.verdict(Some("x"), Some(&f), "KERNEL_EVIL"), Verdict::Reject(Reason::Denied));
     }
 
     #[test]
@@ -368,63 +429,31 @@ mod tests {
         let p = policy();
         let f = facts(&["META"]);
         assert_eq!(p.verdict(None, None, "FOO"), Verdict::Keep(Source::Config));
-        assert_eq!(
-            p.verdict(Some("spark"), None, "SPARK_OPTS"),
-            Verdict::Keep(Source::KernelspecConfig)
-        );
-        assert_eq!(
-            p.verdict(Some("py"), Some(&f), "META"),
-            Verdict::Keep(Source::KernelspecMetadata)
-        );
-        assert_eq!(
-            p.verdict(None, None, "KERNEL_X"),
-            Verdict::Keep(Source::KernelPrefix)
-        );
-        assert_eq!(
-            p.verdict(None, None, "BAR"),
-            Verdict::Reject(Reason::NotAllowed)
-        );
+        assert_eq!(p.verdict(Some("spark"), None, "SPARK_OPTS"), Verdict::Keep(Source::KernelspecConfig));
+        assert_eq!(p.verdict(Some("py"), Some(&f), "META"), Verdict::Keep(Source::KernelspecMetadata));
+        assert_eq!(p.verdict(None, None, "KERNEL_X"), Verdict::Keep(kp()));
+        assert_eq!(p.verdict(None, None, "BAR"), Verdict::Reject(Reason::NotAllowed));
     }
 
     #[test]
     fn kernelspec_lists_apply_only_to_their_kernelspec() {
         let p = policy();
-        assert_eq!(
-            p.verdict(Some("python3"), None, "SPARK_OPTS"),
-            Verdict::Reject(Reason::NotAllowed)
-        );
-        assert_eq!(
-            p.verdict(None, None, "SPARK_OPTS"),
-            Verdict::Reject(Reason::NotAllowed)
-        );
+        assert_eq!(p.verdict(Some("python3"), None, "SPARK_OPTS"), Verdict::Reject(Reason::NotAllowed));
+        assert_eq!(p.verdict(None, None, "SPARK_OPTS"), Verdict::Reject(Reason::NotAllowed));
         // EG finds kernelspecs case-insensitively, so does the config lookup.
-        assert_eq!(
-            p.verdict(Some("SPARK"), None, "SPARK_OPTS"),
-            Verdict::Keep(Source::KernelspecConfig)
-        );
+        assert_eq!(p.verdict(Some("SPARK"), None, "SPARK_OPTS"), Verdict::Keep(Source::KernelspecConfig));
     }
 
     #[test]
     fn kernel_prefix_is_case_sensitive_and_can_be_turned_off() {
         let mut p = policy();
-        assert_eq!(
-            p.verdict(None, None, "kernel_x"),
-            Verdict::Reject(Reason::NotAllowed)
-        );
-        assert_eq!(
-            p.verdict(None, None, "KERNEL_"),
-            Verdict::Keep(Source::KernelPrefix)
-        );
-        p.kernel_prefix = false;
-        assert_eq!(
-            p.verdict(None, None, "KERNEL_X"),
-            Verdict::Reject(Reason::NotAllowed)
-        );
+        assert_eq!(p.verdict(None, None, "kernel_x"), Verdict::Reject(Reason::NotAllowed));
+        assert_eq!(p.verdict(None, None, "KERNEL_"), Verdict::Keep(kp()));
+        p.prefixes.clear();
+        assert!(!p.kernel_prefix());
+        assert_eq!(p.verdict(None, None, "KERNEL_X"), Verdict::Reject(Reason::NotAllowed));
         p.client_envs.insert("KERNEL_X".into());
-        assert_eq!(
-            p.verdict(None, None, "KERNEL_X"),
-            Verdict::Keep(Source::Config)
-        );
+        assert_eq!(p.verdict(None, None, "KERNEL_X"), Verdict::Keep(Source::Config));
     }
 
     #[test]
@@ -432,11 +461,7 @@ mod tests {
         let mut p = policy();
         p.client_envs.insert("A=B".into());
         for n in ["", "A=B", "KERNEL_A=B", "KERNEL_\0"] {
-            assert_eq!(
-                p.verdict(None, None, n),
-                Verdict::Reject(Reason::InvalidName),
-                "{n:?}"
-            );
+            assert_eq!(p.verdict(None, None, n), Verdict::Reject(Reason::InvalidName), "{n:?}");
         }
         assert!(!p.allowed_names(None, None).contains(&"A=B".to_string()));
     }
@@ -445,37 +470,17 @@ mod tests {
     fn names_are_exact() {
         let p = policy();
         for n in ["foo", "FOO ", " FOO", "FOO\u{200b}"] {
-            assert_eq!(
-                p.verdict(None, None, n),
-                Verdict::Reject(Reason::NotAllowed),
-                "{n:?}"
-            );
+            assert_eq!(p.verdict(None, None, n), Verdict::Reject(Reason::NotAllowed), "{n:?}");
         }
     }
 
     #[test]
     fn decide_keeps_client_order_and_sorts_into_kept_and_rejected() {
         let p = policy();
-        let d = p.decide(
-            Some("spark"),
-            None,
-            ["PATH", "KERNEL_A", "BAR", "FOO", "SPARK_OPTS"],
-        );
-        let kept: Vec<(&str, Source)> =
-            d.kept.iter().map(|k| (k.name.as_str(), k.source)).collect();
-        let rej: Vec<(&str, Reason)> = d
-            .rejected
-            .iter()
-            .map(|r| (r.name.as_str(), r.reason))
-            .collect();
-        assert_eq!(
-            kept,
-            [
-                ("KERNEL_A", Source::KernelPrefix),
-                ("FOO", Source::Config),
-                ("SPARK_OPTS", Source::KernelspecConfig)
-            ]
-        );
+        let d = p.decide(Some("spark"), None, ["PATH", "KERNEL_A", "BAR", "FOO", "SPARK_OPTS"]);
+        let kept: Vec<(&str, Source)> = d.kept.iter().map(|k| (k.name.as_str(), k.source.clone())).collect();
+        let rej: Vec<(&str, Reason)> = d.rejected.iter().map(|r| (r.name.as_str(), r.reason)).collect();
+        assert_eq!(kept, [("KERNEL_A", kp()), ("FOO", Source::Config), ("SPARK_OPTS", Source::KernelspecConfig)]);
         assert_eq!(rej, [("PATH", Reason::Denied), ("BAR", Reason::NotAllowed)]);
     }
 
@@ -483,15 +488,9 @@ mod tests {
     fn allowed_names_is_the_sorted_union_minus_deny() {
         let p = policy();
         let f = facts(&["META", "PATH", "FOO"]);
-        assert_eq!(
-            p.allowed_names(Some("spark"), Some(&f)),
-            ["FOO", "META", "SPARK_OPTS"]
-        );
+        assert_eq!(p.allowed_names(Some("spark"), Some(&f)), ["FOO", "META", "SPARK_OPTS"]);
         assert_eq!(p.allowed_names(Some("other"), None), ["FOO"]);
-        assert_eq!(
-            Policy::default().allowed_names(None, None),
-            Vec::<String>::new()
-        );
+        assert_eq!(Policy::default().allowed_names(None, None), Vec::<String>::new());
     }
 
     #[test]
@@ -500,5 +499,89 @@ mod tests {
         assert!(s.contains("mode = \"drop\""));
         assert!(s.contains("[kernelspecs.\"spark\"]"));
         assert!(s.contains("\"LD_PRELOAD\""));
+    }
+
+    fn full_facts() -> SpecFacts {
+        SpecFacts {
+            metadata_client_envs: set(&["META"]),
+            env_keys: set(&["SPEC_ENV", "PATH"]),
+            process_proxy_envs: set(&["PP_VAR"]),
+        }
+    }
+
+    #[test]
+    fn plan_b_and_plan_c_sources_are_off_by_default_and_name_their_origin() {
+        let mut p = policy();
+        let f = full_facts();
+        assert_eq!(p.verdict(Some("k"), Some(&f), "SPEC_ENV"), Verdict::Reject(Reason::NotAllowed));
+        assert_eq!(p.verdict(Some("k"), Some(&f), "PP_VAR"), Verdict::Reject(Reason::NotAllowed));
+        assert_eq!(p.allowed_names(Some("k"), Some(&f)), ["FOO", "META"]);
+        p.kernelspec_env = true;
+        p.process_proxy_envs = true;
+        assert_eq!(p.verdict(Some("k"), Some(&f), "SPEC_ENV"), Verdict::Keep(Source::KernelspecEnv));
+        assert_eq!(p.verdict(Some("k"), Some(&f), "PP_VAR"), Verdict::Keep(Source::ProcessProxy));
+        // deny still wins over the env stanza
+        assert_eq!(p.verdict(Some("k"), Some(&f), "PATH"), Verdict::Reject(Reason::Denied));
+        assert_eq!(p.allowed_names(Some("k"), Some(&f)), ["FOO", "META", "PP_VAR", "SPEC_ENV"]);
+        p.kernelspec_metadata = false;
+        assert_eq!(p.verdict(Some("k"), Some(&f), "META"), Verdict::Reject(Reason::NotAllowed));
+        assert_eq!(p.allowed_names(Some("k"), Some(&f)), ["FOO", "PP_VAR", "SPEC_ENV"]);
+    }
+
+    #[test]
+    fn provenance_is_the_first_source_in_order() {
+        let mut p = policy();
+        p.kernelspec_env = true;
+        p.process_proxy_envs = true;
+        p.eg_config = Some(EgEnvs { all: false, names: set(&["FOO", "EGV"]) });
+        let f = SpecFacts {
+            metadata_client_envs: set(&["FOO", "SPARK_OPTS", "X"]),
+            env_keys: set(&["X", "Y"]),
+            process_proxy_envs: set(&["Y", "Z"]),
+        };
+        assert_eq!(p.verdict(Some("spark"), Some(&f), "FOO"), Verdict::Keep(Source::Config));
+        assert_eq!(p.verdict(Some("spark"), Some(&f), "SPARK_OPTS"), Verdict::Keep(Source::KernelspecConfig));
+        assert_eq!(p.verdict(Some("spark"), Some(&f), "X"), Verdict::Keep(Source::KernelspecMetadata));
+        assert_eq!(p.verdict(Some("spark"), Some(&f), "Y"), Verdict::Keep(Source::KernelspecEnv));
+        assert_eq!(p.verdict(Some("spark"), Some(&f), "Z"), Verdict::Keep(Source::ProcessProxy));
+        assert_eq!(p.verdict(Some("spark"), Some(&f), "EGV"), Verdict::Keep(Source::EgConfig));
+    }
+
+    #[test]
+    fn eg_settings_are_read_as_eg_reads_them() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(EgEnvs::from_env(env(&[])), EgEnvs::default());
+        assert_eq!(EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "A,B")])).names, set(&["A", "B"]));
+        // the deprecated name, only when the new one is unset (even empty counts as set)
+        assert_eq!(EgEnvs::from_env(env(&[("EG_ENV_WHITELIST", "W")])).names, set(&["W"]));
+        assert_eq!(EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", ""), ("EG_ENV_WHITELIST", "W")])), EgEnvs::default());
+        assert!(EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "*")])).all);
+        // `*` among names is a literal name, as in EG; items are not trimmed
+        let e = EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "*,A, B")]));
+        assert!(!e.all);
+        assert_eq!(e.names, set(&["*", "A", " B"]));
+    }
+
+    #[test]
+    fn eg_star_allows_every_name_but_deny_still_wins() {
+        let mut p = policy();
+        p.eg_config = Some(EgEnvs { all: true, names: BTreeSet::new() });
+        assert_eq!(p.verdict(None, None, "ANYTHING"), Verdict::Keep(Source::EgConfig));
+        assert_eq!(p.verdict(None, None, "PATH"), Verdict::Reject(Reason::Denied));
+        assert_eq!(p.verdict(None, None, "A=B"), Verdict::Reject(Reason::InvalidName));
+        assert_eq!(p.allowed_names(None, None), ["*", "FOO"]);
+    }
+
+    #[test]
+    fn extra_prefixes_and_the_builtin_one_off() {
+        let mut p = policy();
+        p.prefixes = vec![PrefixRule::new("SPARK_")];
+        assert_eq!(p.verdict(None, None, "SPARK_HOME"), Verdict::Keep(Source::Prefix("prefix:SPARK_".into())));
+        assert_eq!(p.verdict(None, None, "KERNEL_X"), Verdict::Reject(Reason::NotAllowed));
+        p.client_envs.insert("KERNEL_USERNAME".into());
+        assert_eq!(p.verdict(None, None, "KERNEL_USERNAME"), Verdict::Keep(Source::Config));
+        assert_eq!(Source::Prefix("prefix:SPARK_".into()).as_str(), "prefix:SPARK_");
     }
 }

@@ -68,10 +68,7 @@ pub async fn handle(
             "envgate is a reverse proxy; CONNECT is not supported",
         ));
     }
-    let route = st.routes.classify(
-        req.method(),
-        req.uri().path_and_query().map_or("/", |p| p.as_str()),
-    );
+    let route = st.routes.classify(req.method(), req.uri().path_and_query().map_or("/", |p| p.as_str()));
     let resp = match route {
         Route::KernelStart => kernel_start(req, peer, &st).await,
         Route::SessionStart => session_start(req, peer, &st).await,
@@ -107,16 +104,10 @@ async fn pass(mut req: Request<Incoming>, peer: SocketAddr, st: &State) -> Respo
     let (mut parts, body) = req.into_parts();
     to_upstream(&mut parts, peer, st);
     if let Some((_, Some(proto))) = &upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
-    let resp = match st
-        .upstream
-        .send(Request::from_parts(parts, ProxyBody::Stream(body)))
-        .await
-    {
+    let resp = match st.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "upstream request failed");
@@ -124,9 +115,7 @@ async fn pass(mut req: Request<Incoming>, peer: SocketAddr, st: &State) -> Respo
         }
     };
     match upgrade {
-        Some((client_upgrade, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            splice(client_upgrade, resp)
-        }
+        Some((client_upgrade, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => splice(client_upgrade, resp),
         _ => from_upstream(resp),
     }
 }
@@ -156,10 +145,7 @@ fn splice(client: hyper::upgrade::OnUpgrade, mut resp: Response<Incoming>) -> Re
 
 /// The client's `X-Forwarded-For`, as received, for the audit record.
 fn xff(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 #[derive(Serialize)]
@@ -185,11 +171,7 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
     let bytes = match read_body(&parts.headers, body, st.config.max_body_bytes).await {
         Ok(b) => b,
         Err(resp) => {
-            let why = resp
-                .status()
-                .canonical_reason()
-                .unwrap_or("refused")
-                .to_string();
+            let why = resp.status().canonical_reason().unwrap_or("refused").to_string();
             let (rec, resp) = refused(rec, resp, &why);
             return finish(st, rec, &id, resp).await;
         }
@@ -203,26 +185,14 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
             return finish(st, rec, &id, resp).await;
         }
     };
-    rec.user = parsed
-        .env
-        .iter()
-        .find(|(k, _)| k == "KERNEL_USERNAME")
-        .map(|(_, v)| v.as_str());
+    rec.user = parsed.env.iter().find(|(k, _)| k == "KERNEL_USERNAME").map(|(_, v)| v.as_str());
 
     // Learn the kernelspec's own facts (and the default kernelspec) from the upstream.
     let query = parts.uri.query().map(str::to_string);
     let mut fetch_headers = parts.headers.clone();
     wire::strip_hop_by_hop(&mut fetch_headers);
     wire::add_forwarded(&mut fetch_headers, peer.ip(), "http");
-    let index = match st
-        .specs
-        .get(
-            &st.upstream,
-            &st.routes.kernelspecs_path(),
-            query.as_deref(),
-            &fetch_headers,
-        )
-        .await
+    let index = match st.specs.get(&st.upstream, &st.routes.kernelspecs_path(), query.as_deref(), &fetch_headers).await
     {
         Ok(i) => i,
         Err(e) => {
@@ -234,32 +204,19 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
     };
     let kernelspec = parsed.name.clone().or_else(|| index.default.clone());
     let facts = kernelspec.as_deref().and_then(|k| index.get(k));
-    let decision = policy.decide(
-        kernelspec.as_deref(),
-        facts,
-        parsed.env.iter().map(|(k, _)| k.as_str()),
-    );
+    let decision = policy.decide(kernelspec.as_deref(), facts, parsed.env.iter().map(|(k, _)| k.as_str()));
     rec.kernelspec = kernelspec.as_deref();
     let rec = rec.with_decision(&decision);
 
     if policy.mode == Mode::Reject && !decision.rejected.is_empty() {
-        let names: Vec<String> = decision
-            .rejected
-            .iter()
-            .map(|r| format!("{} ({})", r.name, r.reason.as_str()))
-            .collect();
-        let msg = format!(
-            "envgate refused the kernel start: environment variables not allowed: {}",
-            names.join(", ")
-        );
+        let names: Vec<String> =
+            decision.rejected.iter().map(|r| format!("{} ({})", r.name, r.reason.as_str())).collect();
+        let msg = format!("envgate refused the kernel start: environment variables not allowed: {}", names.join(", "));
         let list = RejectedList {
             rejected: decision
                 .rejected
                 .iter()
-                .map(|r| RejectedJson {
-                    name: &r.name,
-                    reason: r.reason.as_str(),
-                })
+                .map(|r| RejectedJson { name: &r.name, reason: r.reason.as_str() })
                 .collect(),
         };
         let resp = wire::json_error_with(StatusCode::FORBIDDEN, &msg, Some(list));
@@ -275,20 +232,11 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
     for h in [header::CONTENT_ENCODING, header::EXPECT] {
         parts.headers.remove(h);
     }
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
     let mut rec = rec;
     rec.outcome = "forwarded";
-    let resp = match st
-        .upstream
-        .send(Request::from_parts(parts, ProxyBody::full(forwarded)))
-        .await
-    {
+    let resp = match st.upstream.send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
         Ok(r) => r,
         Err(e) => {
             let resp = e.response();
@@ -305,23 +253,14 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
 }
 
 /// Marks a record as refused with `resp`'s status and the reason `why`.
-fn refused<'a>(
-    mut rec: Record<'a>,
-    resp: Response<ProxyBody>,
-    why: &'a str,
-) -> (Record<'a>, Response<ProxyBody>) {
+fn refused<'a>(mut rec: Record<'a>, resp: Response<ProxyBody>, why: &'a str) -> (Record<'a>, Response<ProxyBody>) {
     rec.status = Some(resp.status().as_u16());
     rec.error = Some(why);
     (rec, resp)
 }
 
 /// Writes the audit record and tags the response with the decision id.
-async fn finish(
-    st: &State,
-    rec: Record<'_>,
-    id: &str,
-    mut resp: Response<ProxyBody>,
-) -> Response<ProxyBody> {
+async fn finish(st: &State, rec: Record<'_>, id: &str, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     st.audit.write(&rec).await;
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-envgate-decision", v);
@@ -338,16 +277,9 @@ fn kernel_id_of(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Reads a policy route's body: identity encoding only, at most `max` bytes.
-async fn read_body(
-    headers: &HeaderMap,
-    body: Incoming,
-    max: usize,
-) -> Result<Bytes, Response<ProxyBody>> {
+async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Bytes, Response<ProxyBody>> {
     for v in headers.get_all(header::CONTENT_ENCODING) {
-        if !v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .all(|e| e.trim().eq_ignore_ascii_case("identity"))
-        }) {
+        if !v.to_str().is_ok_and(|v| v.split(',').all(|e| e.trim().eq_ignore_ascii_case("identity"))) {
             return Err(wire::json_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "envgate cannot read a kernel start body with a Content-Encoding; send it uncompressed",
@@ -368,29 +300,16 @@ async fn read_body(
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => {
             tracing::debug!(error = %e, "reading a kernel start body failed");
-            Err(wire::json_error(
-                StatusCode::BAD_REQUEST,
-                "the kernel start body could not be read",
-            ))
+            Err(wire::json_error(StatusCode::BAD_REQUEST, "the kernel start body could not be read"))
         }
     }
 }
 
 /// `POST {base}api/sessions`: refused by default, passed (and audited) when allowed.
-async fn session_start(
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    st: &State,
-) -> Response<ProxyBody> {
+async fn session_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Response<ProxyBody> {
     let id = st.ids.next();
     let xff = xff(req.headers());
-    let mut rec = Record::new(
-        &id,
-        "session_start",
-        st.config.policy.mode,
-        peer,
-        xff.as_deref(),
-    );
+    let mut rec = Record::new(&id, "session_start", st.config.policy.mode, peer, xff.as_deref());
     if st.config.policy.sessions == Sessions::Deny {
         let resp = wire::json_error(
             StatusCode::FORBIDDEN,
@@ -408,42 +327,22 @@ async fn session_start(
 }
 
 /// `GET {base}api/kernelspecs[/{name}]`: inject `client_envs`, with an ETag of the new body.
-async fn kernelspecs(
-    req: Request<Incoming>,
-    route: Route,
-    peer: SocketAddr,
-    st: &State,
-) -> Response<ProxyBody> {
+async fn kernelspecs(req: Request<Incoming>, route: Route, peer: SocketAddr, st: &State) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    let if_none_match: Vec<HeaderValue> = parts
-        .headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .cloned()
-        .collect();
+    let if_none_match: Vec<HeaderValue> = parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     to_upstream(&mut parts, peer, st);
     // The upstream's validators describe other bytes than the ones envgate sends.
     parts.headers.remove(header::IF_NONE_MATCH);
     parts.headers.remove(header::IF_MODIFIED_SINCE);
-    parts.headers.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
-    let resp = match st
-        .upstream
-        .send(Request::from_parts(parts, ProxyBody::Stream(body)))
-        .await
-    {
+    parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    let resp = match st.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "upstream request failed");
             return e.response();
         }
     };
-    let encoded = resp
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| v != "identity");
+    let encoded = resp.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
     if resp.status() != StatusCode::OK || encoded {
         if encoded {
             tracing::warn!("kernelspecs came back compressed; passed on without client_envs");
@@ -471,13 +370,7 @@ async fn kernelspecs(
         }
         if buf.len() > MAX_KERNELSPECS_REWRITE {
             tracing::warn!("kernelspecs body too large to rewrite; passed on without client_envs");
-            return Response::from_parts(
-                parts,
-                ProxyBody::Prefixed {
-                    prefix: Some(buf.freeze()),
-                    rest: body,
-                },
-            );
+            return Response::from_parts(parts, ProxyBody::Prefixed { prefix: Some(buf.freeze()), rest: body });
         }
     }
     let policy = &st.config.policy;
@@ -504,9 +397,7 @@ async fn kernelspecs(
         parts.headers.remove(header::CONTENT_TYPE);
         return Response::from_parts(parts, ProxyBody::empty());
     }
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
     Response::from_parts(parts, ProxyBody::full(new))
 }
 
@@ -517,20 +408,11 @@ mod tests {
     #[test]
     fn kernel_id_from_location() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::LOCATION,
-            HeaderValue::from_static("/gw/api/kernels/3336c9d8-2546-41c2-82ce-dc5ea9745e9c"),
-        );
-        assert_eq!(
-            kernel_id_of(&h).as_deref(),
-            Some("3336c9d8-2546-41c2-82ce-dc5ea9745e9c")
-        );
+        h.insert(header::LOCATION, HeaderValue::from_static("/gw/api/kernels/3336c9d8-2546-41c2-82ce-dc5ea9745e9c"));
+        assert_eq!(kernel_id_of(&h).as_deref(), Some("3336c9d8-2546-41c2-82ce-dc5ea9745e9c"));
         h.insert(header::LOCATION, HeaderValue::from_static("/api/kernels/"));
         assert_eq!(kernel_id_of(&h), None);
-        h.insert(
-            header::LOCATION,
-            HeaderValue::from_static("/api/kernels/a\"b"),
-        );
+        h.insert(header::LOCATION, HeaderValue::from_static("/api/kernels/a\"b"));
         assert_eq!(kernel_id_of(&h), None);
         assert_eq!(kernel_id_of(&HeaderMap::new()), None);
     }

@@ -50,9 +50,7 @@ impl Routes {
     /// `base` is the upstream URL's path (EG's `base_url`), with or without a trailing slash.
     pub fn new(base: &str) -> Routes {
         let base = base.trim_end_matches('/');
-        Routes {
-            api: format!("{base}/api/"),
-        }
+        Routes { api: format!("{base}/api/") }
     }
 
     /// The base path with a trailing slash (`/` or `/gw/`).
@@ -67,9 +65,7 @@ impl Routes {
 
     /// Classifies a request by method and raw path (the query, if any, is ignored).
     pub fn classify(&self, method: &Method, path_and_query: &str) -> Route {
-        let path = path_and_query
-            .split_once('?')
-            .map_or(path_and_query, |(p, _)| p);
+        let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
         let Some(rest) = path.strip_prefix(self.api.as_str()) else {
             return Route::Other;
         };
@@ -103,34 +99,13 @@ mod tests {
     #[test]
     fn exact_routes_at_root() {
         let r = Routes::new("/");
-        assert_eq!(
-            r.classify(&Method::POST, "/api/kernels"),
-            Route::KernelStart
-        );
-        assert_eq!(
-            r.classify(&Method::POST, "/api/kernels?x=1"),
-            Route::KernelStart
-        );
-        assert_eq!(
-            r.classify(&Method::POST, "/api/sessions"),
-            Route::SessionStart
-        );
-        assert_eq!(
-            r.classify(&Method::GET, "/api/kernelspecs"),
-            Route::KernelspecList
-        );
-        assert_eq!(
-            r.classify(&Method::GET, "/api/kernelspecs?user=alice/python3"),
-            Route::KernelspecList
-        );
-        assert_eq!(
-            r.classify(&Method::GET, "/api/kernelspecs/python3"),
-            Route::KernelspecOne
-        );
-        assert_eq!(
-            r.classify(&Method::GET, "/api/kernelspecs/py%33"),
-            Route::KernelspecOne
-        );
+        assert_eq!(r.classify(&Method::POST, "/api/kernels"), Route::KernelStart);
+        assert_eq!(r.classify(&Method::POST, "/api/kernels?x=1"), Route::KernelStart);
+        assert_eq!(r.classify(&Method::POST, "/api/sessions"), Route::SessionStart);
+        assert_eq!(r.classify(&Method::GET, "/api/kernelspecs"), Route::KernelspecList);
+        assert_eq!(r.classify(&Method::GET, "/api/kernelspecs?user=alice/python3"), Route::KernelspecList);
+        assert_eq!(r.classify(&Method::GET, "/api/kernelspecs/python3"), Route::KernelspecOne);
+        assert_eq!(r.classify(&Method::GET, "/api/kernelspecs/py%33"), Route::KernelspecOne);
         assert_eq!(r.base(), "/");
         assert_eq!(r.kernelspecs_path(), "/api/kernelspecs");
     }
@@ -162,14 +137,8 @@ mod tests {
         for base in ["/gw", "/gw/"] {
             let r = Routes::new(base);
             assert_eq!(r.base(), "/gw/");
-            assert_eq!(
-                r.classify(&Method::POST, "/gw/api/kernels"),
-                Route::KernelStart
-            );
-            assert_eq!(
-                r.classify(&Method::GET, "/gw/api/kernelspecs"),
-                Route::KernelspecList
-            );
+            assert_eq!(r.classify(&Method::POST, "/gw/api/kernels"), Route::KernelStart);
+            assert_eq!(r.classify(&Method::GET, "/gw/api/kernelspecs"), Route::KernelspecList);
             assert_eq!(r.classify(&Method::POST, "/api/kernels"), Route::Other);
             assert_eq!(r.kernelspecs_path(), "/gw/api/kernelspecs");
         }

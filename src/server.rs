@@ -42,11 +42,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         let st = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| proxy::handle(req, peer, st.clone()));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades()
-                .await
-            {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades().await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         });

@@ -38,18 +38,15 @@ impl UpstreamError {
     /// The answer envgate gives its client.
     pub fn response(&self) -> Response<ProxyBody> {
         match self {
-            UpstreamError::Connect(e) => wire::json_error(
-                StatusCode::BAD_GATEWAY,
-                &format!("cannot connect to the upstream gateway: {e}"),
-            ),
-            UpstreamError::Timeout => wire::json_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the upstream gateway did not answer in time",
-            ),
-            UpstreamError::Failed(e) => wire::json_error(
-                StatusCode::BAD_GATEWAY,
-                &format!("the upstream gateway failed: {e}"),
-            ),
+            UpstreamError::Connect(e) => {
+                wire::json_error(StatusCode::BAD_GATEWAY, &format!("cannot connect to the upstream gateway: {e}"))
+            }
+            UpstreamError::Timeout => {
+                wire::json_error(StatusCode::GATEWAY_TIMEOUT, "the upstream gateway did not answer in time")
+            }
+            UpstreamError::Failed(e) => {
+                wire::json_error(StatusCode::BAD_GATEWAY, &format!("the upstream gateway failed: {e}"))
+            }
         }
     }
 
@@ -92,11 +89,7 @@ impl Upstream {
             // Keep the client's Host header: EG compares it with Origin.
             .set_host(true)
             .build(connector);
-        Upstream {
-            client,
-            url: cfg.upstream.clone(),
-            response_timeout: cfg.response_timeout,
-        }
+        Upstream { client, url: cfg.upstream.clone(), response_timeout: cfg.response_timeout }
     }
 
     /// The upstream URI for a client's raw path and query, which are kept byte for byte.
@@ -104,8 +97,7 @@ impl Upstream {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.url.scheme.clone());
         parts.authority = Some(self.url.authority.clone());
-        parts.path_and_query =
-            Some(path_and_query.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        parts.path_and_query = Some(path_and_query.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
         Uri::from_parts(parts).expect("scheme, authority and path make a URI")
     }
 
@@ -156,11 +148,15 @@ impl SpecsError {
             }
             SpecsError::Status(s, _, _) => wire::json_error(
                 StatusCode::BAD_GATEWAY,
-                &format!("cannot learn the kernelspecs from the upstream gateway (status {}); refusing to start a kernel", s.as_u16()),
+                &format!(
+                    "cannot learn the kernelspecs from the upstream gateway (status {}); refusing to start a kernel",
+                    s.as_u16()
+                ),
             ),
             SpecsError::Upstream(e) => {
                 let mut r = e.response();
-                let msg = format!("cannot learn the kernelspecs from the upstream gateway ({e}); refusing to start a kernel");
+                let msg =
+                    format!("cannot learn the kernelspecs from the upstream gateway ({e}); refusing to start a kernel");
                 if let Ok(b) = serde_json::to_vec(&serde_json::json!({
                     "reason": r.status().canonical_reason().unwrap_or("Error"),
                     "message": msg,
@@ -191,18 +187,12 @@ pub struct SpecCache {
 
 impl SpecCache {
     pub fn new(ttl: Duration) -> SpecCache {
-        SpecCache {
-            current: ArcSwapOption::empty(),
-            refresh: tokio::sync::Mutex::new(()),
-            ttl,
-        }
+        SpecCache { current: ArcSwapOption::empty(), refresh: tokio::sync::Mutex::new(()), ttl }
     }
 
     fn fresh(&self) -> Option<Arc<SpecIndex>> {
         let cur = self.current.load();
-        cur.as_ref()
-            .filter(|c| c.at.elapsed() < self.ttl)
-            .map(|c| c.index.clone())
+        cur.as_ref().filter(|c| c.at.elapsed() < self.ttl).map(|c| c.index.clone())
     }
 
     /// The kernelspecs, fetched with the client's own credentials (`headers`, and the query of
@@ -225,9 +215,7 @@ impl SpecCache {
             Some(q) => format!("{kernelspecs_path}?{q}"),
             None => kernelspecs_path.to_string(),
         };
-        let pq = pq
-            .parse()
-            .map_err(|_| SpecsError::Body("bad kernelspecs path".into()))?;
+        let pq = pq.parse().map_err(|_| SpecsError::Body("bad kernelspecs path".into()))?;
         let mut req = Request::new(ProxyBody::empty());
         *req.method_mut() = Method::GET;
         *req.uri_mut() = upstream.uri(Some(pq));
@@ -242,10 +230,7 @@ impl SpecCache {
         ] {
             req.headers_mut().remove(h);
         }
-        req.headers_mut().insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
+        req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         let resp = upstream.send(req).await.map_err(SpecsError::Upstream)?;
         let (parts, body) = resp.into_parts();
         let body = http_body_util::Limited::new(body, MAX_SPECS_BYTES)
@@ -256,21 +241,11 @@ impl SpecCache {
         if parts.status != StatusCode::OK {
             return Err(SpecsError::Status(parts.status, parts.headers, body));
         }
-        if parts
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .is_some_and(|v| v != "identity")
-        {
-            return Err(SpecsError::Body(
-                "compressed although identity was asked for".into(),
-            ));
+        if parts.headers.get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity") {
+            return Err(SpecsError::Body("compressed although identity was asked for".into()));
         }
-        let index =
-            Arc::new(kernelspecs::index(&body).map_err(|e| SpecsError::Body(e.to_string()))?);
-        self.current.store(Some(Arc::new(Cached {
-            at: Instant::now(),
-            index: index.clone(),
-        })));
+        let index = Arc::new(kernelspecs::index(&body).map_err(|e| SpecsError::Body(e.to_string()))?);
+        self.current.store(Some(Arc::new(Cached { at: Instant::now(), index: index.clone() })));
         Ok(index)
     }
 }

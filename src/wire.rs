@@ -41,11 +41,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// upgrade path puts back deliberately).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderValue> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
+        let named: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
         for v in &named {
             let Ok(v) = v.to_str() else { continue };
             for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
@@ -64,17 +60,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends this hop to `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    append_list(
-        headers,
-        HeaderName::from_static("x-forwarded-for"),
-        &client.to_string(),
-    );
+    append_list(headers, HeaderName::from_static("x-forwarded-for"), &client.to_string());
     append_list(headers, HeaderName::from_static("x-forwarded-proto"), proto);
-    if let Some(host) = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-    {
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string) {
         append_list(headers, HeaderName::from_static("x-forwarded-host"), &host);
     }
 }
@@ -82,11 +70,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
 /// Appends `item` to a comma-separated list header, folding earlier lines into one.
 fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
     let mut joined = String::new();
-    for v in headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
+    for v in headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()) {
         joined.push_str(v);
         joined.push_str(", ");
     }
@@ -105,23 +89,12 @@ struct ErrorBody<'a, T: Serialize> {
 }
 
 /// An EG-style JSON error: `{"reason": <status phrase>, "message": ...}` plus optional members.
-pub fn json_error_with<T: Serialize>(
-    status: StatusCode,
-    message: &str,
-    extra: Option<T>,
-) -> Response<ProxyBody> {
-    let body = ErrorBody {
-        reason: status.canonical_reason().unwrap_or("Error"),
-        message,
-        extra,
-    };
+pub fn json_error_with<T: Serialize>(status: StatusCode, message: &str, extra: Option<T>) -> Response<ProxyBody> {
+    let body = ErrorBody { reason: status.canonical_reason().unwrap_or("Error"), message, extra };
     let bytes = serde_json::to_vec(&body).expect("serializing an error body");
     let mut r = Response::new(ProxyBody::full(bytes));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -164,10 +137,7 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
     }
@@ -194,32 +164,22 @@ mod tests {
 
     #[test]
     fn connection_cannot_strip_host_or_origin() {
-        let mut h = map(&[
-            ("connection", "host, origin"),
-            ("host", "h"),
-            ("origin", "http://h"),
-        ]);
+        let mut h = map(&[("connection", "host, origin"), ("host", "h"), ("origin", "http://h")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2);
     }
 
     #[test]
     fn upgrade_detection() {
-        assert!(wants_upgrade(&map(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "websocket")
-        ])));
+        assert!(wants_upgrade(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])));
         assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
         assert!(!wants_upgrade(&map(&[("connection", "upgrade")])));
     }
 
     #[test]
     fn forwarded_headers_are_appended() {
-        let mut h = map(&[
-            ("host", "gw.example:8889"),
-            ("x-forwarded-for", "10.0.0.1"),
-            ("x-forwarded-for", "10.0.0.2"),
-        ]);
+        let mut h =
+            map(&[("host", "gw.example:8889"), ("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")]);
         add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
@@ -236,22 +196,11 @@ mod tests {
         let r = json_error(StatusCode::FORBIDDEN, "no");
         assert_eq!(r.status(), 403);
         assert_eq!(r.headers()["content-type"], "application/json");
-        let ProxyBody::Full(Some(b)) = r.into_body() else {
-            panic!()
-        };
+        let ProxyBody::Full(Some(b)) = r.into_body() else { panic!() };
         assert_eq!(&b[..], br#"{"reason":"Forbidden","message":"no"}"#);
-        let r = json_error_with(
-            StatusCode::BAD_REQUEST,
-            "m",
-            Some(serde_json::json!({"rejected": []})),
-        );
-        let ProxyBody::Full(Some(b)) = r.into_body() else {
-            panic!()
-        };
-        assert_eq!(
-            &b[..],
-            br#"{"reason":"Bad Request","message":"m","rejected":[]}"#
-        );
+        let r = json_error_with(StatusCode::BAD_REQUEST, "m", Some(serde_json::json!({"rejected": []})));
+        let ProxyBody::Full(Some(b)) = r.into_body() else { panic!() };
+        assert_eq!(&b[..], br#"{"reason":"Bad Request","message":"m","rejected":[]}"#);
     }
 
     #[test]
@@ -262,15 +211,9 @@ mod tests {
         assert_eq!(a, etag(b"{\"a\":1}"));
         let tag = a.to_str().unwrap().to_string();
         assert!(if_none_match(&map(&[("if-none-match", &tag)]), &a));
-        assert!(if_none_match(
-            &map(&[("if-none-match", &format!("\"x\", W/{tag}"))]),
-            &a
-        ));
+        assert!(if_none_match(&map(&[("if-none-match", &format!("\"x\", W/{tag}"))]), &a));
         assert!(if_none_match(&map(&[("if-none-match", "*")]), &a));
-        assert!(!if_none_match(
-            &map(&[("if-none-match", "\"4a58b029ecd0\"")]),
-            &a
-        ));
+        assert!(!if_none_match(&map(&[("if-none-match", "\"4a58b029ecd0\"")]), &a));
         assert!(!if_none_match(&HeaderMap::new(), &a));
     }
 }

@@ -57,11 +57,7 @@ fn check_prints_the_effective_policy() {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     // What check prints is itself a valid config file.
-    let body: String = out
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let body: String = out.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
     let (_d2, again) = config(&body);
     let o = envgate(&["check", "--config", &again], &[]);
     assert!(o.status.success(), "{}\n{body}", stderr(&o));
@@ -70,24 +66,13 @@ fn check_prints_the_effective_policy() {
 #[test]
 fn flags_win_over_environment_which_wins_over_the_file() {
     let (_d, path) = config("mode = \"reject\"\nsessions = \"allow\"\nclient_envs = [\"FILE\"]\n");
-    let o = envgate(
-        &["check", "--config", &path],
-        &[
-            ("ENVGATE_MODE", "report"),
-            ("ENVGATE_CLIENT_ENVS", "ENV_A,ENV_B"),
-        ],
-    );
+    let o =
+        envgate(&["check", "--config", &path], &[("ENVGATE_MODE", "report"), ("ENVGATE_CLIENT_ENVS", "ENV_A,ENV_B")]);
     let out = stdout(&o);
     assert!(out.contains("mode = \"report\""), "{out}");
-    assert!(
-        out.contains("client_envs = [\"ENV_A\", \"ENV_B\"]"),
-        "{out}"
-    );
+    assert!(out.contains("client_envs = [\"ENV_A\", \"ENV_B\"]"), "{out}");
     assert!(out.contains("sessions = \"allow\""), "{out}");
-    let o = envgate(
-        &["check", "--config", &path, "--mode", "drop"],
-        &[("ENVGATE_MODE", "report")],
-    );
+    let o = envgate(&["check", "--config", &path, "--mode", "drop"], &[("ENVGATE_MODE", "report")]);
     assert!(stdout(&o).contains("mode = \"drop\""), "{}", stdout(&o));
     // The config file itself can come from ENVGATE_CONFIG.
     let o = envgate(&["check"], &[("ENVGATE_CONFIG", &path)]);
@@ -144,34 +129,14 @@ fn the_shipped_example_config_is_valid() {
 fn the_issue_command_line_works_as_written() {
     // `envgate --listen 127.0.0.1:8889 --upstream http://127.0.0.1:8888 --client-envs FOO,BAR`
     let o = envgate(
-        &[
-            "check",
-            "--listen",
-            "127.0.0.1:8889",
-            "--upstream",
-            "http://127.0.0.1:8888",
-            "--client-envs",
-            "FOO,BAR",
-        ],
+        &["check", "--listen", "127.0.0.1:8889", "--upstream", "http://127.0.0.1:8888", "--client-envs", "FOO,BAR"],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("client_envs = [\"BAR\", \"FOO\"]"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("client_envs = [\"BAR\", \"FOO\"]"), "{}", stdout(&o));
     let o = envgate(&["--help"], &[]);
     assert!(o.status.success());
-    for flag in [
-        "--listen",
-        "--upstream",
-        "--client-envs",
-        "--mode",
-        "--config",
-        "--audit-log",
-        "--log-format",
-    ] {
+    for flag in ["--listen", "--upstream", "--client-envs", "--mode", "--config", "--audit-log", "--log-format"] {
         assert!(stdout(&o).contains(flag), "--help lacks {flag}");
     }
 }

@@ -52,15 +52,8 @@ fn describe(out: &Output) -> String {
 /// The compose file as Compose resolved it (normalised: long syntax for
 /// ports, volumes and depends_on; absolute paths).
 fn resolved_compose_file() -> Value {
-    let out = compose(
-        &repo().join("docker-compose.yml"),
-        &["config", "--format", "json"],
-    );
-    assert!(
-        out.status.success(),
-        "docker-compose.yml is invalid: {}",
-        describe(&out)
-    );
+    let out = compose(&repo().join("docker-compose.yml"), &["config", "--format", "json"]);
+    assert!(out.status.success(), "docker-compose.yml is invalid: {}", describe(&out));
     serde_json::from_slice(&out.stdout).expect("`config --format json` printed no JSON")
 }
 
@@ -79,11 +72,7 @@ fn example_config() -> toml::Table {
 #[test]
 fn compose_file_is_valid() {
     let out = compose(&repo().join("docker-compose.yml"), &["config", "--quiet"]);
-    assert!(
-        out.status.success(),
-        "docker-compose.yml is invalid: {}",
-        describe(&out)
-    );
+    assert!(out.status.success(), "docker-compose.yml is invalid: {}", describe(&out));
 }
 
 #[test]
@@ -95,18 +84,12 @@ fn compose_file_deploys_as_documented() {
     // EG: a pinned release of the official image, never published to the
     // host, so that clients can only reach it through envgate.
     let image = str_at(eg, "/image");
-    let tag = image
-        .strip_prefix("elyra/enterprise-gateway:")
-        .unwrap_or_else(|| panic!("eg image is {image}"));
+    let tag = image.strip_prefix("elyra/enterprise-gateway:").unwrap_or_else(|| panic!("eg image is {image}"));
     assert!(
         tag.split('.').count() == 3 && tag.split('.').all(|n| n.parse::<u32>().is_ok()),
         "eg image tag {tag} is not a pinned X.Y.Z release"
     );
-    assert!(
-        eg.get("ports").is_none(),
-        "eg publishes ports: {}",
-        eg["ports"]
-    );
+    assert!(eg.get("ports").is_none(), "eg publishes ports: {}", eg["ports"]);
     assert_eq!(str_at(eg, "/environment/EG_IP"), "0.0.0.0");
     assert_eq!(str_at(eg, "/environment/EG_PORT"), "8888");
     assert!(eg.get("healthcheck").is_some(), "eg has no healthcheck");
@@ -114,70 +97,40 @@ fn compose_file_deploys_as_documented() {
     // envgate: built from this repository, published on 8889, pointed at EG.
     assert_eq!(Path::new(str_at(envgate, "/build/context")), repo());
     assert!(repo().join(str_at(envgate, "/build/dockerfile")).is_file());
-    assert_eq!(
-        str_at(envgate, "/environment/ENVGATE_UPSTREAM"),
-        "http://eg:8888"
-    );
-    assert_eq!(
-        str_at(envgate, "/depends_on/eg/condition"),
-        "service_healthy"
-    );
-    let ports = envgate["ports"]
-        .as_array()
-        .expect("envgate publishes no ports");
+    assert_eq!(str_at(envgate, "/environment/ENVGATE_UPSTREAM"), "http://eg:8888");
+    assert_eq!(str_at(envgate, "/depends_on/eg/condition"), "service_healthy");
+    let ports = envgate["ports"].as_array().expect("envgate publishes no ports");
     assert!(
-        ports
-            .iter()
-            .any(|p| p["target"] == 8889 && p["published"] == "8889"),
+        ports.iter().any(|p| p["target"] == 8889 && p["published"] == "8889"),
         "envgate does not publish 8889:8889: {ports:?}"
     );
 
     // The example config, mounted read-only where --config points.
-    let volumes = envgate["volumes"]
-        .as_array()
-        .expect("envgate mounts nothing");
+    let volumes = envgate["volumes"].as_array().expect("envgate mounts nothing");
     let config = volumes
         .iter()
         .find(|v| v["target"] == "/etc/envgate/envgate.toml")
         .expect("deploy/envgate.toml is not mounted at /etc/envgate/envgate.toml");
     assert_eq!(config["read_only"], true, "config mount is writable");
-    assert_eq!(
-        Path::new(str_at(config, "/source")),
-        repo().join("deploy/envgate.toml")
-    );
-    let command: Vec<&str> = envgate["command"]
-        .as_array()
-        .expect("envgate has no command")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    assert_eq!(Path::new(str_at(config, "/source")), repo().join("deploy/envgate.toml"));
+    let command: Vec<&str> =
+        envgate["command"].as_array().expect("envgate has no command").iter().filter_map(Value::as_str).collect();
     assert!(
-        command
-            .windows(2)
-            .any(|w| w == ["--config", "/etc/envgate/envgate.toml"]),
+        command.windows(2).any(|w| w == ["--config", "/etc/envgate/envgate.toml"]),
         "envgate is not started with the mounted config: {command:?}"
     );
 
     // EG drops any client env it does not list itself, so it must list
     // everything envgate lets through, or envgate's allow-list is a lie.
-    let eg_allows: BTreeSet<&str> = str_at(eg, "/environment/EG_CLIENT_ENVS")
-        .split(',')
-        .map(str::trim)
-        .collect();
+    let eg_allows: BTreeSet<&str> = str_at(eg, "/environment/EG_CLIENT_ENVS").split(',').map(str::trim).collect();
     let cfg = example_config();
     let mut lists = vec![&cfg["client_envs"]];
     if let Some(specs) = cfg.get("kernelspecs").and_then(|k| k.as_table()) {
         lists.extend(specs.values().filter_map(|s| s.get("client_envs")));
     }
-    for name in lists
-        .iter()
-        .flat_map(|l| l.as_array().expect("client_envs is not an array"))
-    {
+    for name in lists.iter().flat_map(|l| l.as_array().expect("client_envs is not an array")) {
         let name = name.as_str().expect("client_envs entry is not a string");
-        assert!(
-            eg_allows.contains(name),
-            "{name} is in deploy/envgate.toml but not in EG_CLIENT_ENVS"
-        );
+        assert!(eg_allows.contains(name), "{name} is in deploy/envgate.toml but not in EG_CLIENT_ENVS");
     }
 }
 
@@ -192,27 +145,15 @@ fn broken_compose_files_are_rejected() {
         ("    healthcheck:\n", "    healthchek:\n", "healthchek"),
         // Valid against the schema, but depends on a service that is not
         // there: caught by Compose's own cross-checks.
-        (
-            "    depends_on:\n      eg:\n",
-            "    depends_on:\n      egg:\n",
-            "egg",
-        ),
+        ("    depends_on:\n      eg:\n", "    depends_on:\n      egg:\n", "egg"),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (from, to, expect) in cases {
-        assert_eq!(
-            original.matches(from).count(),
-            1,
-            "cannot break the file at {from:?}"
-        );
+        assert_eq!(original.matches(from).count(), 1, "cannot break the file at {from:?}");
         let broken = dir.path().join("docker-compose.yml");
         std::fs::write(&broken, original.replacen(from, to, 1)).unwrap();
         let out = compose(&broken, &["config", "--quiet"]);
-        assert!(
-            !out.status.success(),
-            "a compose file with {to:?} passed: {}",
-            describe(&out)
-        );
+        assert!(!out.status.success(), "a compose file with {to:?} passed: {}", describe(&out));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains(expect),
             "the error does not name {expect:?}: {}",
@@ -242,14 +183,8 @@ fn example_config_has_every_key() {
     ];
     let missing: Vec<_> = keys.iter().filter(|k| !cfg.contains_key(**k)).collect();
     assert!(missing.is_empty(), "deploy/envgate.toml lacks {missing:?}");
-    let python3 = cfg["kernelspecs"]
-        .get("python3")
-        .and_then(|t| t.get("client_envs"))
-        .and_then(|l| l.as_array());
-    assert!(
-        python3.is_some(),
-        "deploy/envgate.toml lacks [kernelspecs.python3] client_envs = [...]"
-    );
+    let python3 = cfg["kernelspecs"].get("python3").and_then(|t| t.get("client_envs")).and_then(|l| l.as_array());
+    assert!(python3.is_some(), "deploy/envgate.toml lacks [kernelspecs.python3] client_envs = [...]");
     // Inside a container envgate must listen on all interfaces.
     assert_eq!(cfg["listen"].as_str(), Some("0.0.0.0:8889"));
 }

@@ -17,22 +17,8 @@ async fn start_kernel(eg: &Eg, body: &Value) -> String {
     let mut headers: Vec<(&str, &str)> = auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
     headers.push(("Content-Type", "application/json"));
     let path = format!("{}/api/kernels", eg.base_url);
-    let resp = http::request(
-        &eg.addr,
-        "POST",
-        &path,
-        &headers,
-        body.to_string().as_bytes(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        resp.status,
-        201,
-        "POST {path}: {}\n--- EG log ---\n{}",
-        resp.text(),
-        eg.log()
-    );
+    let resp = http::request(&eg.addr, "POST", &path, &headers, body.to_string().as_bytes()).await.unwrap();
+    assert_eq!(resp.status, 201, "POST {path}: {}\n--- EG log ---\n{}", resp.text(), eg.log());
     resp.json()["id"].as_str().unwrap().to_string()
 }
 
@@ -40,9 +26,7 @@ async fn delete_kernel(eg: &Eg, id: &str) {
     let auth = eg.auth_headers();
     let headers: Vec<(&str, &str)> = auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let path = format!("{}/api/kernels/{id}", eg.base_url);
-    let resp = http::request(&eg.addr, "DELETE", &path, &headers, b"")
-        .await
-        .unwrap();
+    let resp = http::request(&eg.addr, "DELETE", &path, &headers, b"").await.unwrap();
     assert_eq!(resp.status, 204, "DELETE {path}: {}", resp.text());
 }
 
@@ -67,22 +51,15 @@ async fn eg_330_filters_request_env_over_both_ws_protocols() {
         extra_env: vec![("ENVGATE_TEST_SECRET".into(), "hunter2".into())],
         ..Default::default()
     });
-    let body =
-        json!({"name": "python3", "env": {"KERNEL_FOO": "1", "NOT_ALLOWED": "x", "META_VAR": "m"}});
+    let body = json!({"name": "python3", "env": {"KERNEL_FOO": "1", "NOT_ALLOWED": "x", "META_VAR": "m"}});
     let id = start_kernel(&eg, &body).await;
     for protocol in [Protocol::Legacy, Protocol::V1] {
         let names = kernel_env_names(&eg, &id, protocol).await;
         assert!(has(&names, "KERNEL_FOO"), "{protocol:?}: {names:?}");
-        assert!(
-            has(&names, "META_VAR"),
-            "client_envs name dropped: {names:?}"
-        );
+        assert!(has(&names, "META_VAR"), "client_envs name dropped: {names:?}");
         assert!(!has(&names, "NOT_ALLOWED"), "{protocol:?}: {names:?}");
         // With an `env` key EG gives the kernel nothing of its own environment: no secret, no PATH.
-        assert!(
-            !has(&names, "ENVGATE_TEST_SECRET") && !has(&names, "PATH"),
-            "{names:?}"
-        );
+        assert!(!has(&names, "ENVGATE_TEST_SECRET") && !has(&names, "PATH"), "{names:?}");
     }
     delete_kernel(&eg, &id).await;
 }
@@ -96,25 +73,17 @@ async fn eg_330_body_without_env_leaks_eg_environment() {
     });
     let id = start_kernel(&eg, &json!({"name": "python3"})).await;
     let names = kernel_env_names(&eg, &id, Protocol::Legacy).await;
-    assert!(
-        has(&names, "ENVGATE_TEST_SECRET") && has(&names, "PATH"),
-        "{names:?}"
-    );
+    assert!(has(&names, "ENVGATE_TEST_SECRET") && has(&names, "PATH"), "{names:?}");
     delete_kernel(&eg, &id).await;
 }
 
 #[tokio::test]
 async fn eg_330_kernelspecs_from_repo() {
     let eg = Eg::start(EgOptions::default());
-    let resp = http::request(&eg.addr, "GET", "/api/kernelspecs", &[], b"")
-        .await
-        .unwrap();
+    let resp = http::request(&eg.addr, "GET", "/api/kernelspecs", &[], b"").await.unwrap();
     assert_eq!(resp.status, 200);
     let specs = resp.json();
-    assert_eq!(
-        specs["kernelspecs"]["python3"]["spec"]["language"],
-        "python"
-    );
+    assert_eq!(specs["kernelspecs"]["python3"]["spec"]["language"], "python");
     let meta = &specs["kernelspecs"]["python3_meta"]["spec"];
     assert_eq!(meta["metadata"]["client_envs"], json!(["META_VAR"]));
     assert_eq!(meta["env"], json!({"SPEC_DEFAULT": "x"}));
@@ -131,37 +100,16 @@ async fn eg_323_starts_with_base_url_and_token() {
     });
     assert!(eg.url.ends_with("/gw"), "{}", eg.url);
     let path = "/gw/api/kernelspecs";
-    let denied = http::request(&eg.addr, "GET", path, &[], b"")
-        .await
-        .unwrap();
+    let denied = http::request(&eg.addr, "GET", path, &[], b"").await.unwrap();
     assert_eq!(denied.status, 401, "{}", denied.text());
-    let resp = http::request(
-        &eg.addr,
-        "GET",
-        path,
-        &[("Authorization", "token t0ken")],
-        b"",
-    )
-    .await
-    .unwrap();
+    let resp = http::request(&eg.addr, "GET", path, &[("Authorization", "token t0ken")], b"").await.unwrap();
     assert_eq!(resp.status, 200, "{}", resp.text());
-    assert!(
-        resp.json()["kernelspecs"]["python3_meta"].is_object(),
-        "{}",
-        resp.text()
-    );
+    assert!(resp.json()["kernelspecs"]["python3_meta"].is_object(), "{}", resp.text());
 
-    let id = start_kernel(
-        &eg,
-        &json!({"name": "python3", "env": {"KERNEL_FOO": "1", "NOT_ALLOWED": "x"}}),
-    )
-    .await;
+    let id = start_kernel(&eg, &json!({"name": "python3", "env": {"KERNEL_FOO": "1", "NOT_ALLOWED": "x"}})).await;
     for protocol in [Protocol::Legacy, Protocol::V1] {
         let names = kernel_env_names(&eg, &id, protocol).await;
-        assert!(
-            has(&names, "KERNEL_FOO") && !has(&names, "NOT_ALLOWED"),
-            "{protocol:?}: {names:?}"
-        );
+        assert!(has(&names, "KERNEL_FOO") && !has(&names, "NOT_ALLOWED"), "{protocol:?}: {names:?}");
     }
     delete_kernel(&eg, &id).await;
 }

@@ -24,9 +24,7 @@ pub struct SpecIndex {
 impl SpecIndex {
     /// The facts of kernelspec `name`, if the upstream serves it.
     pub fn get(&self, name: &str) -> Option<&SpecFacts> {
-        self.specs
-            .get(name)
-            .or_else(|| self.specs.get(&name.to_ascii_lowercase()))
+        self.specs.get(name).or_else(|| self.specs.get(&name.to_ascii_lowercase()))
     }
 }
 
@@ -40,36 +38,38 @@ impl fmt::Display for ShapeError {
     }
 }
 
-/// The policy facts of one kernelspec entry (`{"name", "spec": {...}, "resources"}`).
+/// The string items of the array at `pointer`, if there is one.
+fn strings_at(entry: &Value, pointer: &str) -> BTreeSet<String> {
+    entry
+        .pointer(pointer)
+        .and_then(Value::as_array)
+        .map(|l| l.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// The policy facts of one kernelspec entry (`{"name", "spec": {...}, "resources"}`). Items of
+/// the wrong type are ignored: they can only ever allow less.
 pub fn facts_of(entry: &Value) -> SpecFacts {
-    let list = entry
-        .pointer("/spec/metadata/client_envs")
-        .and_then(Value::as_array);
+    let mut process_proxy_envs = strings_at(entry, "/spec/metadata/process_proxy/config/forwarded_envs");
+    process_proxy_envs.extend(strings_at(entry, "/spec/metadata/process_proxy/config/forward_env"));
     SpecFacts {
-        metadata_client_envs: list
-            .map(|l| {
-                l.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect::<BTreeSet<_>>()
-            })
+        metadata_client_envs: strings_at(entry, "/spec/metadata/client_envs"),
+        env_keys: entry
+            .pointer("/spec/env")
+            .and_then(Value::as_object)
+            .map(|m| m.keys().cloned().collect())
             .unwrap_or_default(),
+        process_proxy_envs,
     }
 }
 
 /// Reads a kernelspecs list body into a [`SpecIndex`].
 pub fn index(body: &[u8]) -> Result<SpecIndex, ShapeError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
-    let specs = v
-        .get("kernelspecs")
-        .and_then(Value::as_object)
-        .ok_or(ShapeError("no \"kernelspecs\" object"))?;
+    let specs = v.get("kernelspecs").and_then(Value::as_object).ok_or(ShapeError("no \"kernelspecs\" object"))?;
     Ok(SpecIndex {
         default: v.get("default").and_then(Value::as_str).map(str::to_string),
-        specs: specs
-            .iter()
-            .map(|(k, e)| (k.to_ascii_lowercase(), facts_of(e)))
-            .collect(),
+        specs: specs.iter().map(|(k, e)| (k.to_ascii_lowercase(), facts_of(e))).collect(),
     })
 }
 
@@ -82,15 +82,11 @@ fn inject(policy: &Policy, name: &str, entry: &mut Value) -> Result<(), ShapeErr
         .get_mut("spec")
         .and_then(Value::as_object_mut)
         .ok_or(ShapeError("a kernelspec without a \"spec\" object"))?;
-    let metadata = spec
-        .entry("metadata")
-        .or_insert_with(|| Value::Object(Map::new()));
+    let metadata = spec.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
     if metadata.is_null() {
         *metadata = Value::Object(Map::new());
     }
-    let metadata = metadata
-        .as_object_mut()
-        .ok_or(ShapeError("\"metadata\" is not an object"))?;
+    let metadata = metadata.as_object_mut().ok_or(ShapeError("\"metadata\" is not an object"))?;
     metadata.insert("client_envs".to_string(), Value::from(allowed));
     Ok(())
 }
@@ -98,10 +94,8 @@ fn inject(policy: &Policy, name: &str, entry: &mut Value) -> Result<(), ShapeErr
 /// Rewrites a kernelspecs list body (`{"default", "kernelspecs": {name: entry}}`).
 pub fn rewrite_list(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError> {
     let mut v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
-    let specs = v
-        .get_mut("kernelspecs")
-        .and_then(Value::as_object_mut)
-        .ok_or(ShapeError("no \"kernelspecs\" object"))?;
+    let specs =
+        v.get_mut("kernelspecs").and_then(Value::as_object_mut).ok_or(ShapeError("no \"kernelspecs\" object"))?;
     for (name, entry) in specs.iter_mut() {
         inject(policy, name, entry)?;
     }
@@ -111,11 +105,7 @@ pub fn rewrite_list(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError>
 /// Rewrites a single kernelspec body (`{"name", "spec", "resources"}`).
 pub fn rewrite_one(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError> {
     let mut v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
-    let name = v
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or(ShapeError("a kernelspec without a \"name\""))?
-        .to_string();
+    let name = v.get("name").and_then(Value::as_str).ok_or(ShapeError("a kernelspec without a \"name\""))?.to_string();
     inject(policy, &name, &mut v)?;
     Ok(serde_json::to_vec(&v).expect("serializing a Value"))
 }
@@ -131,10 +121,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             client_envs: ["FOO", "PATH"].iter().map(|s| s.to_string()).collect(),
-            kernelspecs: HashMap::from([(
-                "python3".to_string(),
-                BTreeSet::from(["PY_ONLY".to_string()]),
-            )]),
+            kernelspecs: HashMap::from([("python3".to_string(), BTreeSet::from(["PY_ONLY".to_string()]))]),
             ..Policy::default()
         }
     }
@@ -145,32 +132,19 @@ mod tests {
 
     #[test]
     fn list_gets_client_envs_and_keeps_everything_else_in_order() {
-        let out: Value =
-            serde_json::from_slice(&rewrite_list(&policy(), LIST.as_bytes()).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&rewrite_list(&policy(), LIST.as_bytes()).unwrap()).unwrap();
         let mut expect: Value = serde_json::from_str(LIST).unwrap();
-        expect["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"] =
-            json!(["FOO", "PY_ONLY"]);
+        expect["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"] = json!(["FOO", "PY_ONLY"]);
         assert_eq!(out, expect);
         assert_eq!(keys(&out), ["default", "kernelspecs"]);
         let spec = &out["kernelspecs"]["python3"]["spec"];
-        assert_eq!(
-            keys(spec),
-            [
-                "argv",
-                "env",
-                "display_name",
-                "language",
-                "interrupt_mode",
-                "metadata"
-            ]
-        );
+        assert_eq!(keys(spec), ["argv", "env", "display_name", "language", "interrupt_mode", "metadata"]);
         assert_eq!(keys(&spec["metadata"]), ["debugger", "client_envs"]);
     }
 
     #[test]
     fn single_spec_is_rewritten_the_same_way() {
-        let out: Value =
-            serde_json::from_slice(&rewrite_one(&policy(), ONE.as_bytes()).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&rewrite_one(&policy(), ONE.as_bytes()).unwrap()).unwrap();
         let mut expect: Value = serde_json::from_str(ONE).unwrap();
         expect["spec"]["metadata"]["client_envs"] = json!(["FOO", "PY_ONLY"]);
         assert_eq!(out, expect);
@@ -184,22 +158,11 @@ mod tests {
             "b": {"name": "b", "spec": {}},
             "c": {"name": "c", "spec": {"metadata": null}},
         }});
-        let out: Value = serde_json::from_slice(
-            &rewrite_list(&policy(), &serde_json::to_vec(&body).unwrap()).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(
-            out["kernelspecs"]["a"]["spec"]["metadata"]["client_envs"],
-            json!(["ALPHA", "FOO", "ZED"])
-        );
-        assert_eq!(
-            out["kernelspecs"]["b"]["spec"]["metadata"],
-            json!({"client_envs": ["FOO"]})
-        );
-        assert_eq!(
-            out["kernelspecs"]["c"]["spec"]["metadata"],
-            json!({"client_envs": ["FOO"]})
-        );
+        let out: Value =
+            serde_json::from_slice(&rewrite_list(&policy(), &serde_json::to_vec(&body).unwrap()).unwrap()).unwrap();
+        assert_eq!(out["kernelspecs"]["a"]["spec"]["metadata"]["client_envs"], json!(["ALPHA", "FOO", "ZED"]));
+        assert_eq!(out["kernelspecs"]["b"]["spec"]["metadata"], json!({"client_envs": ["FOO"]}));
+        assert_eq!(out["kernelspecs"]["c"]["spec"]["metadata"], json!({"client_envs": ["FOO"]}));
     }
 
     #[test]
@@ -211,30 +174,12 @@ mod tests {
     #[test]
     fn odd_shapes_are_errors_not_corruption() {
         let p = policy();
-        for b in [
-            &b"not json"[..],
-            b"[]",
-            b"{}",
-            br#"{"kernelspecs":[]}"#,
-            br#"{"kernelspecs":{"a":{"spec":1}}}"#,
-        ] {
-            assert!(
-                rewrite_list(&p, b).is_err(),
-                "{}",
-                String::from_utf8_lossy(b)
-            );
+        for b in [&b"not json"[..], b"[]", b"{}", br#"{"kernelspecs":[]}"#, br#"{"kernelspecs":{"a":{"spec":1}}}"#] {
+            assert!(rewrite_list(&p, b).is_err(), "{}", String::from_utf8_lossy(b));
         }
-        for b in [
-            &b"{}"[..],
-            br#"{"name":"a"}"#,
-            br#"{"name":"a","spec":{"metadata":[]}}"#,
-            br#"{"name":1,"spec":{}}"#,
-        ] {
-            assert!(
-                rewrite_one(&p, b).is_err(),
-                "{}",
-                String::from_utf8_lossy(b)
-            );
+        for b in [&b"{}"[..], br#"{"name":"a"}"#, br#"{"name":"a","spec":{"metadata":[]}}"#, br#"{"name":1,"spec":{}}"#]
+        {
+            assert!(rewrite_one(&p, b).is_err(), "{}", String::from_utf8_lossy(b));
         }
     }
 
@@ -245,12 +190,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(idx.default.as_deref(), Some("Py"));
-        assert_eq!(
-            idx.get("py").unwrap().metadata_client_envs,
-            BTreeSet::from(["M".to_string()])
-        );
+        assert_eq!(idx.get("py").unwrap().metadata_client_envs, BTreeSet::from(["M".to_string()]));
         assert_eq!(idx.get("PY"), idx.get("py"));
         assert_eq!(idx.get("r"), Some(&SpecFacts::default()));
+        let f = facts_of(&serde_json::json!({"spec": {
+            "env": {"A": "1", "B": "2"},
+            "metadata": {"process_proxy": {"class_name": "x", "config": {"forwarded_envs": ["P", 3], "forward_env": ["Q"]}}}
+        }}));
+        assert_eq!(f.env_keys, BTreeSet::from(["A".to_string(), "B".to_string()]));
+        assert_eq!(f.process_proxy_envs, BTreeSet::from(["P".to_string(), "Q".to_string()]));
+        assert!(f.metadata_client_envs.is_empty());
+        let f = facts_of(&serde_json::json!({"spec": {
+            "env": {"A": "1", "B": "2"},
+            "metadata": {"process_proxy": {"class_name": "x", "config": {"forwarded_envs": ["P", 3], "forward_env": ["Q"]}}}
+        }}));
+        assert_eq!(f.env_keys, BTreeSet::from(["A".to_string(), "B".to_string()]));
+        assert_eq!(f.process_proxy_envs, BTreeSet::from(["P".to_string(), "Q".to_string()]));
+        assert!(f.metadata_client_envs.is_empty());
         assert_eq!(idx.get("nope"), None);
         assert!(index(b"[]").is_err());
     }

@@ -45,10 +45,7 @@ pub enum BodyError {
 impl fmt::Display for BodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BodyError::Empty => write!(
-                f,
-                "the kernel start body is empty; a JSON object is required"
-            ),
+            BodyError::Empty => write!(f, "the kernel start body is empty; a JSON object is required"),
             BodyError::NotUtf8 => write!(f, "the kernel start body is not valid UTF-8"),
             BodyError::NotObject => write!(f, "the kernel start body must be a JSON object"),
             BodyError::Syntax(e) => write!(f, "the kernel start body is not valid JSON: {e}"),
@@ -79,10 +76,7 @@ fn short(s: &str) -> String {
 /// Parses a kernel-start body strictly.
 pub fn parse(body: &[u8]) -> Result<StartBody<'_>, BodyError> {
     let text = std::str::from_utf8(body).map_err(|_| BodyError::NotUtf8)?;
-    let first = text
-        .trim_start_matches([' ', '\t', '\n', '\r'])
-        .as_bytes()
-        .first();
+    let first = text.trim_start_matches([' ', '\t', '\n', '\r']).as_bytes().first();
     match first {
         None => return Err(BodyError::Empty),
         Some(b'{') => {}
@@ -96,14 +90,10 @@ pub fn parse(body: &[u8]) -> Result<StartBody<'_>, BodyError> {
     }
     let failure = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = TopSeed { failure: &failure }
-        .deserialize(&mut de)
-        .and_then(|b| de.end().map(|_| b));
+    let parsed = TopSeed { failure: &failure }.deserialize(&mut de).and_then(|b| de.end().map(|_| b));
     match parsed {
         Ok(b) => Ok(b),
-        Err(e) => Err(failure
-            .into_inner()
-            .unwrap_or_else(|| BodyError::Syntax(syntax_message(&e)))),
+        Err(e) => Err(failure.into_inner().unwrap_or_else(|| BodyError::Syntax(syntax_message(&e)))),
     }
 }
 
@@ -122,16 +112,8 @@ impl StartBody<'_> {
     /// object (in the client's position, or last) holding the names for which `keep` is true.
     pub fn render(&self, keep: impl Fn(&str) -> bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            64 + self
-                .members
-                .iter()
-                .map(|(k, v)| k.len() + v.get().len() + 4)
-                .sum::<usize>()
-                + self
-                    .env
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len() + 6)
-                    .sum::<usize>(),
+            64 + self.members.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>()
+                + self.env.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>(),
         );
         out.push(b'{');
         let env_at = self.env_at.unwrap_or(self.members.len());
@@ -203,12 +185,7 @@ impl<'de, 'f> Visitor<'de> for TopSeed<'f> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut body = StartBody {
-            members: Vec::new(),
-            env_at: None,
-            name: None,
-            env: Vec::new(),
-        };
+        let mut body = StartBody { members: Vec::new(), env_at: None, name: None, env: Vec::new() };
         let mut seen: HashSet<String> = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if !seen.insert(key.clone()) {
@@ -216,9 +193,7 @@ impl<'de, 'f> Visitor<'de> for TopSeed<'f> {
             }
             if key == "env" {
                 body.env_at = Some(body.members.len());
-                body.env = map.next_value_seed(EnvSeed {
-                    failure: self.failure,
-                })?;
+                body.env = map.next_value_seed(EnvSeed { failure: self.failure })?;
                 continue;
             }
             let raw: &'de RawValue = map.next_value()?;
@@ -352,12 +327,9 @@ mod tests {
     }
 
     fn err(body: &[u8]) -> BodyError {
-        parse(body).err().unwrap_or_else(|| {
-            panic!(
-                "accepted: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            )
-        })
+        parse(body)
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
     }
 
     fn render_all(b: &StartBody<'_>) -> Value {
@@ -368,40 +340,21 @@ mod tests {
     fn parses_name_env_and_other_members() {
         let b = ok(r#"{"name": "python3", "env": {"KERNEL_A": "1", "FOO": "x y"}, "path": "nb"}"#);
         assert_eq!(b.name.as_deref(), Some("python3"));
-        assert_eq!(
-            b.env,
-            [
-                ("KERNEL_A".into(), "1".into()),
-                ("FOO".into(), "x y".into())
-            ]
-        );
+        assert_eq!(b.env, [("KERNEL_A".into(), "1".into()), ("FOO".into(), "x y".into())]);
         assert!(b.has_env());
-        assert_eq!(
-            render_all(&b),
-            json!({"name": "python3", "env": {"KERNEL_A": "1", "FOO": "x y"}, "path": "nb"})
-        );
+        assert_eq!(render_all(&b), json!({"name": "python3", "env": {"KERNEL_A": "1", "FOO": "x y"}, "path": "nb"}));
     }
 
     #[test]
     fn render_keeps_member_order_and_raw_text_and_filters_env() {
-        let b = ok(
-            r#"{"path":"a/b","env":{"A":"1","B":"2"},"name":"k","extra":{"n":[1,2.50,true,null]}}"#,
-        );
+        let b = ok(r#"{"path":"a/b","env":{"A":"1","B":"2"},"name":"k","extra":{"n":[1,2.50,true,null]}}"#);
         let out = String::from_utf8(b.render(|n| n == "B")).unwrap();
-        assert_eq!(
-            out,
-            r#"{"path":"a/b","env":{"B":"2"},"name":"k","extra":{"n":[1,2.50,true,null]}}"#
-        );
+        assert_eq!(out, r#"{"path":"a/b","env":{"B":"2"},"name":"k","extra":{"n":[1,2.50,true,null]}}"#);
     }
 
     #[test]
     fn render_always_has_an_env_object() {
-        for body in [
-            "{}",
-            r#"{"name":"python3"}"#,
-            r#"{"Env":{"A":"1"}}"#,
-            r#"{"name":null}"#,
-        ] {
+        for body in ["{}", r#"{"name":"python3"}"#, r#"{"Env":{"A":"1"}}"#, r#"{"name":null}"#] {
             let b = ok(body);
             assert!(!b.has_env());
             let v = render_all(&b);
@@ -409,10 +362,7 @@ mod tests {
         }
         let b = ok(r#"{"name":"x","env":{"A":"1"}}"#);
         assert_eq!(render_all(&b)["env"], json!({"A": "1"}));
-        assert_eq!(
-            String::from_utf8(b.render(|_| false)).unwrap(),
-            r#"{"name":"x","env":{}}"#
-        );
+        assert_eq!(String::from_utf8(b.render(|_| false)).unwrap(), r#"{"name":"x","env":{}}"#);
     }
 
     #[test]
@@ -420,12 +370,7 @@ mod tests {
         assert_eq!(ok("{}").name, None);
         assert_eq!(ok(r#"{"name":null}"#).name, None);
         assert_eq!(ok(r#"{"name":"\u0070y"}"#).name.as_deref(), Some("py"));
-        for b in [
-            r#"{"name":1}"#,
-            r#"{"name":["a"]}"#,
-            r#"{"name":{}}"#,
-            r#"{"name":true}"#,
-        ] {
+        for b in [r#"{"name":1}"#, r#"{"name":["a"]}"#, r#"{"name":{}}"#, r#"{"name":true}"#] {
             assert_eq!(err(b.as_bytes()), BodyError::NameNotString, "{b}");
         }
     }
@@ -439,37 +384,16 @@ mod tests {
 
     #[test]
     fn duplicate_keys_are_refused_even_when_spelled_differently() {
-        assert_eq!(
-            err(br#"{"env":{},"env":{"A":"1"}}"#),
-            BodyError::DuplicateKey("env".into())
-        );
-        assert_eq!(
-            err(br#"{"env":{},"\u0065nv":{"A":"1"}}"#),
-            BodyError::DuplicateKey("env".into())
-        );
-        assert_eq!(
-            err(br#"{"name":"a","name":"b"}"#),
-            BodyError::DuplicateKey("name".into())
-        );
-        assert_eq!(
-            err(br#"{"env":{"A":"1","A":"2"}}"#),
-            BodyError::DuplicateEnvName("A".into())
-        );
-        assert_eq!(
-            err(br#"{"env":{"FOO":"1","\u0046OO":"2"}}"#),
-            BodyError::DuplicateEnvName("FOO".into())
-        );
+        assert_eq!(err(br#"{"env":{},"env":{"A":"1"}}"#), BodyError::DuplicateKey("env".into()));
+        assert_eq!(err(br#"{"env":{},"\u0065nv":{"A":"1"}}"#), BodyError::DuplicateKey("env".into()));
+        assert_eq!(err(br#"{"name":"a","name":"b"}"#), BodyError::DuplicateKey("name".into()));
+        assert_eq!(err(br#"{"env":{"A":"1","A":"2"}}"#), BodyError::DuplicateEnvName("A".into()));
+        assert_eq!(err(br#"{"env":{"FOO":"1","\u0046OO":"2"}}"#), BodyError::DuplicateEnvName("FOO".into()));
     }
 
     #[test]
     fn env_must_be_an_object_of_strings() {
-        for b in [
-            r#"{"env":null}"#,
-            r#"{"env":[]}"#,
-            r#"{"env":"A=1"}"#,
-            r#"{"env":1}"#,
-            r#"{"env":true}"#,
-        ] {
+        for b in [r#"{"env":null}"#, r#"{"env":[]}"#, r#"{"env":"A=1"}"#, r#"{"env":1}"#, r#"{"env":true}"#] {
             assert_eq!(err(b.as_bytes()), BodyError::EnvNotObject, "{b}");
         }
         for b in [
@@ -479,11 +403,7 @@ mod tests {
             r#"{"env":{"A":{"x":"y"}}}"#,
             r#"{"env":{"A":false}}"#,
         ] {
-            assert_eq!(
-                err(b.as_bytes()),
-                BodyError::NonStringValue("A".into()),
-                "{b}"
-            );
+            assert_eq!(err(b.as_bytes()), BodyError::NonStringValue("A".into()), "{b}");
         }
     }
 
@@ -506,38 +426,21 @@ mod tests {
             b"{\"env\":{},}",
             b"name=python3&token=x",
         ] {
-            assert!(
-                matches!(err(b), BodyError::Syntax(_)),
-                "{}",
-                String::from_utf8_lossy(b)
-            );
+            assert!(matches!(err(b), BodyError::Syntax(_)), "{}", String::from_utf8_lossy(b));
         }
         assert_eq!(err(b"{\"env\":{\"A\":\"\xff\"}}"), BodyError::NotUtf8);
     }
 
     #[test]
     fn lone_surrogates_and_deep_nesting_are_refused() {
-        assert!(matches!(
-            err(br#"{"env":{"A":"\ud800"}}"#),
-            BodyError::Syntax(_)
-        ));
-        assert!(matches!(
-            err(br#"{"env":{"\udc00":"x"}}"#),
-            BodyError::Syntax(_)
-        ));
+        assert!(matches!(err(br#"{"env":{"A":"\ud800"}}"#), BodyError::Syntax(_)));
+        assert!(matches!(err(br#"{"env":{"\udc00":"x"}}"#), BodyError::Syntax(_)));
         let deep = format!("{{\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(matches!(err(deep.as_bytes()), BodyError::Syntax(_)));
-        let deep = format!(
-            "{{\"env\":{{\"A\":{}{}}}}}",
-            "[".repeat(10_000),
-            "]".repeat(10_000)
-        );
+        let deep = format!("{{\"env\":{{\"A\":{}{}}}}}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(err(deep.as_bytes()), BodyError::NonStringValue("A".into()));
         assert!(matches!(err(br#"{"path":"\udc00"}"#), BodyError::Syntax(_)));
-        assert!(matches!(
-            err(br#"{"path":{"a":"\ud800x"}}"#),
-            BodyError::Syntax(_)
-        ));
+        assert!(matches!(err(br#"{"path":{"a":"\ud800x"}}"#), BodyError::Syntax(_)));
     }
 
     #[test]

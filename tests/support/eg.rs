@@ -75,21 +75,14 @@ impl Eg {
         // Build the venv first if needed (~25 s, once per machine), so it does not eat into START_TIMEOUT;
         // eg-start then finds it ready.
         venv(opts.version);
-        let dir = tempfile::Builder::new()
-            .prefix("envgate-eg-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("envgate-eg-").tempdir().expect("temp dir");
         for sub in ["jupyter/kernels", "data", "runtime", "config", "work"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
         for (name, spec) in &opts.kernelspecs {
             let spec_dir = dir.path().join("jupyter/kernels").join(name);
             fs::create_dir_all(&spec_dir).unwrap();
-            fs::write(
-                spec_dir.join("kernel.json"),
-                serde_json::to_vec_pretty(spec).unwrap(),
-            )
-            .unwrap();
+            fs::write(spec_dir.join("kernel.json"), serde_json::to_vec_pretty(spec).unwrap()).unwrap();
         }
         let base_url = normalize_base_url(opts.base_url.as_deref());
 
@@ -121,31 +114,21 @@ impl Eg {
                 Err(Failure::Fatal(why)) => {
                     let log = eg.log();
                     drop(eg);
-                    panic!(
-                        "EG {} did not start: {why}\n--- EG log ---\n{log}",
-                        opts.version
-                    );
+                    panic!("EG {} did not start: {why}\n--- EG log ---\n{log}", opts.version);
                 }
             }
         }
-        panic!(
-            "EG {} found no free port in {PORT_ATTEMPTS} tries\n--- last EG log ---\n{last_log}",
-            opts.version
-        );
+        panic!("EG {} found no free port in {PORT_ATTEMPTS} tries\n--- last EG log ---\n{last_log}", opts.version);
     }
 
     /// Everything EG printed so far (stdout and stderr, including eg-start's command line).
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path)
-            .unwrap_or_else(|e| format!("<cannot read {:?}: {e}>", self.log_path))
+        fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("<cannot read {:?}: {e}>", self.log_path))
     }
 
     /// `ws://127.0.0.1:PORT{base_url}/api/kernels/{id}/channels`
     pub fn channels_url(&self, kernel_id: &str) -> String {
-        format!(
-            "ws://{}{}/api/kernels/{kernel_id}/channels",
-            self.addr, self.base_url
-        )
+        format!("ws://{}{}/api/kernels/{kernel_id}/channels", self.addr, self.base_url)
     }
 
     /// `(Authorization, token X)` when EG has a token, for `http::request` and `kernel::run_code`.
@@ -178,9 +161,7 @@ impl Eg {
                 }
             }
             if Instant::now() > deadline {
-                return Err(Failure::Fatal(format!(
-                    "no 200 from GET {path} within {START_TIMEOUT:?}"
-                )));
+                return Err(Failure::Fatal(format!("no 200 from GET {path} within {START_TIMEOUT:?}")));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -237,16 +218,9 @@ pub fn venv(version: &str) -> PathBuf {
         .stderr(Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{script:?} {version} failed ({})",
-        out.status
-    );
+    assert!(out.status.success(), "{script:?} {version} failed ({})", out.status);
     let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(
-        Path::new(&path).join("bin/python").exists(),
-        "eg-venv printed {path:?}, which has no bin/python"
-    );
+    assert!(Path::new(&path).join("bin/python").exists(), "eg-venv printed {path:?}, which has no bin/python");
     PathBuf::from(path)
 }
 
@@ -281,8 +255,7 @@ fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Pat
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .process_group(0); // so Drop can signal EG (and anything else in its group) at once
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn scripts/eg-start: {e}"))
+    cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn scripts/eg-start: {e}"))
 }
 
 fn repo_path(rel: &str) -> PathBuf {
@@ -300,24 +273,15 @@ fn normalize_base_url(base: Option<&str>) -> String {
 
 /// A port that was free a moment ago (the OS does not hand it out again right away).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Status code of a plain `GET`, std only (start must not need a tokio runtime).
 fn get_status(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<u16> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let auth = token
-        .map(|t| format!("Authorization: token {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
+    let auth = token.map(|t| format!("Authorization: token {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head)?;
     std::str::from_utf8(&head[9..12])
@@ -340,12 +304,7 @@ fn descendants_of(pid: u32) -> Vec<(u32, u64)> {
     let mut i = 0;
     while i < found.len() {
         let parent = found[i].0;
-        found.extend(
-            procs
-                .iter()
-                .filter(|(_, pp, _)| *pp == parent)
-                .map(|&(p, _, s)| (p, s)),
-        );
+        found.extend(procs.iter().filter(|(_, pp, _)| *pp == parent).map(|&(p, _, s)| (p, s)));
         i += 1;
     }
     found.remove(0);
@@ -363,11 +322,5 @@ fn proc_stat(pid: u32) -> Option<(u32, u64)> {
 
 /// `kill SIG targets...` (no libc in the dev-dependencies). Errors for already-gone targets are expected.
 fn signal(sig: &str, targets: &[String]) {
-    let _ = Command::new("kill")
-        .arg(sig)
-        .arg("--")
-        .args(targets)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("kill").arg(sig).arg("--").args(targets).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }

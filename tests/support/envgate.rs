@@ -32,28 +32,18 @@ impl Envgate {
     }
 
     pub fn start_with_env(upstream: &str, args: &[&str], env: &[(&str, &str)]) -> Envgate {
-        let dir = tempfile::Builder::new()
-            .prefix("envgate-test-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("envgate-test-").tempdir().unwrap();
         let audit_path = dir.path().join("audit.jsonl");
         let mut cmd = Command::new(bin());
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            upstream,
-            "--log-format",
-            "json",
-        ])
-        .arg("--audit-log")
-        .arg(&audit_path)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env("RUST_LOG", "envgate=debug,info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--log-format", "json"])
+            .arg("--audit-log")
+            .arg(&audit_path)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("RUST_LOG", "envgate=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -83,13 +73,7 @@ impl Envgate {
                 panic!("envgate did not start:\n{}", stderr.lock().unwrap());
             }
         };
-        Envgate {
-            addr,
-            child,
-            stderr,
-            audit_path,
-            _dir: dir,
-        }
+        Envgate { addr, child, stderr, audit_path, _dir: dir }
     }
 
     /// `http://127.0.0.1:PORT`
@@ -109,10 +93,7 @@ impl Envgate {
             let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
             let recs: Vec<serde_json::Value> = text
                 .lines()
-                .map(|l| {
-                    serde_json::from_str(l)
-                        .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
-                })
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
                 .collect();
             if recs.len() >= at_least || Instant::now() > deadline {
                 return recs;
@@ -144,10 +125,7 @@ impl Envgate {
 
 /// `kill -SIG pid` without a libc dependency.
 fn send_signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
 }
 
 impl Drop for Envgate {

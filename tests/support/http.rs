@@ -27,10 +27,7 @@ pub struct Response {
 impl Response {
     /// First header with this name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -86,12 +83,7 @@ pub async fn request_raw(addr: &str, raw: &[u8], head_request: bool) -> io::Resu
         read_response(&mut stream, head_request).await
     })
     .await
-    .map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no complete response from {addr}"),
-        )
-    })?
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no complete response from {addr}")))?
 }
 
 async fn read_response(stream: &mut TcpStream, head_request: bool) -> io::Result<Response> {
@@ -114,30 +106,18 @@ async fn read_response(stream: &mut TcpStream, head_request: bool) -> io::Result
         if (100..200).contains(&status) && status != 101 {
             continue;
         }
-        let mut resp = Response {
-            status,
-            headers,
-            body: Vec::new(),
-        };
+        let mut resp = Response { status, headers, body: Vec::new() };
         if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
             return Ok(resp);
         }
-        let chunked = resp
-            .header("transfer-encoding")
-            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+        let chunked = resp.header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
         if chunked {
             resp.body = read_chunked(stream, buf).await?;
         } else if let Some(len) = resp.header("content-length") {
-            let len: usize = len
-                .trim()
-                .parse()
-                .map_err(|_| bad(format!("bad Content-Length {len:?}")))?;
+            let len: usize = len.trim().parse().map_err(|_| bad(format!("bad Content-Length {len:?}")))?;
             while buf.len() < len {
                 if read_more(stream, &mut buf).await? == 0 {
-                    return Err(bad(format!(
-                        "body ended after {} of {len} bytes",
-                        buf.len()
-                    )));
+                    return Err(bad(format!("body ended after {} of {len} bytes", buf.len())));
                 }
             }
             buf.truncate(len);
@@ -164,8 +144,7 @@ async fn read_chunked(stream: &mut TcpStream, mut buf: Vec<u8>) -> io::Result<Ve
         };
         let line = String::from_utf8_lossy(&buf[..line_end]).into_owned();
         let size_hex = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .map_err(|_| bad(format!("bad chunk size {line:?}")))?;
+        let size = usize::from_str_radix(size_hex, 16).map_err(|_| bad(format!("bad chunk size {line:?}")))?;
         buf.drain(..line_end + 2);
         if size == 0 {
             // Trailer section ends with an empty line; tolerate a server that closes right away.
@@ -198,10 +177,7 @@ fn parse_head(head: &[u8]) -> io::Result<(u16, Vec<(String, String)>)> {
         .and_then(|rest| rest.get(2..5))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.to_string(), v.trim().to_string()))
-        .collect();
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.to_string(), v.trim().to_string())).collect();
     Ok((status, headers))
 }
 

@@ -88,44 +88,23 @@ pub struct KernelWs {
 
 impl KernelWs {
     /// Opens the WebSocket, retrying connection errors and 5xx until [`READY_TIMEOUT`].
-    pub async fn connect(
-        ws_url: &str,
-        headers: &[(&str, &str)],
-        protocol: Protocol,
-    ) -> Result<KernelWs, String> {
+    pub async fn connect(ws_url: &str, headers: &[(&str, &str)], protocol: Protocol) -> Result<KernelWs, String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let mut req = ws_url
-                .into_client_request()
-                .map_err(|e| format!("bad url {ws_url}: {e}"))?;
+            let mut req = ws_url.into_client_request().map_err(|e| format!("bad url {ws_url}: {e}"))?;
             for (name, value) in headers {
-                let name = HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|e| format!("header {name}: {e}"))?;
-                let value = HeaderValue::from_str(value)
-                    .map_err(|e| format!("header value {value:?}: {e}"))?;
+                let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name}: {e}"))?;
+                let value = HeaderValue::from_str(value).map_err(|e| format!("header value {value:?}: {e}"))?;
                 req.headers_mut().append(name, value);
             }
             if protocol == Protocol::V1 {
-                req.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_static(V1_SUBPROTOCOL),
-                );
+                req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(V1_SUBPROTOCOL));
             }
             let err = match tokio_tungstenite::connect_async(req).await {
                 // tungstenite itself fails the handshake if V1 was offered and the server chose none.
-                Ok((ws, _)) => {
-                    return Ok(KernelWs {
-                        ws,
-                        protocol,
-                        session: new_id("session"),
-                    })
-                }
+                Ok((ws, _)) => return Ok(KernelWs { ws, protocol, session: new_id("session") }),
                 Err(WsError::Http(resp)) => {
-                    let body = resp
-                        .body()
-                        .as_deref()
-                        .map(String::from_utf8_lossy)
-                        .unwrap_or_default();
+                    let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
                     let err = format!("HTTP {} from {ws_url}: {body}", resp.status());
                     if !resp.status().is_server_error() {
                         return Err(err);
@@ -151,16 +130,12 @@ impl KernelWs {
             let round = Instant::now() + Duration::from_secs(1);
             while let Ok(msg) = tokio::time::timeout_at(round.into(), self.recv()).await {
                 let msg = msg?;
-                if msg.msg_type() == "kernel_info_reply"
-                    && asked.iter().any(|id| id == msg.parent_id())
-                {
+                if msg.msg_type() == "kernel_info_reply" && asked.iter().any(|id| id == msg.parent_id()) {
                     return Ok(());
                 }
             }
         }
-        Err(format!(
-            "kernel did not answer kernel_info_request within {READY_TIMEOUT:?}"
-        ))
+        Err(format!("kernel did not answer kernel_info_request within {READY_TIMEOUT:?}"))
     }
 
     /// Runs `code`; returns its stdout once both `execute_reply` and the `idle` status have arrived.
@@ -203,12 +178,7 @@ impl KernelWs {
     }
 
     /// Sends a request; returns its msg_id.
-    pub async fn send(
-        &mut self,
-        channel: &str,
-        msg_type: &str,
-        content: Value,
-    ) -> Result<String, String> {
+    pub async fn send(&mut self, channel: &str, msg_type: &str, content: Value) -> Result<String, String> {
         let msg_id = new_id("msg");
         let msg = KernelMsg {
             channel: channel.to_string(),
@@ -220,10 +190,7 @@ impl KernelWs {
             metadata: json!({}),
             content,
         };
-        self.ws
-            .send(encode(&msg, self.protocol))
-            .await
-            .map_err(|e| format!("send {msg_type}: {e}"))?;
+        self.ws.send(encode(&msg, self.protocol)).await.map_err(|e| format!("send {msg_type}: {e}"))?;
         Ok(msg_id)
     }
 
@@ -259,11 +226,10 @@ pub fn encode(msg: &KernelMsg, protocol: Protocol) -> Message {
             .to_string(),
         ),
         Protocol::V1 => {
-            let parts: Vec<Vec<u8>> =
-                [&msg.header, &msg.parent_header, &msg.metadata, &msg.content]
-                    .iter()
-                    .map(|v| serde_json::to_vec(v).unwrap())
-                    .collect();
+            let parts: Vec<Vec<u8>> = [&msg.header, &msg.parent_header, &msg.metadata, &msg.content]
+                .iter()
+                .map(|v| serde_json::to_vec(v).unwrap())
+                .collect();
             Message::Binary(encode_v1(&msg.channel, &parts))
         }
     }
@@ -292,9 +258,7 @@ pub fn encode_v1(channel: &str, parts: &[Vec<u8>]) -> Vec<u8> {
 /// parent_header, metadata, content, buffers...).
 pub fn decode_v1(frame: &[u8]) -> Result<(String, Vec<Vec<u8>>), String> {
     let word = |i: usize| -> Result<usize, String> {
-        let bytes = frame
-            .get(8 * i..8 * i + 8)
-            .ok_or("v1 frame too short for its offset table")?;
+        let bytes = frame.get(8 * i..8 * i + 8).ok_or("v1 frame too short for its offset table")?;
         Ok(u64::from_le_bytes(bytes.try_into().unwrap()) as usize)
     };
     let n = word(0)?;
@@ -302,17 +266,9 @@ pub fn decode_v1(frame: &[u8]) -> Result<(String, Vec<Vec<u8>>), String> {
         return Err(format!("v1 frame has {n} offsets"));
     }
     let offsets = (1..=n).map(word).collect::<Result<Vec<_>, _>>()?;
-    let slice = |a: usize, b: usize| {
-        frame
-            .get(a..b)
-            .ok_or_else(|| format!("v1 offsets {a}..{b} out of range"))
-    };
+    let slice = |a: usize, b: usize| frame.get(a..b).ok_or_else(|| format!("v1 offsets {a}..{b} out of range"));
     let channel = String::from_utf8_lossy(slice(offsets[0], offsets[1])?).into_owned();
-    let parts = offsets
-        .windows(2)
-        .skip(1)
-        .map(|w| slice(w[0], w[1]).map(<[u8]>::to_vec))
-        .collect::<Result<_, _>>()?;
+    let parts = offsets.windows(2).skip(1).map(|w| slice(w[0], w[1]).map(<[u8]>::to_vec)).collect::<Result<_, _>>()?;
     Ok((channel, parts))
 }
 
@@ -328,42 +284,26 @@ pub fn decode(frame: Message, protocol: Protocol) -> Result<KernelMsg, String> {
     };
     match (frame, protocol) {
         // Strict: a text frame on a v1 connection means the server is not really speaking v1.
-        (Message::Text(text), Protocol::V1) => {
-            Err(format!("text frame on a v1 connection: {text}"))
+        (Message::Text(text), Protocol::V1) => Err(format!("text frame on a v1 connection: {text}")),
+        (Message::Text(text), Protocol::Legacy) => {
+            serde_json::from_str(&text).map(json_msg).map_err(|e| format!("bad JSON frame ({e}): {text}"))
         }
-        (Message::Text(text), Protocol::Legacy) => serde_json::from_str(&text)
-            .map(json_msg)
-            .map_err(|e| format!("bad JSON frame ({e}): {text}")),
         (Message::Binary(bin), Protocol::V1) => {
             let (channel, parts) = decode_v1(&bin)?;
             if parts.len() < 4 {
                 return Err(format!("v1 frame has {} parts", parts.len()));
             }
-            let part = |i: usize| {
-                serde_json::from_slice::<Value>(&parts[i]).map_err(|e| format!("v1 part {i}: {e}"))
-            };
-            Ok(KernelMsg {
-                channel,
-                header: part(0)?,
-                parent_header: part(1)?,
-                metadata: part(2)?,
-                content: part(3)?,
-            })
+            let part = |i: usize| serde_json::from_slice::<Value>(&parts[i]).map_err(|e| format!("v1 part {i}: {e}"));
+            Ok(KernelMsg { channel, header: part(0)?, parent_header: part(1)?, metadata: part(2)?, content: part(3)? })
         }
         (Message::Binary(bin), Protocol::Legacy) => {
             let be = |i: usize| -> Result<usize, String> {
-                let b = bin
-                    .get(4 * i..4 * i + 4)
-                    .ok_or("legacy binary frame too short")?;
+                let b = bin.get(4 * i..4 * i + 4).ok_or("legacy binary frame too short")?;
                 Ok(u32::from_be_bytes(b.try_into().unwrap()) as usize)
             };
             let (start, end) = (be(1)?, if be(0)? > 1 { be(2)? } else { bin.len() });
-            let first = bin
-                .get(start..end)
-                .ok_or("legacy binary offsets out of range")?;
-            serde_json::from_slice(first)
-                .map(json_msg)
-                .map_err(|e| format!("legacy binary frame: {e}"))
+            let first = bin.get(start..end).ok_or("legacy binary offsets out of range")?;
+            serde_json::from_slice(first).map(json_msg).map_err(|e| format!("legacy binary frame: {e}"))
         }
         (other, _) => Err(format!("not a data frame: {other:?}")),
     }
@@ -372,15 +312,8 @@ pub fn decode(frame: Message, protocol: Protocol) -> Result<KernelMsg, String> {
 /// Unique enough for msg and session ids across parallel tests and processes.
 fn new_id(kind: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "envgate-{kind}-{}-{nanos:x}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("envgate-{kind}-{}-{nanos:x}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Current UTC time as `YYYY-MM-DDTHH:MM:SS.ffffffZ`, the form Jupyter headers carry.
