@@ -44,6 +44,30 @@ pub enum Command {
     Run,
     /// Validate the configuration and print the effective policy; exit 2 when it is invalid.
     Check,
+    /// Say, for each variable name, whether the policy keeps it for a kernelspec and which
+    /// source or rule decided. Uses the same engine as the proxy.
+    Explain(ExplainArgs),
+}
+
+/// `envgate explain [--kernelspec NAME] [--kernelspecs-file F] NAME...`
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The kernelspec to decide for [default: the upstream's default kernelspec].
+    #[arg(long)]
+    pub kernelspec: Option<String>,
+    /// Read the kernelspecs from this file (the body of GET /api/kernelspecs) instead of
+    /// fetching them from the upstream.
+    #[arg(long, value_name = "FILE")]
+    pub kernelspecs_file: Option<PathBuf>,
+    /// EG's auth token, sent as `Authorization: token ...` when fetching kernelspecs.
+    #[arg(long, env = "ENVGATE_EXPLAIN_TOKEN", value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Output: text | json.
+    #[arg(long, default_value = "text")]
+    pub format: String,
+    /// Variable names to explain.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
 }
 
 /// Every setting, as a flag and an `ENVGATE_*` variable. Each overrides the config file's key

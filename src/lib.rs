@@ -10,11 +10,13 @@
 //! - [`proxy`]: the hyper service, one function per route class;
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
-//! - [`server`]: listener, connections, signals.
+//! - [`server`]: listener, connections, signals;
+//! - [`explain`]: `envgate explain`, the policy's verdicts on names.
 
 pub mod audit;
 pub mod body;
 pub mod config;
+pub mod explain;
 pub mod policy;
 pub mod proxy;
 pub mod rewrite;

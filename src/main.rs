@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use envgate::config::{Cli, Command, Config, LogFormat};
+use envgate::config::{Cli, Command, Config, ExplainArgs, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -50,6 +50,7 @@ fn main() -> ExitCode {
             print!("{}", config.policy);
             ExitCode::SUCCESS
         }
+        Some(Command::Explain(args)) => explain(&config, &args),
         Some(Command::Run) | None => {
             init_tracing(config.log_format);
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -69,6 +70,35 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `envgate explain`: exit 0 with the verdicts, 2 on a usage problem, 1 when the kernelspecs cannot be had.
+fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
+    if args.format != "text" && args.format != "json" {
+        eprintln!("envgate: invalid `--format`: expected text or json, got {:?}", args.format);
+        return ExitCode::from(2);
+    }
+    let index = match &args.kernelspecs_file {
+        Some(path) => envgate::explain::index_from_file(path).map(std::sync::Arc::new),
+        None => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(envgate::explain::index_from_upstream(config, args.token.as_deref())),
+            Err(e) => Err(format!("cannot start the runtime: {e}")),
+        },
+    };
+    let index = match index {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("envgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let e = envgate::explain::explain(&config.policy, &index, args.kernelspec.as_deref(), &args.names);
+    if args.format == "json" {
+        println!("{}", serde_json::to_string_pretty(&e).expect("serializing an explanation"));
+    } else {
+        print!("{}", e.to_text());
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(format: LogFormat) {

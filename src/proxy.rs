@@ -202,8 +202,7 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
             return finish(st, rec, &id, resp).await;
         }
     };
-    let kernelspec = parsed.name.clone().or_else(|| index.default.clone());
-    let facts = kernelspec.as_deref().and_then(|k| index.get(k));
+    let (kernelspec, facts) = index.resolve(parsed.name.as_deref());
     let decision = policy.decide(kernelspec.as_deref(), facts, parsed.env.iter().map(|(k, _)| k.as_str()));
     rec.kernelspec = kernelspec.as_deref();
     let rec = rec.with_decision(&decision);

@@ -135,6 +135,15 @@ pub enum SpecsError {
 }
 
 impl SpecsError {
+    /// One line for logs and the command line.
+    pub fn describe(&self) -> String {
+        match self {
+            SpecsError::Status(s, _, _) => format!("the upstream answered {}", s.as_u16()),
+            SpecsError::Upstream(e) => e.to_string(),
+            SpecsError::Body(e) => e.clone(),
+        }
+    }
+
     /// The answer to the kernel start that needed the kernelspecs.
     pub fn response(self) -> Response<ProxyBody> {
         match self {

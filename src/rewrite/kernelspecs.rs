@@ -22,6 +22,14 @@ pub struct SpecIndex {
 }
 
 impl SpecIndex {
+    /// The kernelspec a kernel start asks for (its `name`, else the upstream's default) and
+    /// what the upstream serves for it. The proxy and `envgate explain` both decide through this.
+    pub fn resolve(&self, name: Option<&str>) -> (Option<String>, Option<&SpecFacts>) {
+        let k = name.map(str::to_string).or_else(|| self.default.clone());
+        let facts = k.as_deref().and_then(|k| self.get(k));
+        (k, facts)
+    }
+
     /// The facts of kernelspec `name`, if the upstream serves it.
     pub fn get(&self, name: &str) -> Option<&SpecFacts> {
         self.specs.get(name).or_else(|| self.specs.get(&name.to_ascii_lowercase()))
