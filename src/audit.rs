@@ -33,8 +33,10 @@ pub struct Record<'a> {
     /// The peer address of the connection.
     pub client: SocketAddr,
     pub x_forwarded_for: Option<&'a str>,
-    /// `KERNEL_USERNAME` as the client sent it: a claim, not an identity check.
+    /// The `KERNEL_USERNAME` forwarded: a claim from the body, or the trusted header's user.
     pub user: Option<&'a str>,
+    /// Where `user` came from: `body` (a claim, not verified) or `trusted_header`.
+    pub user_source: Option<&'static str>,
     pub kernelspec: Option<&'a str>,
     pub kept: Vec<KeptName<'a>>,
     pub rejected: Vec<RejectedName<'a>>,
@@ -70,6 +72,7 @@ impl<'a> Record<'a> {
             client,
             x_forwarded_for: xff,
             user: None,
+            user_source: None,
             kernelspec: None,
             kept: Vec::new(),
             rejected: Vec::new(),
@@ -113,29 +116,47 @@ impl Ids {
     }
 }
 
+enum Msg {
+    Line(Vec<u8>),
+    /// Reopen the target (after log rotation, or a reload that changed it).
+    Reopen(AuditTarget),
+}
+
 /// The sending side of the audit log; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Line(_) => "Line",
+            Msg::Reopen(_) => "Reopen",
+        })
+    }
 }
 
 impl AuditLog {
     /// Opens the target (a file is created and appended to) and starts the writer task, which
     /// ends once every `AuditLog` is dropped and the queue is written out.
     pub async fn open(target: &AuditTarget) -> io::Result<(AuditLog, JoinHandle<()>)> {
-        let out: Box<dyn AsyncWrite + Unpin + Send> = match target {
-            AuditTarget::Stdout => Box::new(tokio::io::stdout()),
-            AuditTarget::File(p) => Box::new(open_append(p).await?),
-        };
+        let out = open_target(target).await?;
         let (tx, rx) = mpsc::channel(4096);
         Ok((AuditLog { tx }, tokio::spawn(writer(out, rx))))
+    }
+
+    /// Reopens the log at `target` (SIGHUP): a rotated file is created anew. Records queued
+    /// before go to the old target.
+    pub async fn reopen(&self, target: AuditTarget) {
+        let _ = self.tx.send(Msg::Reopen(target)).await;
     }
 
     /// Queues one record.
     pub async fn write(&self, record: &Record<'_>) {
         let mut line = serde_json::to_vec(record).expect("serializing an audit record");
         line.push(b'\n');
-        if self.tx.send(line).await.is_err() {
+        if self.tx.send(Msg::Line(line)).await.is_err() {
             tracing::error!("audit log writer is gone; record {} lost", record.id);
         }
     }
@@ -145,26 +166,51 @@ async fn open_append(p: &Path) -> io::Result<tokio::fs::File> {
     tokio::fs::OpenOptions::new().create(true).append(true).open(p).await
 }
 
-async fn writer(mut out: Box<dyn AsyncWrite + Unpin + Send>, mut rx: mpsc::Receiver<Vec<u8>>) {
+type Out = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn open_target(target: &AuditTarget) -> io::Result<Out> {
+    Ok(match target {
+        AuditTarget::Stdout => Box::new(tokio::io::stdout()),
+        AuditTarget::File(p) => Box::new(open_append(p).await?),
+    })
+}
+
+async fn flush(out: &mut Out, buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        return;
+    }
+    if let Err(e) = async {
+        out.write_all(buf).await?;
+        out.flush().await
+    }
+    .await
+    {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+    buf.clear();
+}
+
+async fn writer(mut out: Out, mut rx: mpsc::Receiver<Msg>) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(line) = rx.recv().await {
-        buf.extend_from_slice(&line);
+    while let Some(msg) = rx.recv().await {
+        let mut next = Some(msg);
         // Batch whatever else is already queued into one write.
-        while buf.len() < 1 << 20 {
-            match rx.try_recv() {
-                Ok(l) => buf.extend_from_slice(&l),
-                Err(_) => break,
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Line(l) => buf.extend_from_slice(&l),
+                Msg::Reopen(target) => {
+                    flush(&mut out, &mut buf).await;
+                    match open_target(&target).await {
+                        Ok(o) => out = o,
+                        Err(e) => tracing::error!(error = %e, "cannot reopen the audit log; keeping the old one"),
+                    }
+                }
+            }
+            if buf.len() < 1 << 20 {
+                next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = async {
-            out.write_all(&buf).await?;
-            out.flush().await
-        }
-        .await
-        {
-            tracing::error!(error = %e, "cannot write the audit log");
-        }
-        buf.clear();
+        flush(&mut out, &mut buf).await;
     }
 }
 
@@ -192,7 +238,7 @@ mod tests {
             v,
             serde_json::json!({
                 "time": v["time"], "id": "id-1", "event": "kernel_start", "mode": "drop",
-                "client": "127.0.0.1:5000", "x_forwarded_for": "10.0.0.1", "user": "alice",
+                "client": "127.0.0.1:5000", "x_forwarded_for": "10.0.0.1", "user": "alice", "user_source": null,
                 "kernelspec": "python3",
                 "kept": [{"name": "KERNEL_A", "source": "prefix:KERNEL_"}],
                 "rejected": [{"name": "PATH", "reason": "denied"}],
@@ -210,6 +256,23 @@ mod tests {
         let b = ids.next();
         assert_ne!(a, b);
         assert_eq!(a.len(), 17);
+    }
+
+    #[tokio::test]
+    async fn reopen_follows_a_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (log, task) = AuditLog::open(&AuditTarget::File(path.clone())).await.unwrap();
+        let rec = |id| Record::new(id, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        log.write(&rec("a")).await;
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+        log.reopen(AuditTarget::File(path.clone())).await;
+        log.write(&rec("b")).await;
+        drop(log);
+        task.await.unwrap();
+        assert!(std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap().contains("\"a\""));
+        let now = std::fs::read_to_string(&path).unwrap();
+        assert!(now.contains("\"b\"") && !now.contains("\"a\""), "{now}");
     }
 
     #[tokio::test]

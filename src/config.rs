@@ -147,6 +147,49 @@ pub struct Opts {
     /// Diagnostics format on stderr: text | json [default: text].
     #[arg(long, env = "ENVGATE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "ENVGATE_TLS_CERT", global = true, value_name = "PEM")]
+    pub tls_cert: Option<String>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, env = "ENVGATE_TLS_KEY", global = true, value_name = "PEM")]
+    pub tls_key: Option<String>,
+    /// Verify an https upstream against these CA certificates (PEM) instead of the system roots.
+    #[arg(long, env = "ENVGATE_UPSTREAM_CA", global = true, value_name = "PEM")]
+    pub upstream_ca: Option<String>,
+    /// Client certificate (PEM) for mutual TLS with the upstream; needs --upstream-client-key.
+    #[arg(long, env = "ENVGATE_UPSTREAM_CLIENT_CERT", global = true, value_name = "PEM")]
+    pub upstream_client_cert: Option<String>,
+    /// The private key (PEM) for --upstream-client-cert.
+    #[arg(long, env = "ENVGATE_UPSTREAM_CLIENT_KEY", global = true, value_name = "PEM")]
+    pub upstream_client_key: Option<String>,
+    /// Do not verify the upstream's certificate (development only) [default: false].
+    #[arg(
+        long,
+        env = "ENVGATE_UPSTREAM_INSECURE",
+        global = true,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub upstream_insecure: Option<String>,
+    /// EG's auth token, added upstream as `Authorization: token ...` (clients never see it).
+    #[arg(long, env = "ENVGATE_UPSTREAM_TOKEN", global = true, value_name = "TOKEN", hide_env_values = true)]
+    pub upstream_token: Option<String>,
+    /// A file holding EG's auth token (read at start-up and on reload).
+    #[arg(long, env = "ENVGATE_UPSTREAM_TOKEN_FILE", global = true, value_name = "PATH")]
+    pub upstream_token_file: Option<String>,
+    /// A header set by a trusted authenticating proxy that names the user (e.g. X-Forwarded-User).
+    #[arg(long, env = "ENVGATE_TRUSTED_USER_HEADER", global = true, value_name = "HEADER")]
+    pub trusted_user_header: Option<String>,
+    /// When the body's KERNEL_USERNAME differs from the trusted user: refuse | overwrite [default: refuse].
+    #[arg(long, env = "ENVGATE_USER_MISMATCH", global = true)]
+    pub user_mismatch: Option<String>,
+    /// Admin listener with /healthz, /readyz and /metrics [default: off].
+    #[arg(long, env = "ENVGATE_ADMIN_LISTEN", global = true, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// On SIGTERM, how long requests in flight and WebSockets may go on [default: 30s].
+    #[arg(long, env = "ENVGATE_SHUTDOWN_GRACE", global = true, value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
 }
 
 /// Where the audit log goes.
@@ -181,6 +224,14 @@ impl fmt::Display for UpstreamUrl {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Serve TLS: (certificate chain, private key) PEM files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub upstream_tls: UpstreamTls,
+    /// EG's token, added upstream as `Authorization: token ...`.
+    pub upstream_token: Option<Secret>,
+    pub identity: Option<Identity>,
+    pub admin_listen: Option<SocketAddr>,
+    pub shutdown_grace: Duration,
     pub upstream: UpstreamUrl,
     pub policy: Policy,
     pub kernelspec_cache_ttl: Duration,
@@ -189,6 +240,93 @@ pub struct Config {
     pub response_timeout: Duration,
     pub audit_log: AuditTarget,
     pub log_format: LogFormat,
+}
+
+/// How envgate checks an https upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// CA certificates (PEM) to trust instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Skip verification (development only).
+    pub insecure: bool,
+}
+
+/// A secret that never shows in `Debug` output or `envgate check`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// What to do when a body's `KERNEL_USERNAME` differs from the trusted user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mismatch {
+    Refuse,
+    Overwrite,
+}
+
+/// Identity binding: the user named by a trusted header is the kernel's `KERNEL_USERNAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub header: http::HeaderName,
+    pub on_mismatch: Mismatch,
+}
+
+impl Config {
+    /// Every setting in force, as a valid config file (secrets shown as set, never their value).
+    pub fn effective(&self) -> String {
+        use std::fmt::Write;
+        let d = |d: Duration| format!("{:?}", humantime::format_duration(d).to_string());
+        let p = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut out = String::new();
+        let mut line = |l: String| {
+            out.push_str(&l);
+            out.push('\n');
+        };
+        line(format!("listen = {:?}", self.listen.to_string()));
+        line(format!("upstream = {:?}", self.upstream.to_string()));
+        if let Some(a) = self.admin_listen {
+            line(format!("admin_listen = {:?}", a.to_string()));
+        }
+        if let Some((c, k)) = &self.tls {
+            line(format!("tls_cert = {}", p(c)));
+            line(format!("tls_key = {}", p(k)));
+        }
+        if let Some(ca) = &self.upstream_tls.ca {
+            line(format!("upstream_ca = {}", p(ca)));
+        }
+        if let Some((c, k)) = &self.upstream_tls.client_cert {
+            line(format!("upstream_client_cert = {}", p(c)));
+            line(format!("upstream_client_key = {}", p(k)));
+        }
+        line(format!("upstream_insecure = {}", self.upstream_tls.insecure));
+        if self.upstream_token.is_some() {
+            line("# upstream_token: set (not shown)".to_string());
+        }
+        if let Some(i) = &self.identity {
+            line(format!("trusted_user_header = {:?}", i.header.as_str()));
+            let m = if i.on_mismatch == Mismatch::Refuse { "refuse" } else { "overwrite" };
+            line(format!("user_mismatch = {m:?}"));
+        }
+        line(format!("kernelspec_cache_ttl = {}", d(self.kernelspec_cache_ttl)));
+        line(format!("max_body_bytes = {}", self.max_body_bytes));
+        line(format!("connect_timeout = {}", d(self.connect_timeout)));
+        line(format!("response_timeout = {}", d(self.response_timeout)));
+        line(format!("shutdown_grace = {}", d(self.shutdown_grace)));
+        let audit = match &self.audit_log {
+            AuditTarget::Stdout => "\"-\"".to_string(),
+            AuditTarget::File(f) => p(f),
+        };
+        line(format!("audit_log = {audit}"));
+        line(format!("log_format = {:?}", if self.log_format == LogFormat::Json { "json" } else { "text" }));
+        let _ = write!(out, "{}", self.policy);
+        out
+    }
 }
 
 /// The keys a config file may hold.
@@ -212,6 +350,18 @@ const FILE_KEYS: &[&str] = &[
     "response_timeout",
     "audit_log",
     "log_format",
+    "tls_cert",
+    "tls_key",
+    "upstream_ca",
+    "upstream_client_cert",
+    "upstream_client_key",
+    "upstream_insecure",
+    "upstream_token",
+    "upstream_token_file",
+    "trusted_user_header",
+    "user_mismatch",
+    "admin_listen",
+    "shutdown_grace",
 ];
 
 /// One raw setting and where it came from, for error messages.
@@ -252,6 +402,18 @@ struct Raw {
     response_timeout: Option<Setting<String>>,
     audit_log: Option<Setting<String>>,
     log_format: Option<Setting<String>>,
+    tls_cert: Option<Setting<String>>,
+    tls_key: Option<Setting<String>>,
+    upstream_ca: Option<Setting<String>>,
+    upstream_client_cert: Option<Setting<String>>,
+    upstream_client_key: Option<Setting<String>>,
+    upstream_insecure: Option<Setting<bool>>,
+    upstream_token: Option<Setting<String>>,
+    upstream_token_file: Option<Setting<String>>,
+    trusted_user_header: Option<Setting<String>>,
+    user_mismatch: Option<Setting<String>>,
+    admin_listen: Option<Setting<String>>,
+    shutdown_grace: Option<Setting<String>>,
 }
 
 impl Config {
@@ -331,6 +493,18 @@ impl Raw {
             response_timeout: take(&mut table, "response_timeout", o, "a duration string like \"120s\"")?,
             audit_log: take(&mut table, "audit_log", o, "\"-\" or a file path")?,
             log_format: take(&mut table, "log_format", o, "a string")?,
+            tls_cert: take(&mut table, "tls_cert", o, "a file path")?,
+            tls_key: take(&mut table, "tls_key", o, "a file path")?,
+            upstream_ca: take(&mut table, "upstream_ca", o, "a file path")?,
+            upstream_client_cert: take(&mut table, "upstream_client_cert", o, "a file path")?,
+            upstream_client_key: take(&mut table, "upstream_client_key", o, "a file path")?,
+            upstream_insecure: take(&mut table, "upstream_insecure", o, "true or false")?,
+            upstream_token: take(&mut table, "upstream_token", o, "a string")?,
+            upstream_token_file: take(&mut table, "upstream_token_file", o, "a file path")?,
+            trusted_user_header: take(&mut table, "trusted_user_header", o, "a header name")?,
+            user_mismatch: take(&mut table, "user_mismatch", o, "a string")?,
+            admin_listen: take(&mut table, "admin_listen", o, "a string like \"127.0.0.1:9464\"")?,
+            shutdown_grace: take(&mut table, "shutdown_grace", o, "a duration string like \"30s\"")?,
         };
         if let Some(ks) = table.remove("kernelspecs") {
             let ks = ks
@@ -375,6 +549,17 @@ impl Raw {
         set(&mut self.response_timeout, opts.response_timeout.clone(), "response_timeout");
         set(&mut self.audit_log, opts.audit_log.clone(), "audit_log");
         set(&mut self.log_format, opts.log_format.clone(), "log_format");
+        set(&mut self.tls_cert, opts.tls_cert.clone(), "tls_cert");
+        set(&mut self.tls_key, opts.tls_key.clone(), "tls_key");
+        set(&mut self.upstream_ca, opts.upstream_ca.clone(), "upstream_ca");
+        set(&mut self.upstream_client_cert, opts.upstream_client_cert.clone(), "upstream_client_cert");
+        set(&mut self.upstream_client_key, opts.upstream_client_key.clone(), "upstream_client_key");
+        set(&mut self.upstream_token, opts.upstream_token.clone(), "upstream_token");
+        set(&mut self.upstream_token_file, opts.upstream_token_file.clone(), "upstream_token_file");
+        set(&mut self.trusted_user_header, opts.trusted_user_header.clone(), "trusted_user_header");
+        set(&mut self.user_mismatch, opts.user_mismatch.clone(), "user_mismatch");
+        set(&mut self.admin_listen, opts.admin_listen.clone(), "admin_listen");
+        set(&mut self.shutdown_grace, opts.shutdown_grace.clone(), "shutdown_grace");
         set(&mut self.allow_prefixes, opts.allow_prefixes.clone().map(trim_list), "allow_prefixes");
         let origin = |k: &str| format!("--{} or ENVGATE_{}", k.replace('_', "-"), k.to_ascii_uppercase());
         for (slot, v, key) in [
@@ -383,6 +568,7 @@ impl Raw {
             (&mut self.kernelspec_env, &opts.kernelspec_env, "kernelspec_env"),
             (&mut self.process_proxy_envs, &opts.process_proxy_envs, "process_proxy_envs"),
             (&mut self.inherit_eg_env_config, &opts.inherit_eg_env_config, "inherit_eg_env_config"),
+            (&mut self.upstream_insecure, &opts.upstream_insecure, "upstream_insecure"),
         ] {
             if let Some(v) = v {
                 let value = parse_bool(v).ok_or_else(|| {
@@ -515,8 +701,86 @@ impl Raw {
                 v => return Err(s.err("log_format", format!("expected text or json, got {v:?}"))),
             },
         };
+        let path = |s: &Option<Setting<String>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
+            match s {
+                None => Ok(None),
+                Some(s) if s.value.trim().is_empty() => Err(s.err(key, "expected a file path")),
+                Some(s) => Ok(Some(PathBuf::from(s.value.trim()))),
+            }
+        };
+        let pair = |a: &Option<Setting<String>>, ka: &str, b: &Option<Setting<String>>, kb: &str| match (
+            path(a, ka)?,
+            path(b, kb)?,
+        ) {
+            (None, None) => Ok(None),
+            (Some(x), Some(y)) => Ok(Some((x, y))),
+            (Some(_), None) => Err(a.as_ref().expect("set").err(ka, format!("needs `{kb}` too"))),
+            (None, Some(_)) => Err(b.as_ref().expect("set").err(kb, format!("needs `{ka}` too"))),
+        };
+        let tls = pair(&self.tls_cert, "tls_cert", &self.tls_key, "tls_key")?;
+        let upstream_tls = UpstreamTls {
+            ca: path(&self.upstream_ca, "upstream_ca")?,
+            client_cert: pair(
+                &self.upstream_client_cert,
+                "upstream_client_cert",
+                &self.upstream_client_key,
+                "upstream_client_key",
+            )?,
+            insecure: flag(&self.upstream_insecure, false),
+        };
+        let upstream_token = match (&self.upstream_token, &self.upstream_token_file) {
+            (Some(t), Some(_)) => {
+                return Err(t.err("upstream_token", "set either it or `upstream_token_file`, not both"))
+            }
+            (Some(t), None) => Some(Secret(t.value.trim().to_string())),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f.value.trim())
+                    .map_err(|e| f.err("upstream_token_file", format!("cannot read {:?}: {e}", f.value)))?;
+                Some(Secret(text.trim().to_string()))
+            }
+            (None, None) => None,
+        };
+        if let Some(t) = &upstream_token {
+            if t.0.is_empty() || http::HeaderValue::from_str(&format!("token {}", t.0)).is_err() {
+                let s = self.upstream_token.as_ref().or(self.upstream_token_file.as_ref()).expect("set");
+                return Err(s.err("upstream_token", "the token is empty or not a valid header value"));
+            }
+        }
+        let on_mismatch = match &self.user_mismatch {
+            None => Mismatch::Refuse,
+            Some(s) => match s.value.trim() {
+                "refuse" => Mismatch::Refuse,
+                "overwrite" => Mismatch::Overwrite,
+                v => return Err(s.err("user_mismatch", format!("expected refuse or overwrite, got {v:?}"))),
+            },
+        };
+        let identity = match &self.trusted_user_header {
+            None => None,
+            Some(s) => Some(Identity {
+                header: http::HeaderName::from_bytes(s.value.trim().as_bytes())
+                    .map_err(|_| s.err("trusted_user_header", format!("{:?} is not a header name", s.value)))?,
+                on_mismatch,
+            }),
+        };
+        let admin_listen = match &self.admin_listen {
+            None => None,
+            Some(s) => Some(s.value.trim().parse::<SocketAddr>().map_err(|_| {
+                s.err("admin_listen", format!("expected an address like 127.0.0.1:9464, got {:?}", s.value))
+            })?),
+        };
+        let shutdown_grace = duration(&self.shutdown_grace, "shutdown_grace", 30)?;
+        if upstream.scheme != Scheme::HTTPS && (upstream_tls.ca.is_some() || upstream_tls.client_cert.is_some()) {
+            let s = self.upstream_ca.as_ref().or(self.upstream_client_cert.as_ref()).expect("set");
+            return Err(s.err("upstream_ca", "upstream TLS settings need an https:// upstream"));
+        }
         Ok(Config {
             listen,
+            tls,
+            upstream_tls,
+            upstream_token,
+            identity,
+            admin_listen,
+            shutdown_grace,
             upstream,
             policy: Policy {
                 mode,
@@ -568,8 +832,8 @@ pub fn parse_upstream(s: &str) -> Result<UpstreamUrl, String> {
     let uri: Uri =
         s.trim().parse().map_err(|e| format!("expected a URL like http://127.0.0.1:8888, got {s:?} ({e})"))?;
     let scheme = uri.scheme().cloned().ok_or_else(|| format!("{s:?} has no scheme (http://)"))?;
-    if scheme != Scheme::HTTP {
-        return Err(format!("scheme {scheme} is not supported (use http://)"));
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err(format!("scheme {scheme} is not supported (use http:// or https://)"));
     }
     let authority = uri.authority().cloned().ok_or_else(|| format!("{s:?} has no host"))?;
     if authority.as_str().contains('@') {
@@ -680,7 +944,15 @@ mod tests {
             ("listen = \"nowhere\"", "`listen`"),
             ("upstream = \"ftp://x\"", "`upstream`"),
             ("upstream = \"http://x/?a=1\"", "`upstream`"),
-            ("upstream = \"https://x\"", "`upstream`"),
+            ("upstream = \"https://x\"\nupstream_client_cert = \"c.pem\"", "`upstream_client_key`"),
+            ("upstream_ca = \"ca.pem\"", "`upstream_ca`"),
+            ("tls_cert = \"c.pem\"", "`tls_key`"),
+            ("user_mismatch = \"ignore\"", "`user_mismatch`"),
+            ("trusted_user_header = \"X User\"", "`trusted_user_header`"),
+            ("admin_listen = \"nope\"", "`admin_listen`"),
+            ("shutdown_grace = \"a while\"", "`shutdown_grace`"),
+            ("upstream_token = \"a\"\nupstream_token_file = \"f\"", "`upstream_token`"),
+            ("upstream_token_file = \"/nonexistent/token\"", "`upstream_token_file`"),
             ("client_envs = \"FOO\"", "`client_envs`"),
             ("client_envs = [\"A=B\"]", "`client_envs`"),
             ("deny_envs = [1]", "`deny_envs`"),

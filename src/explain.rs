@@ -77,7 +77,7 @@ pub fn index_from_file(path: &std::path::Path) -> Result<SpecIndex, String> {
 
 /// The kernelspecs fetched once from the configured upstream, the way the proxy fetches them.
 pub async fn index_from_upstream(config: &Config, token: Option<&str>) -> Result<Arc<SpecIndex>, String> {
-    let upstream = Upstream::new(config);
+    let upstream = Upstream::new(config)?;
     let routes = Routes::new(&config.upstream.base);
     let mut headers = HeaderMap::new();
     if let Some(t) = token {

@@ -29,25 +29,13 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => {
+            // Load what start-up would load (certificates, keys), so that check catches it too.
+            if let Err(e) = envgate::server::preflight(&config) {
+                eprintln!("envgate: {e}");
+                return ExitCode::from(2);
+            }
             println!("# envgate: configuration is valid; effective settings:");
-            println!("listen = {:?}", config.listen.to_string());
-            println!("upstream = {:?}", config.upstream.to_string());
-            println!(
-                "kernelspec_cache_ttl = {:?}",
-                humantime::format_duration(config.kernelspec_cache_ttl).to_string()
-            );
-            println!("max_body_bytes = {}", config.max_body_bytes);
-            println!("connect_timeout = {:?}", humantime::format_duration(config.connect_timeout).to_string());
-            println!("response_timeout = {:?}", humantime::format_duration(config.response_timeout).to_string());
-            println!(
-                "audit_log = {:?}",
-                match &config.audit_log {
-                    envgate::config::AuditTarget::Stdout => "-".to_string(),
-                    envgate::config::AuditTarget::File(p) => p.display().to_string(),
-                }
-            );
-            println!("log_format = {:?}", if config.log_format == LogFormat::Json { "json" } else { "text" });
-            print!("{}", config.policy);
+            print!("{}", config.effective());
             ExitCode::SUCCESS
         }
         Some(Command::Explain(args)) => explain(&config, &args),
@@ -60,7 +48,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(envgate::server::run(config)) {
+            match rt.block_on(envgate::server::run(cli.opts, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "envgate failed");

@@ -100,6 +100,8 @@ pub enum Source {
     EgConfig,
     /// A prefix rule; holds its label, `prefix:KERNEL_` for the built-in one.
     Prefix(Arc<str>),
+    /// `KERNEL_USERNAME` set from the trusted user header (identity binding).
+    TrustedHeader,
 }
 
 impl Source {
@@ -112,6 +114,7 @@ impl Source {
             Source::ProcessProxy => "process_proxy",
             Source::EgConfig => "eg_config",
             Source::Prefix(label) => label,
+            Source::TrustedHeader => "trusted_header",
         }
     }
 }

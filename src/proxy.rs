@@ -10,6 +10,11 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -23,67 +28,147 @@ use serde::Serialize;
 
 use crate::audit::{AuditLog, Ids, Record};
 use crate::body::ProxyBody;
-use crate::config::Config;
-use crate::policy::{Mode, Sessions};
+use crate::config::{Config, Mismatch};
+use crate::metrics::{DecisionLabel, KindLabel, Metrics, ReasonLabel, RouteLabel, RouteStatus};
+use crate::policy::{Kept, Mode, Sessions, Source};
 use crate::rewrite::{kernelspecs, start};
 use crate::routes::{Route, Routes};
-use crate::upstream::{SpecCache, Upstream};
+use crate::upstream::{SpecCache, SpecsError, Upstream, UpstreamError};
 use crate::wire;
+
+/// The variable EG takes as the kernel's user.
+const USERNAME: &str = "KERNEL_USERNAME";
 
 /// Largest kernelspecs response envgate rewrites; a larger one passes through unchanged.
 const MAX_KERNELSPECS_REWRITE: usize = 8 << 20;
 
-/// Everything a request needs, shared by all connections.
-pub struct State {
+/// Everything that a reload (SIGHUP) replaces: built from one [`Config`].
+pub struct Runtime {
     pub config: Config,
     pub routes: Routes,
     pub upstream: Upstream,
     pub specs: SpecCache,
+    /// A short hash of the effective policy, for logs and the `envgate_policy_info` metric.
+    pub policy_hash: String,
+}
+
+impl Runtime {
+    /// Builds the runtime; reuses `previous`'s connection pool when the upstream is unchanged.
+    pub fn new(config: Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
+        let upstream = match previous {
+            Some(p)
+                if p.config.upstream == config.upstream
+                    && p.config.upstream_tls == config.upstream_tls
+                    && p.config.upstream_token == config.upstream_token
+                    && p.config.connect_timeout == config.connect_timeout
+                    && p.config.response_timeout == config.response_timeout =>
+            {
+                p.upstream.clone()
+            }
+            _ => Upstream::new(&config)?,
+        };
+        Ok(Runtime {
+            routes: Routes::new(&config.upstream.base),
+            specs: SpecCache::new(config.kernelspec_cache_ttl),
+            policy_hash: policy_hash(&config),
+            upstream,
+            config,
+        })
+    }
+}
+
+fn policy_hash(config: &Config) -> String {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    config.policy.to_string().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct State {
+    /// The current runtime; requests take a snapshot, so a reload never changes a request midway.
+    pub runtime: ArcSwap<Runtime>,
     pub audit: AuditLog,
     pub ids: Ids,
+    pub metrics: Metrics,
+    /// Spliced (upgraded) connections, tracked so that shutdown can wait for them, then end them.
+    pub splices: TaskTracker,
+    pub stop_splices: CancellationToken,
 }
 
 impl State {
-    pub fn new(config: Config, audit: AuditLog) -> State {
+    pub fn new(runtime: Runtime, audit: AuditLog) -> State {
+        let metrics = Metrics::default();
+        metrics.set_policy(&runtime.policy_hash);
         State {
-            routes: Routes::new(&config.upstream.base),
-            upstream: Upstream::new(&config),
-            specs: SpecCache::new(config.kernelspec_cache_ttl),
+            runtime: ArcSwap::from_pointee(runtime),
             audit,
             ids: Ids::default(),
-            config,
+            metrics,
+            splices: TaskTracker::new(),
+            stop_splices: CancellationToken::new(),
         }
     }
+}
+
+/// One request's view: the shared state, the runtime snapshot, and where the request came from.
+struct Ctx<'a> {
+    st: &'a State,
+    rt: &'a Runtime,
+    peer: SocketAddr,
+    /// `http` or `https`: how the client reached envgate.
+    proto: &'static str,
 }
 
 /// Serves one request.
 pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
+    proto: &'static str,
     st: Arc<State>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    if req.method() == Method::CONNECT {
-        return Ok(wire::json_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "envgate is a reverse proxy; CONNECT is not supported",
-        ));
-    }
-    let route = st.routes.classify(req.method(), req.uri().path_and_query().map_or("/", |p| p.as_str()));
-    let resp = match route {
-        Route::KernelStart => kernel_start(req, peer, &st).await,
-        Route::SessionStart => session_start(req, peer, &st).await,
-        Route::KernelspecList | Route::KernelspecOne => kernelspecs(req, route, peer, &st).await,
-        Route::Other => pass(req, peer, &st).await,
+    let started = Instant::now();
+    let rt = st.runtime.load_full();
+    let cx = Ctx { st: &st, rt: &rt, peer, proto };
+    let route = rt.routes.classify(req.method(), req.uri().path_and_query().map_or("/", |p| p.as_str()));
+    let resp = if req.method() == Method::CONNECT {
+        wire::json_error(StatusCode::METHOD_NOT_ALLOWED, "envgate is a reverse proxy; CONNECT is not supported")
+    } else {
+        match route {
+            Route::KernelStart => kernel_start(req, &cx).await,
+            Route::SessionStart => session_start(req, &cx).await,
+            Route::KernelspecList | Route::KernelspecOne => kernelspecs(req, route, &cx).await,
+            Route::Other => pass(req, &cx).await,
+        }
     };
+    let m = &st.metrics;
+    m.requests.get_or_create(&RouteStatus { route: route.as_str(), status: resp.status().as_u16() }).inc();
+    m.latency.get_or_create(&RouteLabel { route: route.as_str() }).observe(started.elapsed().as_secs_f64());
     Ok(resp)
 }
 
+/// An upstream failure: counted, logged, and answered with a JSON 502/504.
+fn upstream_failed(cx: &Ctx<'_>, e: &UpstreamError) -> Response<ProxyBody> {
+    cx.st.metrics.upstream_errors.get_or_create(&KindLabel { kind: e.kind() }).inc();
+    tracing::warn!(error = %e, "upstream request failed");
+    e.response()
+}
+
 /// Points a request at the upstream and cleans its headers for the next hop.
-fn to_upstream(parts: &mut Parts, peer: SocketAddr, st: &State) {
+fn to_upstream(parts: &mut Parts, cx: &Ctx<'_>) {
     let pq = std::mem::take(&mut parts.uri).into_parts().path_and_query;
-    parts.uri = st.upstream.uri(pq);
-    wire::strip_hop_by_hop(&mut parts.headers);
-    wire::add_forwarded(&mut parts.headers, peer.ip(), "http");
+    parts.uri = cx.rt.upstream.uri(pq);
+    clean_for_upstream(&mut parts.headers, cx);
+}
+
+/// Header hygiene for any request envgate sends upstream on a client's behalf.
+fn clean_for_upstream(headers: &mut HeaderMap, cx: &Ctx<'_>) {
+    wire::strip_hop_by_hop(headers);
+    wire::add_forwarded(headers, cx.peer.ip(), cx.proto);
+    if let Some(auth) = &cx.rt.upstream.auth {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
 }
 
 /// A response from the upstream, cleaned for the client.
@@ -94,7 +179,7 @@ fn from_upstream(resp: Response<Incoming>) -> Response<ProxyBody> {
 }
 
 /// Everything no rule claims: streamed both ways; upgrades (WebSockets) spliced.
-async fn pass(mut req: Request<Incoming>, peer: SocketAddr, st: &State) -> Response<ProxyBody> {
+async fn pass(mut req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let upgrade = if wire::wants_upgrade(req.headers()) {
         let proto = req.headers().get(header::UPGRADE).cloned();
         Some((hyper::upgrade::on(&mut req), proto))
@@ -102,29 +187,30 @@ async fn pass(mut req: Request<Incoming>, peer: SocketAddr, st: &State) -> Respo
         None
     };
     let (mut parts, body) = req.into_parts();
-    to_upstream(&mut parts, peer, st);
+    to_upstream(&mut parts, cx);
     if let Some((_, Some(proto))) = &upgrade {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
-    let resp = match st.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
+    let resp = match cx.rt.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
         Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream request failed");
-            return e.response();
-        }
+        Err(e) => return upstream_failed(cx, &e),
     };
     match upgrade {
-        Some((client_upgrade, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => splice(client_upgrade, resp),
+        Some((client_upgrade, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            splice(cx.st, client_upgrade, resp)
+        }
         _ => from_upstream(resp),
     }
 }
 
 /// Answers the client with the upstream's 101 and, once both sides have switched, copies bytes
 /// both ways until either closes. No frame parsing, no idle timeout.
-fn splice(client: hyper::upgrade::OnUpgrade, mut resp: Response<Incoming>) -> Response<ProxyBody> {
+fn splice(st: &State, client: hyper::upgrade::OnUpgrade, mut resp: Response<Incoming>) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
-    tokio::spawn(async move {
+    let gauge = st.metrics.websockets.clone();
+    let stop = st.stop_splices.clone();
+    st.splices.spawn(async move {
         let (c, u) = match tokio::try_join!(client, upstream) {
             Ok(both) => both,
             Err(e) => {
@@ -132,11 +218,19 @@ fn splice(client: hyper::upgrade::OnUpgrade, mut resp: Response<Incoming>) -> Re
                 return;
             }
         };
+        gauge.inc();
         let mut c = TokioIo::new(c);
         let mut u = TokioIo::new(u);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-            tracing::debug!(error = %e, "spliced connection ended with an error");
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "spliced connection ended with an error");
+                }
+            }
+            // Shutdown's grace period is over: dropping both ends closes them.
+            _ = stop.cancelled() => tracing::debug!("spliced connection closed at shutdown"),
         }
+        gauge.dec();
     });
     let (parts, _) = resp.into_parts();
     // The 101 keeps Connection/Upgrade and every Sec-WebSocket-* header as the upstream sent them.
@@ -159,51 +253,102 @@ struct RejectedList<'a> {
     rejected: Vec<RejectedJson<'a>>,
 }
 
+/// The user a trusted authenticating proxy named, when identity binding is on: `Ok(None)` when
+/// it is off, `Err(message)` (for a 403) when it is on and the header is missing or unusable.
+fn trusted_user<'h>(cx: &Ctx<'_>, headers: &'h HeaderMap) -> Result<Option<&'h str>, String> {
+    let Some(identity) = &cx.rt.config.identity else { return Ok(None) };
+    match headers.get(&identity.header).and_then(|v| v.to_str().ok()).map(str::trim) {
+        Some(u) if !u.is_empty() => Ok(Some(u)),
+        _ => Err(format!("envgate requires the {} header from the authenticating proxy", identity.header)),
+    }
+}
+
 /// `POST {base}api/kernels`: the env policy.
-async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Response<ProxyBody> {
+async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
+    let (st, rt) = (cx.st, cx.rt);
     let id = st.ids.next();
-    let policy = &st.config.policy;
+    let policy = &rt.config.policy;
     let (mut parts, body) = req.into_parts();
     let xff = xff(&parts.headers);
-    let mut rec = Record::new(&id, "kernel_start", policy.mode, peer, xff.as_deref());
+    let mut rec = Record::new(&id, "kernel_start", policy.mode, cx.peer, xff.as_deref());
 
+    let bound_user = match trusted_user(cx, &parts.headers) {
+        Ok(u) => u.map(str::to_string),
+        Err(msg) => {
+            let resp = wire::json_error(StatusCode::FORBIDDEN, &msg);
+            let (rec, resp) = refused(rec, resp, "missing trusted user header");
+            return finish(cx, rec, &id, resp).await;
+        }
+    };
     // Read the body, bounded, refusing what cannot be read.
-    let bytes = match read_body(&parts.headers, body, st.config.max_body_bytes).await {
+    let bytes = match read_body(&parts.headers, body, rt.config.max_body_bytes).await {
         Ok(b) => b,
         Err(resp) => {
             let why = resp.status().canonical_reason().unwrap_or("refused").to_string();
             let (rec, resp) = refused(rec, resp, &why);
-            return finish(st, rec, &id, resp).await;
+            return finish(cx, rec, &id, resp).await;
         }
     };
-    let parsed = match start::parse(&bytes) {
+    let mut parsed = match start::parse(&bytes) {
         Ok(p) => p,
         Err(e) => {
             let msg = e.to_string();
             let resp = wire::json_error(StatusCode::BAD_REQUEST, &msg);
             let (rec, resp) = refused(rec, resp, &msg);
-            return finish(st, rec, &id, resp).await;
+            return finish(cx, rec, &id, resp).await;
         }
     };
-    rec.user = parsed.env.iter().find(|(k, _)| k == "KERNEL_USERNAME").map(|(_, v)| v.as_str());
+    // Identity binding: the trusted user is the kernel's KERNEL_USERNAME, whatever the body says.
+    if let (Some(user), Some(identity)) = (&bound_user, &rt.config.identity) {
+        match parsed.env.iter_mut().find(|(k, _)| k == USERNAME) {
+            Some((_, claimed)) if claimed == user => {}
+            Some(_) if identity.on_mismatch == Mismatch::Refuse => {
+                let resp = wire::json_error(
+                    StatusCode::FORBIDDEN,
+                    &format!("{USERNAME} in the request differs from the user named by {}", identity.header),
+                );
+                rec.user = bound_user.as_deref();
+                rec.user_source = Some("trusted_header");
+                let (rec, resp) = refused(rec, resp, "KERNEL_USERNAME differs from the trusted user");
+                return finish(cx, rec, &id, resp).await;
+            }
+            Some((_, claimed)) => *claimed = user.clone(),
+            None => parsed.env.push((USERNAME.to_string(), user.clone())),
+        }
+    }
+    rec.user = parsed.env.iter().find(|(k, _)| k == USERNAME).map(|(_, v)| v.as_str());
+    rec.user_source = match (&bound_user, rec.user) {
+        (Some(_), _) => Some("trusted_header"),
+        (None, Some(_)) => Some("body"),
+        (None, None) => None,
+    };
 
     // Learn the kernelspec's own facts (and the default kernelspec) from the upstream.
     let query = parts.uri.query().map(str::to_string);
     let mut fetch_headers = parts.headers.clone();
-    wire::strip_hop_by_hop(&mut fetch_headers);
-    wire::add_forwarded(&mut fetch_headers, peer.ip(), "http");
-    let index = match st.specs.get(&st.upstream, &st.routes.kernelspecs_path(), query.as_deref(), &fetch_headers).await
+    clean_for_upstream(&mut fetch_headers, cx);
+    let index = match rt.specs.get(&rt.upstream, &rt.routes.kernelspecs_path(), query.as_deref(), &fetch_headers).await
     {
         Ok(i) => i,
         Err(e) => {
+            if let SpecsError::Upstream(u) = &e {
+                st.metrics.upstream_errors.get_or_create(&KindLabel { kind: u.kind() }).inc();
+            }
+            tracing::warn!(error = %e.describe(), "cannot learn the kernelspecs");
             let resp = e.response();
-            let why = "cannot learn the kernelspecs from the upstream";
-            let (rec, resp) = refused(rec, resp, why);
-            return finish(st, rec, &id, resp).await;
+            let (rec, resp) = refused(rec, resp, "cannot learn the kernelspecs from the upstream");
+            return finish(cx, rec, &id, resp).await;
         }
     };
     let (kernelspec, facts) = index.resolve(parsed.name.as_deref());
-    let decision = policy.decide(kernelspec.as_deref(), facts, parsed.env.iter().map(|(k, _)| k.as_str()));
+    let mut decision = policy.decide(
+        kernelspec.as_deref(),
+        facts,
+        parsed.env.iter().map(|(k, _)| k.as_str()).filter(|k| bound_user.is_none() || *k != USERNAME),
+    );
+    if bound_user.is_some() {
+        decision.kept.push(Kept { name: USERNAME.to_string(), source: Source::TrustedHeader });
+    }
     rec.kernelspec = kernelspec.as_deref();
     let rec = rec.with_decision(&decision);
 
@@ -220,14 +365,14 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
         };
         let resp = wire::json_error_with(StatusCode::FORBIDDEN, &msg, Some(list));
         let (rec, resp) = refused(rec, resp, "policy");
-        return finish(st, rec, &id, resp).await;
+        return finish(cx, rec, &id, resp).await;
     }
     let forwarded = match policy.mode {
         Mode::Report => parsed.render(|_| true),
         Mode::Drop | Mode::Reject => parsed.render(|n| decision.kept.iter().any(|k| k.name == n)),
     };
 
-    to_upstream(&mut parts, peer, st);
+    to_upstream(&mut parts, cx);
     for h in [header::CONTENT_ENCODING, header::EXPECT] {
         parts.headers.remove(h);
     }
@@ -235,20 +380,20 @@ async fn kernel_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> R
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
     let mut rec = rec;
     rec.outcome = "forwarded";
-    let resp = match st.upstream.send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
+    let resp = match rt.upstream.send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
         Ok(r) => r,
         Err(e) => {
-            let resp = e.response();
+            let resp = upstream_failed(cx, &e);
             rec.status = Some(resp.status().as_u16());
             let why = format!("upstream {}", e.kind());
             rec.error = Some(&why);
-            return finish(st, rec, &id, resp).await;
+            return finish(cx, rec, &id, resp).await;
         }
     };
     rec.status = Some(resp.status().as_u16());
     let kernel_id = kernel_id_of(resp.headers());
     rec.kernel_id = kernel_id.as_deref();
-    finish(st, rec, &id, from_upstream(resp)).await
+    finish(cx, rec, &id, from_upstream(resp)).await
 }
 
 /// Marks a record as refused with `resp`'s status and the reason `why`.
@@ -258,9 +403,14 @@ fn refused<'a>(mut rec: Record<'a>, resp: Response<ProxyBody>, why: &'a str) -> 
     (rec, resp)
 }
 
-/// Writes the audit record and tags the response with the decision id.
-async fn finish(st: &State, rec: Record<'_>, id: &str, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    st.audit.write(&rec).await;
+/// Writes the audit record, counts the decision, and tags the response with the decision id.
+async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let m = &cx.st.metrics;
+    m.decisions.get_or_create(&DecisionLabel { event: rec.event, outcome: rec.outcome, mode: rec.mode }).inc();
+    for r in &rec.rejected {
+        m.rejected.get_or_create(&ReasonLabel { reason: r.reason }).inc();
+    }
+    cx.st.audit.write(&rec).await;
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-envgate-decision", v);
     }
@@ -305,45 +455,54 @@ async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<By
 }
 
 /// `POST {base}api/sessions`: refused by default, passed (and audited) when allowed.
-async fn session_start(req: Request<Incoming>, peer: SocketAddr, st: &State) -> Response<ProxyBody> {
-    let id = st.ids.next();
+async fn session_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
+    let policy = &cx.rt.config.policy;
+    let id = cx.st.ids.next();
     let xff = xff(req.headers());
-    let mut rec = Record::new(&id, "session_start", st.config.policy.mode, peer, xff.as_deref());
-    if st.config.policy.sessions == Sessions::Deny {
+    let mut rec = Record::new(&id, "session_start", policy.mode, cx.peer, xff.as_deref());
+    if policy.sessions == Sessions::Deny {
         let resp = wire::json_error(
             StatusCode::FORBIDDEN,
             "envgate refuses POST /api/sessions: a session starts its kernel with the gateway's whole \
              environment, outside the env policy. Start kernels with POST /api/kernels, or set sessions = \"allow\".",
         );
-        rec.status = Some(403);
-        rec.error = Some("sessions denied");
-        return finish(st, rec, &id, resp).await;
+        let (rec, resp) = refused(rec, resp, "sessions denied");
+        return finish(cx, rec, &id, resp).await;
     }
+    let user = match trusted_user(cx, req.headers()) {
+        Ok(u) => u.map(str::to_string),
+        Err(msg) => {
+            let resp = wire::json_error(StatusCode::FORBIDDEN, &msg);
+            let (rec, resp) = refused(rec, resp, "missing trusted user header");
+            return finish(cx, rec, &id, resp).await;
+        }
+    };
+    rec.user = user.as_deref();
+    rec.user_source = user.as_ref().map(|_| "trusted_header");
     rec.outcome = "forwarded";
-    let resp = pass(req, peer, st).await;
+    let resp = pass(req, cx).await;
     rec.status = Some(resp.status().as_u16());
-    finish(st, rec, &id, resp).await
+    finish(cx, rec, &id, resp).await
 }
 
 /// `GET {base}api/kernelspecs[/{name}]`: inject `client_envs`, with an ETag of the new body.
-async fn kernelspecs(req: Request<Incoming>, route: Route, peer: SocketAddr, st: &State) -> Response<ProxyBody> {
+async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     let if_none_match: Vec<HeaderValue> = parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect();
-    to_upstream(&mut parts, peer, st);
+    to_upstream(&mut parts, cx);
     // The upstream's validators describe other bytes than the ones envgate sends.
     parts.headers.remove(header::IF_NONE_MATCH);
     parts.headers.remove(header::IF_MODIFIED_SINCE);
     parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    let resp = match st.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
+    let resp = match cx.rt.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
         Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream request failed");
-            return e.response();
-        }
+        Err(e) => return upstream_failed(cx, &e),
     };
+    let passthrough = &cx.st.metrics.kernelspec_passthrough;
     let encoded = resp.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
     if resp.status() != StatusCode::OK || encoded {
         if encoded {
+            passthrough.inc();
             tracing::warn!("kernelspecs came back compressed; passed on without client_envs");
         }
         return from_upstream(resp);
@@ -360,19 +519,17 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, peer: SocketAddr, st:
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reading kernelspecs from the upstream failed");
-                return wire::json_error(
-                    StatusCode::BAD_GATEWAY,
-                    "the upstream gateway failed while sending kernelspecs",
-                );
+                let e = UpstreamError::Failed(e.to_string());
+                return upstream_failed(cx, &e);
             }
         }
         if buf.len() > MAX_KERNELSPECS_REWRITE {
+            passthrough.inc();
             tracing::warn!("kernelspecs body too large to rewrite; passed on without client_envs");
             return Response::from_parts(parts, ProxyBody::Prefixed { prefix: Some(buf.freeze()), rest: body });
         }
     }
-    let policy = &st.config.policy;
+    let policy = &cx.rt.config.policy;
     let rewritten = match route {
         Route::KernelspecList => kernelspecs::rewrite_list(policy, &buf),
         _ => kernelspecs::rewrite_one(policy, &buf),
@@ -380,6 +537,7 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, peer: SocketAddr, st:
     let new = match rewritten {
         Ok(b) => Bytes::from(b),
         Err(e) => {
+            passthrough.inc();
             tracing::warn!(error = %e, route = route.as_str(), "kernelspecs not rewritten; passed on unchanged");
             return Response::from_parts(parts, ProxyBody::full(buf.freeze()));
         }

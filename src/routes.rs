@@ -58,6 +58,11 @@ impl Routes {
         &self.api[..self.api.len() - "api/".len()]
     }
 
+    /// `{base}api`, which EG answers without a token: the readiness probe.
+    pub fn api_path(&self) -> String {
+        self.api.trim_end_matches('/').to_string()
+    }
+
     /// The path of the kernelspecs list, which envgate fetches itself.
     pub fn kernelspecs_path(&self) -> String {
         format!("{}kernelspecs", self.api)

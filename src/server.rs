@@ -1,30 +1,95 @@
-//! The listener: accepts connections, serves each with hyper (HTTP/1.1, keep-alive, upgrades),
-//! and stops on SIGTERM or SIGINT.
+//! The I/O shell: listeners (plain or TLS), one hyper HTTP/1.1 connection per client (keep-alive,
+//! upgrades), the admin listener, and signals: SIGHUP reloads the configuration and certificates,
+//! SIGTERM/SIGINT drain and exit.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
-use crate::config::Config;
-use crate::proxy::{self, State};
+use crate::body::ProxyBody;
+use crate::config::{Config, Opts};
+use crate::metrics::ResultLabel;
+use crate::proxy::{self, Runtime, State};
+use crate::{tls, wire};
 
-/// Runs envgate until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> std::io::Result<()> {
-    let listener = TcpListener::bind(config.listen).await?;
-    let (audit, audit_task) = AuditLog::open(&config.audit_log).await?;
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        upstream = %config.upstream,
-        mode = config.policy.mode.as_str(),
-        "envgate is listening"
-    );
-    let state = Arc::new(State::new(config, audit));
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn acceptor(config: &Config) -> Result<Option<TlsAcceptor>, String> {
+    match &config.tls {
+        None => Ok(None),
+        Some((cert, key)) => Ok(Some(TlsAcceptor::from(tls::server_config(cert, key)?))),
+    }
+}
+
+/// Loads every file the configuration names (listener certificate and key, upstream CA and
+/// client certificate), as start-up and reload do; `envgate check` runs it too.
+pub fn preflight(config: &Config) -> Result<(), String> {
+    acceptor(config).map_err(|e| format!("invalid `tls_cert`/`tls_key`: {e}"))?;
+    crate::upstream::Upstream::new(config).map_err(|e| format!("invalid upstream TLS settings: {e}"))?;
+    Ok(())
+}
+
+/// Runs envgate until SIGTERM or SIGINT. `opts` are kept to reload the configuration on SIGHUP.
+pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let admin = match config.admin_listen {
+        Some(a) => Some(TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (admin): {e}"))?),
+        None => None,
+    };
+    let tls = ArcSwapOption::from(acceptor(&config)?.map(Arc::new));
+    let (audit, audit_task) =
+        AuditLog::open(&config.audit_log).await.map_err(|e| format!("cannot open the audit log: {e}"))?;
+    if config.upstream_tls.insecure {
+        tracing::warn!(
+            "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only"
+        );
+    }
+    if config.upstream_token.is_some() && config.identity.is_none() {
+        tracing::warn!(
+            "envgate holds the upstream token and no trusted_user_header is set: anyone who reaches envgate reaches EG"
+        );
+    }
+    let grace = config.shutdown_grace;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let state = Arc::new(State::new(Runtime::new(config, None)?, audit));
+    {
+        let rt = state.runtime.load();
+        tracing::info!(
+            listen = %addr,
+            tls = rt.config.tls.is_some(),
+            upstream = %rt.config.upstream,
+            mode = rt.config.policy.mode.as_str(),
+            policy = %rt.policy_hash,
+            "envgate is listening"
+        );
+    }
+    let stop = CancellationToken::new();
+    let conns = TaskTracker::new();
+    if let Some(admin) = admin {
+        tracing::info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (/healthz, /readyz, /metrics)");
+        tokio::spawn(serve_admin(admin, state.clone(), stop.clone()));
+    }
+
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -32,39 +97,154 @@ pub async fn run(config: Config) -> std::io::Result<()> {
                 Err(e) => {
                     // Out of file descriptors and the like: wait a moment instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = hup.recv() => {
+                reload(&opts, &state, &tls).await;
+                continue;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
         };
         let _ = stream.set_nodelay(true);
         let st = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| proxy::handle(req, peer, st.clone()));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades().await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+        let stop = stop.clone();
+        match tls.load_full() {
+            None => {
+                conns.spawn(serve_conn(stream, peer, "http", st, stop));
             }
-        });
+            Some(acceptor) => {
+                conns.spawn(async move {
+                    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(s)) => serve_conn(s, peer, "https", st, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
-    tracing::info!("shutting down");
+
+    // Drain: stop accepting, let requests in flight finish and WebSockets run for the grace
+    // period, then close whatever is left.
+    drop(listener);
+    tracing::info!(grace = ?grace, "shutting down: no new connections");
+    stop.cancel();
+    conns.close();
+    state.splices.close();
+    let drained = tokio::time::timeout(grace, async {
+        conns.wait().await;
+        state.splices.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!("grace period over: closing remaining connections");
+        state.stop_splices.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.splices.wait()).await;
+    }
     drop(state);
     // Connections still running hold the audit log; give the writer a moment to drain.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), audit_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), audit_task).await;
+    tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+/// Serves one client connection until it closes, or until shutdown asks it to finish its
+/// current request and close.
+async fn serve_conn<S>(io: S, peer: SocketAddr, proto: &'static str, st: Arc<State>, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| proxy::handle(req, peer, proto, st.clone()));
+    let mut builder = http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
+}
+
+/// SIGHUP: re-read the configuration (file, environment, flags) and certificates, and reopen the
+/// audit log. A configuration that fails keeps the old one running. Requests in flight keep the
+/// runtime they started with; open WebSockets are not touched.
+async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>) {
+    let counter = |result: &'static str| state.metrics.reloads.get_or_create(&ResultLabel { result }).inc();
+    let old = state.runtime.load_full();
+    let loaded = Config::load(opts).map_err(|e| e.to_string()).and_then(|config| {
+        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+            tracing::warn!("listen and admin_listen cannot change on reload; restart envgate to move them");
+        }
+        let acceptor = acceptor(&config)?;
+        Ok((Runtime::new(config, Some(&old))?, acceptor))
+    });
+    match loaded {
+        Ok((runtime, acceptor)) => {
+            if old.config.tls.is_some() != acceptor.is_some() {
+                tracing::warn!("TLS was turned on or off by the reload; it applies to new connections");
+            }
+            tls.store(acceptor.map(Arc::new));
+            state.audit.reopen(runtime.config.audit_log.clone()).await;
+            state.metrics.set_policy(&runtime.policy_hash);
+            tracing::info!(policy = %runtime.policy_hash, mode = runtime.config.policy.mode.as_str(), "configuration reloaded");
+            state.runtime.store(Arc::new(runtime));
+            counter("ok");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
+            counter("error");
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+}
+
+/// The admin listener: `/healthz`, `/readyz`, `/metrics`.
+async fn serve_admin(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| admin(req, st.clone()));
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+async fn admin(req: Request<Incoming>, st: Arc<State>) -> Result<Response<ProxyBody>, Infallible> {
+    let text = |status: StatusCode, body: String, ctype: &'static str| {
+        let mut r = Response::new(ProxyBody::full(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+        r
+    };
+    Ok(match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/readyz" => {
+            let rt = st.runtime.load_full();
+            match rt.upstream.probe(&rt.routes.api_path()).await {
+                Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("upstream not ready: {e}\n"), "text/plain"),
+            }
+        }
+        "/metrics" => text(StatusCode::OK, st.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8"),
+        _ => wire::json_error(StatusCode::NOT_FOUND, "admin routes: /healthz, /readyz, /metrics"),
+    })
 }

@@ -11,6 +11,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -18,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::body::ProxyBody;
 use crate::config::{Config, UpstreamUrl};
 use crate::rewrite::kernelspecs::{self, SpecIndex};
+use crate::tls;
 use crate::wire;
 
 /// Largest kernelspecs body envgate reads for itself.
@@ -73,23 +75,37 @@ impl std::fmt::Display for UpstreamError {
 /// The pooled client and where it points.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     pub url: UpstreamUrl,
     response_timeout: Duration,
+    /// `Authorization: token ...` for every upstream request, when envgate holds EG's token.
+    pub auth: Option<HeaderValue>,
 }
 
 impl Upstream {
-    pub fn new(cfg: &Config) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_nodelay(true);
+    /// Builds the client; fails only when the upstream TLS files cannot be loaded.
+    pub fn new(cfg: &Config) -> Result<Upstream, String> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls::client_config(&cfg.upstream_tls)?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             // Keep the client's Host header: EG compares it with Origin.
             .set_host(true)
             .build(connector);
-        Upstream { client, url: cfg.upstream.clone(), response_timeout: cfg.response_timeout }
+        let auth = cfg.upstream_token.as_ref().map(|t| {
+            let mut v = HeaderValue::from_str(&format!("token {}", t.0)).expect("validated in config");
+            v.set_sensitive(true);
+            v
+        });
+        Ok(Upstream { client, url: cfg.upstream.clone(), response_timeout: cfg.response_timeout, auth })
     }
 
     /// The upstream URI for a client's raw path and query, which are kept byte for byte.
@@ -109,6 +125,22 @@ impl Upstream {
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(source_chain(&e))),
             Ok(Err(e)) => Err(UpstreamError::Failed(source_chain(&e))),
         }
+    }
+}
+
+impl Upstream {
+    /// Whether the upstream answers `GET path` with a status below 500 within two seconds.
+    pub async fn probe(&self, path: &str) -> Result<(), String> {
+        let mut req = Request::new(ProxyBody::empty());
+        *req.uri_mut() = self.uri(Some(path.parse().map_err(|_| "bad probe path".to_string())?));
+        let resp = tokio::time::timeout(Duration::from_secs(2), self.client.request(req))
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|e| source_chain(&e))?;
+        if resp.status().is_server_error() {
+            return Err(format!("status {}", resp.status().as_u16()));
+        }
+        Ok(())
     }
 }
 
@@ -240,6 +272,9 @@ impl SpecCache {
             req.headers_mut().remove(h);
         }
         req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        if let Some(auth) = &upstream.auth {
+            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+        }
         let resp = upstream.send(req).await.map_err(SpecsError::Upstream)?;
         let (parts, body) = resp.into_parts();
         let body = http_body_util::Limited::new(body, MAX_SPECS_BYTES)

@@ -101,7 +101,9 @@ fn bad_files_and_flags_give_one_line_naming_the_key_and_exit_2() {
     }
     for (args, key) in [
         (&["check", "--mode", "loud"][..], "mode"),
-        (&["check", "--upstream", "https://x"][..], "upstream"),
+        (&["check", "--upstream", "ftp://x"][..], "upstream"),
+        (&["check", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"][..], "tls"),
+        (&["check", "--upstream", "https://x", "--upstream-ca", "/nonexistent-ca.pem"][..], "upstream"),
         (&["check", "--max-body-bytes", "lots"][..], "max_body_bytes"),
         (&["check", "--no-such-flag"][..], "--no-such-flag"),
     ] {

@@ -1,0 +1,162 @@
+//! Prometheus metrics, served on the admin listener as `/metrics` (text format).
+//!
+//! Every label has a small, fixed set of values (route classes, status codes, modes, reasons,
+//! error kinds): never an env name from a client, a kernel id or a user.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// `kernel_start` or `session_start`.
+    pub event: &'static str,
+    pub outcome: &'static str,
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub hash: String,
+}
+
+/// Every series envgate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RouteStatus, Counter>,
+    pub latency: Family<RouteLabel, Histogram>,
+    pub decisions: Family<DecisionLabel, Counter>,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub websockets: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub upstream_errors: Family<KindLabel, Counter>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub kernelspec_passthrough: Counter<u64, AtomicU64>,
+    pub policy: Family<PolicyLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("envgate");
+        let requests = Family::<RouteStatus, Counter>::default();
+        registry.register("requests", "Requests answered, by route class and status", requests.clone());
+        let latency = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            // 50 µs .. ~100 s
+            Histogram::new(exponential_buckets(0.00005, 2.5, 16))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by route class",
+            latency.clone(),
+        );
+        let decisions = Family::<DecisionLabel, Counter>::default();
+        registry.register("decisions", "Kernel and session start decisions, by outcome and mode", decisions.clone());
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register("rejected_variables", "Variables rejected by the policy, by reason", rejected.clone());
+        let websockets = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register("open_websockets", "Spliced (upgraded) connections open now", websockets.clone());
+        let upstream_errors = Family::<KindLabel, Counter>::default();
+        registry.register("upstream_errors", "Upstream failures, by kind", upstream_errors.clone());
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register("config_reloads", "Configuration reloads, by result", reloads.clone());
+        let kernelspec_passthrough = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "kernelspec_passthrough",
+            "Kernelspec responses passed on without client_envs (not parseable, compressed or too large)",
+            kernelspec_passthrough.clone(),
+        );
+        let policy = Family::<PolicyLabel, Gauge>::default();
+        registry.register("policy_info", "The active policy's hash (value is always 1)", policy.clone());
+        Metrics {
+            registry,
+            requests,
+            latency,
+            decisions,
+            rejected,
+            websockets,
+            upstream_errors,
+            reloads,
+            kernelspec_passthrough,
+            policy,
+        }
+    }
+}
+
+impl Metrics {
+    /// Marks `hash` as the active policy (and only it).
+    pub fn set_policy(&self, hash: &str) {
+        self.policy.clear();
+        self.policy.get_or_create(&PolicyLabel { hash: hash.to_string() }).set(1);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_is_exported() {
+        let m = Metrics::default();
+        m.requests.get_or_create(&RouteStatus { route: "other", status: 200 }).inc();
+        m.latency.get_or_create(&RouteLabel { route: "other" }).observe(0.001);
+        m.decisions.get_or_create(&DecisionLabel { event: "kernel_start", outcome: "forwarded", mode: "drop" }).inc();
+        m.rejected.get_or_create(&ReasonLabel { reason: "denied" }).inc();
+        m.websockets.inc();
+        m.upstream_errors.get_or_create(&KindLabel { kind: "connect" }).inc();
+        m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
+        m.set_policy("abc");
+        m.set_policy("def");
+        let text = m.encode();
+        for want in [
+            "envgate_requests_total{route=\"other\",status=\"200\"} 1",
+            "envgate_request_duration_seconds_bucket",
+            "envgate_decisions_total{event=\"kernel_start\",outcome=\"forwarded\",mode=\"drop\"} 1",
+            "envgate_rejected_variables_total{reason=\"denied\"} 1",
+            "envgate_open_websockets 1",
+            "envgate_upstream_errors_total{kind=\"connect\"} 1",
+            "envgate_config_reloads_total{result=\"ok\"} 1",
+            "envgate_kernelspec_passthrough_total 0",
+            "envgate_policy_info{hash=\"def\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        assert!(!text.contains("hash=\"abc\""));
+    }
+}
