@@ -42,18 +42,10 @@ async def main(base):
     kernel = json.loads(r.body)
     print(f"  -> {r.code}, kernel {kernel['id']}, decision {r.headers.get('X-Envgate-Decision')}")
     ws_url = base.replace("http", "ws", 1) + f"/api/kernels/{kernel['id']}/channels"
-    ws = None
-    for _ in range(100):
-        try:
-            ws = await websocket_connect(ws_url)
-            break
-        except Exception:
-            await asyncio.sleep(0.2)
-    if ws is None:
-        print("could not open the kernel's WebSocket")
-        return 1
-    async def ask(msg, want, timeout):
-        """Sends msg and returns (reply, stdout) once a `want` reply to it arrives, or None."""
+
+    async def ask(ws, msg, want, timeout):
+        """Sends msg and returns (reply, stdout) once a `want` reply to it arrives; None on
+        timeout or when the connection closes."""
         ws.write_message(json.dumps(msg))
         out = ""
         loop = asyncio.get_event_loop()
@@ -72,24 +64,46 @@ async def main(base):
                 out += m["content"]["text"]
             if m["header"]["msg_type"] == want:
                 return m, out
+            # iopub's status:idle comes after every output of the request (execute_reply, on the
+            # shell channel, may overtake the output).
+            if want == "idle" and m["header"]["msg_type"] == "status" \
+                    and m["content"].get("execution_state") == "idle":
+                return m, out
         return None
 
-    # Right after the start the kernel may not listen yet: ask for kernel_info until it answers.
-    for _ in range(60):
-        if await ask(message("kernel_info_request", {}), "kernel_info_reply", 1):
+    # Right after the start the kernel may not listen yet, and EG may close an early WebSocket:
+    # (re)connect and ask for kernel_info until the kernel answers.
+    ws = None
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + 60
+    while loop.time() < deadline:
+        try:
+            ws = await websocket_connect(ws_url)
+        except Exception:
+            await asyncio.sleep(0.2)
+            continue
+        if await ask(ws, message("kernel_info_request", {}), "kernel_info_reply", 2):
             break
-    got = await ask(message("execute_request", {"code": CODE, "silent": False, "store_history": False,
-                                                "user_expressions": {}, "allow_stdin": False}),
-                    "execute_reply", 60)
-    out = got[1] if got else ""
+        ws.close()
+        ws = None
+        await asyncio.sleep(0.2)
+    if ws is None:
+        print("the kernel did not answer on its WebSocket")
+        return 1
+    got = await ask(ws, message("execute_request", {"code": CODE, "silent": False, "store_history": False,
+                                                    "user_expressions": {}, "allow_stdin": False}),
+                    "idle", 60)
     ws.close()
-    print("the kernel's environment (names the demo cares about):")
-    try:
-        for k, v in json.loads(out).items():
-            print(f"  {k}={v}")
-    except ValueError:
-        print("  " + out)
+    out = got[1] if got else ""
     await http.fetch(f"{base}/api/kernels/{kernel['id']}", method="DELETE")
+    try:
+        env = json.loads(out)
+    except ValueError:
+        print(f"the kernel printed no environment: {out!r}")
+        return 1
+    print("the kernel's environment (names the demo cares about):")
+    for k, v in env.items():
+        print(f"  {k}={v}")
     return 0
 
 

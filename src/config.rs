@@ -843,6 +843,11 @@ pub fn parse_upstream(s: &str) -> Result<UpstreamUrl, String> {
         return Err(format!("{s:?} has a query string; only a base path is allowed"));
     }
     let path = uri.path();
+    // EG joins base_url into its route regexes unescaped: a metacharacter would make EG match
+    // paths envgate cannot know about.
+    if let Some(c) = path.chars().find(|c| "^$*+?()[]{}|\\".contains(*c)) {
+        return Err(format!("the base path {path:?} holds {c:?}, which EG would read as a regular expression"));
+    }
     let base = if path.ends_with('/') { path.to_string() } else { format!("{path}/") };
     Ok(UpstreamUrl { scheme, authority, base })
 }
@@ -1024,5 +1029,8 @@ mod tests {
         assert_eq!(parse_upstream("http://h:1/a/b/").unwrap().base, "/a/b/");
         assert!(parse_upstream("h:1").is_err());
         assert!(parse_upstream("http://u:p@h:1").is_err());
+        assert!(parse_upstream("http://h:1/g(w)").is_err());
+        assert!(parse_upstream("http://h:1/g*").is_err());
+        assert!(parse_upstream("http://h:1/g.w").is_ok());
     }
 }

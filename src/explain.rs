@@ -85,7 +85,7 @@ pub async fn index_from_upstream(config: &Config, token: Option<&str>) -> Result
         headers.insert(AUTHORIZATION, v);
     }
     SpecCache::new(Duration::ZERO)
-        .get(&upstream, &routes.kernelspecs_path(), None, &headers)
+        .get(&upstream, routes.kernelspecs_path(), None, || headers)
         .await
         .map_err(|e| format!("cannot fetch kernelspecs from {}: {}", config.upstream, e.describe()))
 }

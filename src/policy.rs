@@ -285,15 +285,20 @@ impl Policy {
     /// The verdict on one name for one kernelspec (`None`: no kernelspec could be determined;
     /// `facts`: what the upstream serves for it, if anything).
     pub fn verdict(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>, name: &str) -> Verdict {
+        self.verdict_in(&self.lists(kernelspec, facts), name)
+    }
+
+    /// The verdict on one name against the list sources of one kernelspec, looked up once.
+    fn verdict_in(&self, lists: &[(Source, Option<&BTreeSet<String>>)], name: &str) -> Verdict {
         if !valid_name(name) {
             return Verdict::Reject(Reason::InvalidName);
         }
         if self.deny_envs.contains(name) {
             return Verdict::Reject(Reason::Denied);
         }
-        for (source, list) in self.lists(kernelspec, facts) {
+        for (source, list) in lists {
             if list.is_some_and(|l| l.contains(name)) {
-                return Verdict::Keep(source);
+                return Verdict::Keep(source.clone());
             }
         }
         if self.eg_config.as_ref().is_some_and(|e| e.all) {
@@ -312,9 +317,10 @@ impl Policy {
         facts: Option<&SpecFacts>,
         names: impl IntoIterator<Item = &'a str>,
     ) -> Decision {
+        let lists = self.lists(kernelspec, facts);
         let mut d = Decision::default();
         for name in names {
-            match self.verdict(kernelspec, facts, name) {
+            match self.verdict_in(&lists, name) {
                 Verdict::Keep(source) => d.kept.push(Kept { name: name.to_string(), source }),
                 Verdict::Reject(reason) => d.rejected.push(Rejected { name: name.to_string(), reason }),
             }

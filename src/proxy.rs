@@ -7,6 +7,7 @@
 //! - session start: refused unless allowed, audited;
 //! - kernelspecs: response rewritten by [`crate::rewrite::kernelspecs`], with its own ETag.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,9 +39,6 @@ use crate::wire;
 
 /// The variable EG takes as the kernel's user.
 const USERNAME: &str = "KERNEL_USERNAME";
-
-/// Largest kernelspecs response envgate rewrites; a larger one passes through unchanged.
-const MAX_KERNELSPECS_REWRITE: usize = 8 << 20;
 
 /// Everything that a reload (SIGHUP) replaces: built from one [`Config`].
 pub struct Runtime {
@@ -139,6 +137,7 @@ pub async fn handle(
             Route::KernelStart => kernel_start(req, &cx).await,
             Route::SessionStart => session_start(req, &cx).await,
             Route::KernelspecList | Route::KernelspecOne => kernelspecs(req, route, &cx).await,
+            Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => ambiguous(req, route, &cx).await,
             Route::Other => pass(req, &cx).await,
         }
     };
@@ -180,7 +179,9 @@ fn from_upstream(resp: Response<Incoming>) -> Response<ProxyBody> {
 
 /// Everything no rule claims: streamed both ways; upgrades (WebSockets) spliced.
 async fn pass(mut req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
-    let upgrade = if wire::wants_upgrade(req.headers()) {
+    // hyper can switch protocols on HTTP/1.1 connections only; an HTTP/1.0 "upgrade" is a
+    // plain request.
+    let upgrade = if req.version() == http::Version::HTTP_11 && wire::wants_upgrade(req.headers()) {
         let proto = req.headers().get(header::UPGRADE).cloned();
         Some((hyper::upgrade::on(&mut req), proto))
     } else {
@@ -237,9 +238,17 @@ fn splice(st: &State, client: hyper::upgrade::OnUpgrade, mut resp: Response<Inco
     Response::from_parts(parts, ProxyBody::empty())
 }
 
-/// The client's `X-Forwarded-For`, as received, for the audit record.
+/// The client's `X-Forwarded-For`, as received (every line, joined), for the audit record.
 fn xff(headers: &HeaderMap) -> Option<String> {
-    headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_string)
+    let lines: Vec<String> =
+        headers.get_all("x-forwarded-for").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+    (!lines.is_empty()).then(|| lines.join(", "))
+}
+
+/// The `token=...` pair of a query string, as sent (EG accepts `?token=` for authentication);
+/// nothing else of the query.
+fn token_pair(query: &str) -> Option<&str> {
+    query.split('&').find(|p| p.starts_with("token="))
 }
 
 #[derive(Serialize)]
@@ -324,11 +333,13 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
     };
 
     // Learn the kernelspec's own facts (and the default kernelspec) from the upstream.
-    let query = parts.uri.query().map(str::to_string);
-    let mut fetch_headers = parts.headers.clone();
-    clean_for_upstream(&mut fetch_headers, cx);
-    let index = match rt.specs.get(&rt.upstream, &rt.routes.kernelspecs_path(), query.as_deref(), &fetch_headers).await
-    {
+    let token = parts.uri.query().and_then(token_pair);
+    let fetch_headers = || {
+        let mut h = parts.headers.clone();
+        clean_for_upstream(&mut h, cx);
+        h
+    };
+    let index = match rt.specs.get(&rt.upstream, rt.routes.kernelspecs_path(), token, fetch_headers).await {
         Ok(i) => i,
         Err(e) => {
             if let SpecsError::Upstream(u) = &e {
@@ -369,7 +380,10 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
     }
     let forwarded = match policy.mode {
         Mode::Report => parsed.render(|_| true),
-        Mode::Drop | Mode::Reject => parsed.render(|n| decision.kept.iter().any(|k| k.name == n)),
+        Mode::Drop | Mode::Reject => {
+            let kept: HashSet<&str> = decision.kept.iter().map(|k| k.name.as_str()).collect();
+            parsed.render(|n| kept.contains(n))
+        }
     };
 
     to_upstream(&mut parts, cx);
@@ -454,6 +468,24 @@ async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<By
     }
 }
 
+/// A `POST` that is not exactly a kernel-starting route but could reach one after some
+/// normalization: refused (400) and audited, never forwarded.
+async fn ambiguous(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Response<ProxyBody> {
+    let id = cx.st.ids.next();
+    let xff = xff(req.headers());
+    let event = if route == Route::AmbiguousSessionStart { "session_start" } else { "kernel_start" };
+    let rec = Record::new(&id, event, cx.rt.config.policy.mode, cx.peer, xff.as_deref());
+    let msg = format!(
+        "envgate refuses this request: its path is not exactly a route under {} but could reach a kernel start \
+         after normalization; send POST {}api/kernels",
+        cx.rt.routes.base(),
+        cx.rt.routes.base()
+    );
+    tracing::warn!(path = %req.uri().path(), "refused an ambiguous kernel-start path");
+    let (rec, resp) = refused(rec, wire::json_error(StatusCode::BAD_REQUEST, &msg), "ambiguous path");
+    finish(cx, rec, &id, resp).await
+}
+
 /// `POST {base}api/sessions`: refused by default, passed (and audited) when allowed.
 async fn session_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let policy = &cx.rt.config.policy;
@@ -482,6 +514,10 @@ async fn session_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBo
     rec.outcome = "forwarded";
     let resp = pass(req, cx).await;
     rec.status = Some(resp.status().as_u16());
+    // pass() answers 502/504 itself when the upstream fails; EG's own errors carry its JSON.
+    if resp.status() == StatusCode::BAD_GATEWAY || resp.status() == StatusCode::GATEWAY_TIMEOUT {
+        rec.error = Some("upstream failed");
+    }
     finish(cx, rec, &id, resp).await
 }
 
@@ -490,10 +526,7 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
     let (mut parts, body) = req.into_parts();
     let if_none_match: Vec<HeaderValue> = parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     to_upstream(&mut parts, cx);
-    // The upstream's validators describe other bytes than the ones envgate sends.
-    parts.headers.remove(header::IF_NONE_MATCH);
-    parts.headers.remove(header::IF_MODIFIED_SINCE);
-    parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    wire::ask_for_kernelspecs(&mut parts.headers);
     let resp = match cx.rt.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
@@ -523,7 +556,7 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
                 return upstream_failed(cx, &e);
             }
         }
-        if buf.len() > MAX_KERNELSPECS_REWRITE {
+        if buf.len() > kernelspecs::MAX_BODY {
             passthrough.inc();
             tracing::warn!("kernelspecs body too large to rewrite; passed on without client_envs");
             return Response::from_parts(parts, ProxyBody::Prefixed { prefix: Some(buf.freeze()), rest: body });
@@ -545,11 +578,7 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
     let etag = wire::etag(&new);
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(header::ETAG, etag.clone());
-    let mut inm = HeaderMap::new();
-    for v in if_none_match {
-        inm.append(header::IF_NONE_MATCH, v);
-    }
-    if wire::if_none_match(&inm, &etag) {
+    if wire::if_none_match(&if_none_match, &etag) {
         parts.status = StatusCode::NOT_MODIFIED;
         parts.headers.remove(header::CONTENT_TYPE);
         return Response::from_parts(parts, ProxyBody::empty());

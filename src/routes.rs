@@ -2,7 +2,11 @@
 //!
 //! Tornado matches the raw, undecoded path (query string ignored) against anchored regexes, so
 //! envgate does the same: a route is claimed only when the path is byte for byte the route under
-//! the upstream's base URL. Everything else passes through untouched.
+//! the upstream's base URL. Everything else passes through untouched, except one thing: a `POST`
+//! whose path is not exactly a kernel-starting route but could become one after any
+//! normalization some server or proxy in the chain might do (percent-decoding, case, dot
+//! segments, repeated or trailing slashes, `;` parameters, NUL, a base path that differs from
+//! the one envgate was told) is refused, never forwarded unfiltered.
 
 use http::Method;
 
@@ -17,6 +21,10 @@ pub enum Route {
     KernelspecList,
     /// `GET {base}api/kernelspecs/{name}`: inject `client_envs` into one kernelspec.
     KernelspecOne,
+    /// A `POST` that could reach `api/kernels` after normalization: refused.
+    AmbiguousKernelStart,
+    /// A `POST` that could reach `api/sessions` after normalization: refused.
+    AmbiguousSessionStart,
     /// Anything else: pass through (WebSocket upgrades included).
     Other,
 }
@@ -29,13 +37,17 @@ impl Route {
             Route::SessionStart => "session_start",
             Route::KernelspecList => "kernelspec_list",
             Route::KernelspecOne => "kernelspec_one",
+            Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => "ambiguous",
             Route::Other => "other",
         }
     }
 
-    /// Whether the route starts a kernel (and so must never be passed through unfiltered).
+    /// Whether the route starts a kernel, or could (and so must never be passed through unfiltered).
     pub fn starts_kernel(self) -> bool {
-        matches!(self, Route::KernelStart | Route::SessionStart)
+        matches!(
+            self,
+            Route::KernelStart | Route::SessionStart | Route::AmbiguousKernelStart | Route::AmbiguousSessionStart
+        )
     }
 }
 
@@ -44,13 +56,18 @@ impl Route {
 pub struct Routes {
     /// `{base}api/`, e.g. `/api/` or `/gw/api/`.
     api: String,
+    /// `{base}api/kernelspecs`, which envgate fetches itself.
+    kernelspecs: String,
 }
 
 impl Routes {
-    /// `base` is the upstream URL's path (EG's `base_url`), with or without a trailing slash.
+    /// `base` is the upstream URL's path (EG's `base_url`), with or without a trailing slash;
+    /// repeated slashes are collapsed, as EG's `url_path_join` does.
     pub fn new(base: &str) -> Routes {
-        let base = base.trim_end_matches('/');
-        Routes { api: format!("{base}/api/") }
+        let segments: Vec<&str> = base.split('/').filter(|s| !s.is_empty()).collect();
+        let base = if segments.is_empty() { String::new() } else { format!("/{}", segments.join("/")) };
+        let api = format!("{base}/api/");
+        Routes { kernelspecs: format!("{api}kernelspecs"), api }
     }
 
     /// The base path with a trailing slash (`/` or `/gw/`).
@@ -64,23 +81,27 @@ impl Routes {
     }
 
     /// The path of the kernelspecs list, which envgate fetches itself.
-    pub fn kernelspecs_path(&self) -> String {
-        format!("{}kernelspecs", self.api)
+    pub fn kernelspecs_path(&self) -> &str {
+        &self.kernelspecs
     }
 
     /// Classifies a request by method and raw path (the query, if any, is ignored).
     pub fn classify(&self, method: &Method, path_and_query: &str) -> Route {
         let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
+        if *method == Method::POST {
+            return match path.strip_prefix(self.api.as_str()) {
+                Some("kernels") => Route::KernelStart,
+                Some("sessions") => Route::SessionStart,
+                _ => match normalized_tail(path) {
+                    Some(Tail::Kernels) => Route::AmbiguousKernelStart,
+                    Some(Tail::Sessions) => Route::AmbiguousSessionStart,
+                    None => Route::Other,
+                },
+            };
+        }
         let Some(rest) = path.strip_prefix(self.api.as_str()) else {
             return Route::Other;
         };
-        if *method == Method::POST {
-            return match rest {
-                "kernels" => Route::KernelStart,
-                "sessions" => Route::SessionStart,
-                _ => Route::Other,
-            };
-        }
         if *method == Method::GET {
             if rest == "kernelspecs" {
                 return Route::KernelspecList;
@@ -97,9 +118,113 @@ impl Routes {
     }
 }
 
+enum Tail {
+    Kernels,
+    Sessions,
+}
+
+/// Whether `path` ends in `api/kernels` or `api/sessions` after the most generous normalization
+/// anything in a proxy chain might apply: percent-decoding (repeated), `\\` as `/`, case, `;`
+/// parameters, NUL truncation, whitespace, empty and dot segments.
+fn normalized_tail(path: &str) -> Option<Tail> {
+    let mut bytes = path.as_bytes().to_vec();
+    for _ in 0..3 {
+        let decoded = percent_decode(&bytes);
+        if decoded == bytes {
+            break;
+        }
+        bytes = decoded;
+    }
+    let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase().replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        let seg = seg.split(['\0', ';']).next().unwrap_or("").trim();
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    match segments.as_slice() {
+        [.., "api", "kernels"] => Some(Tail::Kernels),
+        [.., "api", "sessions"] => Some(Tail::Sessions),
+        _ => None,
+    }
+}
+
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' && i + 2 < input.len() {
+            if let (Some(h), Some(l)) = (hex(input[i + 1]), hex(input[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(input[i]);
+        i += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn posts_that_could_reach_a_kernel_start_after_normalization_are_ambiguous() {
+        for base in ["/", "/gw"] {
+            let r = Routes::new(base);
+            let b = r.base().trim_end_matches('/').to_string();
+            for p in [
+                "/api/kernels/".to_string(),
+                "/api//kernels".into(),
+                "//api/kernels".into(),
+                "/api/%6Bernels".into(),
+                "/api/%256Bernels".into(),
+                "/API/kernels".into(),
+                "/api/Kernels".into(),
+                "/api/./kernels".into(),
+                "/api/x/../kernels".into(),
+                "/api/kernels;x".into(),
+                "/api;a=b/kernels".into(),
+                "/api%2Fkernels".into(),
+                "/api/kernels%00".into(),
+                "/api/kernels%00.json".into(),
+                "\\api\\kernels".into(),
+                "/api/kernels%20".into(),
+                "/other/api/kernels".into(),
+                format!("{b}/api/kernels/"),
+                format!("{b}//api/kernels"),
+                format!("{b}/API/kernels?x"),
+            ] {
+                if p == format!("{b}/api/kernels") {
+                    continue;
+                }
+                assert_eq!(r.classify(&Method::POST, &p), Route::AmbiguousKernelStart, "{base} {p}");
+                assert!(r.classify(&Method::POST, &p).starts_kernel());
+            }
+            assert_eq!(r.classify(&Method::POST, &format!("{b}/api/%73essions")), Route::AmbiguousSessionStart);
+            assert_eq!(r.classify(&Method::POST, &format!("{b}/api/sessions/")), Route::AmbiguousSessionStart);
+            // Other POSTs are not affected.
+            for p in ["/api/kernels/abc/restart", "/api/kernelsx", "/api/kernels/x", "/x"] {
+                assert_eq!(r.classify(&Method::POST, &format!("{b}{p}")), Route::Other, "{p}");
+            }
+            // Only POST starts kernels.
+            assert_eq!(r.classify(&Method::GET, &format!("{b}/api/kernels/")), Route::Other);
+        }
+        // A base path envgate was not told about.
+        assert_eq!(Routes::new("/").classify(&Method::POST, "/gw/api/kernels"), Route::AmbiguousKernelStart);
+        assert_eq!(Routes::new("/gw").classify(&Method::POST, "/api/kernels"), Route::AmbiguousKernelStart);
+        assert_eq!(Routes::new("/g.w").classify(&Method::POST, "/gXw/api/kernels"), Route::AmbiguousKernelStart);
+        assert_eq!(Routes::new("/g.w").classify(&Method::POST, "/g.w/api/kernels"), Route::KernelStart);
+        assert_eq!(Routes::new("//gw//").classify(&Method::POST, "/gw/api/kernels"), Route::KernelStart);
+    }
 
     #[test]
     fn exact_routes_at_root() {
@@ -144,7 +269,7 @@ mod tests {
             assert_eq!(r.base(), "/gw/");
             assert_eq!(r.classify(&Method::POST, "/gw/api/kernels"), Route::KernelStart);
             assert_eq!(r.classify(&Method::GET, "/gw/api/kernelspecs"), Route::KernelspecList);
-            assert_eq!(r.classify(&Method::POST, "/api/kernels"), Route::Other);
+            assert_eq!(r.classify(&Method::POST, "/api/kernels"), Route::AmbiguousKernelStart);
             assert_eq!(r.kernelspecs_path(), "/gw/api/kernelspecs");
         }
     }

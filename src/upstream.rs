@@ -22,9 +22,6 @@ use crate::rewrite::kernelspecs::{self, SpecIndex};
 use crate::tls;
 use crate::wire;
 
-/// Largest kernelspecs body envgate reads for itself.
-const MAX_SPECS_BYTES: usize = 16 << 20;
-
 /// Why the upstream gave no usable answer.
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -77,7 +74,7 @@ impl std::fmt::Display for UpstreamError {
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     pub url: UpstreamUrl,
-    response_timeout: Duration,
+    pub response_timeout: Duration,
     /// `Authorization: token ...` for every upstream request, when envgate holds EG's token.
     pub auth: Option<HeaderValue>,
 }
@@ -194,18 +191,10 @@ impl SpecsError {
                     s.as_u16()
                 ),
             ),
-            SpecsError::Upstream(e) => {
-                let mut r = e.response();
-                let msg =
-                    format!("cannot learn the kernelspecs from the upstream gateway ({e}); refusing to start a kernel");
-                if let Ok(b) = serde_json::to_vec(&serde_json::json!({
-                    "reason": r.status().canonical_reason().unwrap_or("Error"),
-                    "message": msg,
-                })) {
-                    *r.body_mut() = ProxyBody::full(b);
-                }
-                r
-            }
+            SpecsError::Upstream(e) => wire::json_error(
+                e.response().status(),
+                &format!("cannot learn the kernelspecs from the upstream gateway ({e}); refusing to start a kernel"),
+            ),
             SpecsError::Body(e) => wire::json_error(
                 StatusCode::BAD_GATEWAY,
                 &format!("the upstream gateway's kernelspecs cannot be read ({e}); refusing to start a kernel"),
@@ -236,14 +225,15 @@ impl SpecCache {
         cur.as_ref().filter(|c| c.at.elapsed() < self.ttl).map(|c| c.index.clone())
     }
 
-    /// The kernelspecs, fetched with the client's own credentials (`headers`, and the query of
-    /// its request, which may hold `?token=`) when the cache is stale. One fetch at a time.
+    /// The kernelspecs, fetched with the client's own credentials (`headers()`, and `token`, the
+    /// `token=...` pair of its query, if any) when the cache is stale. One fetch at a time. The
+    /// rest of the client's query is never sent: `?user=` would filter the list for everyone.
     pub async fn get(
         &self,
         upstream: &Upstream,
         kernelspecs_path: &str,
-        query: Option<&str>,
-        headers: &HeaderMap,
+        token: Option<&str>,
+        headers: impl FnOnce() -> HeaderMap,
     ) -> Result<Arc<SpecIndex>, SpecsError> {
         if let Some(i) = self.fresh() {
             return Ok(i);
@@ -252,34 +242,29 @@ impl SpecCache {
         if let Some(i) = self.fresh() {
             return Ok(i);
         }
-        let pq = match query {
-            Some(q) => format!("{kernelspecs_path}?{q}"),
+        let pq = match token {
+            Some(t) => format!("{kernelspecs_path}?{t}"),
             None => kernelspecs_path.to_string(),
         };
         let pq = pq.parse().map_err(|_| SpecsError::Body("bad kernelspecs path".into()))?;
         let mut req = Request::new(ProxyBody::empty());
         *req.method_mut() = Method::GET;
         *req.uri_mut() = upstream.uri(Some(pq));
-        *req.headers_mut() = headers.clone();
-        for h in [
-            header::CONTENT_LENGTH,
-            header::CONTENT_TYPE,
-            header::CONTENT_ENCODING,
-            header::EXPECT,
-            header::IF_NONE_MATCH,
-            header::IF_MODIFIED_SINCE,
-        ] {
+        *req.headers_mut() = headers();
+        for h in [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::CONTENT_ENCODING, header::EXPECT] {
             req.headers_mut().remove(h);
         }
-        req.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        wire::ask_for_kernelspecs(req.headers_mut());
         if let Some(auth) = &upstream.auth {
             req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
         }
         let resp = upstream.send(req).await.map_err(SpecsError::Upstream)?;
         let (parts, body) = resp.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_SPECS_BYTES)
-            .collect()
+        // Bounded in size and in time: the refresh lock is held meanwhile.
+        let collect = http_body_util::Limited::new(body, kernelspecs::MAX_BODY).collect();
+        let body = tokio::time::timeout(upstream.response_timeout, collect)
             .await
+            .map_err(|_| SpecsError::Upstream(UpstreamError::Timeout))?
             .map_err(|e| SpecsError::Upstream(UpstreamError::Failed(e.to_string())))?
             .to_bytes();
         if parts.status != StatusCode::OK {

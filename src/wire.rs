@@ -67,15 +67,16 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
     }
 }
 
-/// Appends `item` to a comma-separated list header, folding earlier lines into one.
+/// Appends `item` to a comma-separated list header, folding earlier lines into one (bytes as
+/// received, so that no earlier hop's value is lost).
 fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
-    let mut joined = String::new();
-    for v in headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()) {
-        joined.push_str(v);
-        joined.push_str(", ");
+    let mut joined: Vec<u8> = Vec::new();
+    for v in headers.get_all(&name) {
+        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(b", ");
     }
-    joined.push_str(item);
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+    joined.extend_from_slice(item.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
         headers.insert(name, v);
     }
 }
@@ -114,16 +115,21 @@ pub fn etag(body: &[u8]) -> HeaderValue {
     HeaderValue::from_str(&v).expect("an ETag is ASCII")
 }
 
-/// Whether `If-None-Match` (any of its lines) matches `etag` by weak comparison (RFC 9110
-/// §13.1.2), so that the answer is 304.
-pub fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
-    let Ok(etag) = etag.to_str() else {
-        return false;
-    };
+/// Prepares a request for a kernelspec document envgate will read: uncompressed, and never a
+/// 304 for the upstream's validators (which describe other bytes than envgate sends).
+pub fn ask_for_kernelspecs(headers: &mut HeaderMap) {
+    headers.remove(header::IF_NONE_MATCH);
+    headers.remove(header::IF_MODIFIED_SINCE);
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+}
+
+/// Whether the `If-None-Match` values match `etag` by weak comparison (RFC 9110 §13.1.2), so
+/// that the answer is 304.
+pub fn if_none_match<'a>(values: impl IntoIterator<Item = &'a HeaderValue>, etag: &HeaderValue) -> bool {
+    let Ok(etag) = etag.to_str() else { return false };
     let etag = etag.trim_start_matches("W/");
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
+    values
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -210,10 +216,10 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, etag(b"{\"a\":1}"));
         let tag = a.to_str().unwrap().to_string();
-        assert!(if_none_match(&map(&[("if-none-match", &tag)]), &a));
-        assert!(if_none_match(&map(&[("if-none-match", &format!("\"x\", W/{tag}"))]), &a));
-        assert!(if_none_match(&map(&[("if-none-match", "*")]), &a));
-        assert!(!if_none_match(&map(&[("if-none-match", "\"4a58b029ecd0\"")]), &a));
-        assert!(!if_none_match(&HeaderMap::new(), &a));
+        assert!(if_none_match(map(&[("if-none-match", &tag)]).get_all("if-none-match"), &a));
+        assert!(if_none_match(&[HeaderValue::from_str(&format!("\"x\", W/{tag}")).unwrap()], &a));
+        assert!(if_none_match(&[HeaderValue::from_static("*")], &a));
+        assert!(!if_none_match(&[HeaderValue::from_static("\"4a58b029ecd0\"")], &a));
+        assert!(!if_none_match(HeaderMap::new().get_all("if-none-match"), &a));
     }
 }

@@ -339,8 +339,11 @@ async fn routes_live_under_the_base_url() {
     assert_eq!(env.get("GLOBAL_OK").map(String::as_str), Some("g"));
     assert_eq!(gate.audit(1)[0]["kernel_id"], id.as_str());
     delete_kernel(&gate.addr, "/gw", &id).await;
-    // Outside the base URL nothing is claimed: EG answers 404 as it would.
+    // A kernel start outside the base URL could be a misconfigured base: refused, never passed on.
     let r = post(&gate.addr, "/api/kernels", &json!({"env": {}})).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Other requests outside the base URL are not claimed: EG answers 404 as it would.
+    let r = get(&gate.addr, "/api/kernelspecs", &[]).await;
     assert_eq!(r.status, 404);
 }
 

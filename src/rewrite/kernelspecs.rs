@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::policy::{Policy, SpecFacts};
 
+/// Largest kernelspec document envgate reads (to rewrite it, or to learn the policy facts).
+pub const MAX_BODY: usize = 8 << 20;
+
 /// What envgate learned from a kernelspecs list: the default kernelspec and, per kernelspec,
 /// the facts the policy uses. Kernelspec names are stored lower-cased: EG finds them
 /// case-insensitively.
