@@ -47,6 +47,10 @@ pub enum Command {
     /// Say, for each variable name, whether the policy keeps it for a kernelspec and which
     /// source or rule decided. Uses the same engine as the proxy.
     Explain(ExplainArgs),
+    /// Read an audit log: `envgate audit summarize PATH` counts, per kernelspec and per user,
+    /// which names were rejected (and why) and kept. Needs no configuration.
+    #[command(subcommand)]
+    Audit(crate::summary::AuditCommand),
 }
 
 /// `envgate explain [--kernelspec NAME] [--kernelspecs-file F] NAME...`

@@ -11,7 +11,8 @@
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
 //! - [`server`]: listener, connections, signals;
-//! - [`explain`]: `envgate explain`, the policy's verdicts on names.
+//! - [`explain`]: `envgate explain`, the policy's verdicts on names;
+//! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
 
 pub mod audit;
 pub mod body;
@@ -23,6 +24,7 @@ pub mod proxy;
 pub mod rewrite;
 pub mod routes;
 pub mod server;
+pub mod summary;
 pub mod tls;
 pub mod upstream;
 pub mod wire;

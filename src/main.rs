@@ -20,6 +20,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // `audit` reads a log, not the proxy's settings: it must work wherever the log was copied to, even
+    // where envgate's configuration is absent or unreadable.
+    if let Some(Command::Audit(cmd)) = &cli.command {
+        return envgate::summary::run(cmd);
+    }
     let config = match Config::load(&cli.opts) {
         Ok(c) => c,
         Err(e) => {
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Explain(args)) => explain(&config, &args),
+        Some(Command::Audit(_)) => unreachable!("handled before the configuration is loaded"),
         Some(Command::Run) | None => {
             init_tracing(config.log_format);
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -162,9 +162,7 @@ impl Summary {
     /// The human-readable form: one block per kernelspec and per user, rejected names first.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let list = |m: &BTreeMap<String, u64>| {
-            m.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
-        };
+        let list = |m: &BTreeMap<String, u64>| m.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ");
         let _ = write!(out, "{}", count_records(self.records()));
         if !self.events.is_empty() {
             let _ = write!(out, " ({}); modes: {}", list(&self.events), list(&self.modes));
@@ -178,7 +176,8 @@ impl Summary {
         }
         for (title, by) in [("kernelspec", &self.by_kernelspec), ("user", &self.by_user)] {
             for (key, tally) in by {
-                let _ = writeln!(out, "\n{title} {}: {}", key.as_deref().unwrap_or("(none)"), count_records(tally.records));
+                let _ =
+                    writeln!(out, "\n{title} {}: {}", key.as_deref().unwrap_or("(none)"), count_records(tally.records));
                 write_table(&mut out, tally);
             }
         }
@@ -294,7 +293,12 @@ mod tests {
     fn sample() -> Vec<String> {
         vec![
             rec(Some("alice"), Some("python3"), &[("KERNEL_USERNAME", "prefix:KERNEL_")], &[("PATH", "denied")]),
-            rec(Some("alice"), Some("python3"), &[("LANG", "config")], &[("PATH", "denied"), ("AWS_KEY", "not_allowed")]),
+            rec(
+                Some("alice"),
+                Some("python3"),
+                &[("LANG", "config")],
+                &[("PATH", "denied"), ("AWS_KEY", "not_allowed")],
+            ),
             rec(Some("bob"), Some("spark"), &[("LANG", "config")], &[("AWS_KEY", "not_allowed")]),
             rec(None, None, &[], &[]),
         ]
@@ -312,7 +316,10 @@ mod tests {
         let py = &s.by_kernelspec[&Some("python3".to_string())];
         assert_eq!(py.records, 2);
         assert_eq!(py.rejected, BTreeMap::from([(key("PATH", "denied"), 2), (key("AWS_KEY", "not_allowed"), 1)]));
-        assert_eq!(py.kept, BTreeMap::from([(key("KERNEL_USERNAME", "prefix:KERNEL_"), 1), (key("LANG", "config"), 1)]));
+        assert_eq!(
+            py.kept,
+            BTreeMap::from([(key("KERNEL_USERNAME", "prefix:KERNEL_"), 1), (key("LANG", "config"), 1)])
+        );
         let bob = &s.by_user[&Some("bob".to_string())];
         assert_eq!(bob.records, 1);
         assert_eq!(bob.rejected, BTreeMap::from([(key("AWS_KEY", "not_allowed"), 1)]));

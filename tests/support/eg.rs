@@ -63,6 +63,8 @@ pub struct Eg {
     /// `http://127.0.0.1:PORT{base_url}`, no trailing slash.
     pub url: String,
     pub auth_token: Option<String>,
+    /// Serving HTTPS (`EG_CERTFILE` and `EG_KEYFILE` in `extra_env`).
+    pub tls: bool,
     child: Option<Child>,
     log_path: PathBuf,
     // Fields drop after `Drop::drop` has stopped the processes, so the dir outlives them.
@@ -101,6 +103,7 @@ impl Eg {
                 url: format!("http://127.0.0.1:{port}{base_url}"),
                 base_url: base_url.clone(),
                 auth_token: opts.auth_token.clone(),
+                tls: opts.extra_env.iter().any(|(k, _)| k == "EG_CERTFILE"),
                 child: Some(child),
                 log_path,
                 dir: None,
@@ -142,7 +145,7 @@ impl Eg {
     fn wait_ready(&mut self) -> Result<(), Failure> {
         // Wait for EG's own "available at ...:PORT" line before polling: with port_retries=0 it proves EG
         // holds this port, so a 200 cannot come from some other test's server that grabbed it.
-        let bound = format!("is available at http://127.0.0.1:{}", self.port);
+        let bound = format!("is available at http{}://127.0.0.1:{}", if self.tls { "s" } else { "" }, self.port);
         let path = format!("{}/api/kernelspecs", self.base_url);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -152,6 +155,10 @@ impl Eg {
                     return Err(Failure::PortTaken);
                 }
                 return Err(Failure::Fatal(format!("EG exited with {status}")));
+            }
+            if self.log().contains(&bound) && self.tls {
+                // Served over TLS (EG_CERTFILE): the plain-HTTP probe below cannot talk to it.
+                return Ok(());
             }
             if self.log().contains(&bound) {
                 match get_status(&self.addr, &path, self.auth_token.as_deref()) {
@@ -258,7 +265,7 @@ fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Pat
     cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn scripts/eg-start: {e}"))
 }
 
-fn repo_path(rel: &str) -> PathBuf {
+pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
@@ -272,7 +279,7 @@ fn normalize_base_url(base: Option<&str>) -> String {
 }
 
 /// A port that was free a moment ago (the OS does not hand it out again right away).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -321,6 +328,6 @@ fn proc_stat(pid: u32) -> Option<(u32, u64)> {
 }
 
 /// `kill SIG targets...` (no libc in the dev-dependencies). Errors for already-gone targets are expected.
-fn signal(sig: &str, targets: &[String]) {
+pub fn signal(sig: &str, targets: &[String]) {
     let _ = Command::new("kill").arg(sig).arg("--").args(targets).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }

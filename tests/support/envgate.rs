@@ -26,7 +26,8 @@ pub fn bin() -> &'static str {
 }
 
 impl Envgate {
-    /// Starts envgate with `--upstream upstream` and `args`, and waits until it listens.
+    /// Starts envgate with `--upstream upstream` and `args`, and waits until it listens (on a free port,
+    /// unless `args` holds its own `--listen`, e.g. to restart envgate where a client already points).
     pub fn start(upstream: &str, args: &[&str]) -> Envgate {
         Self::start_with_env(upstream, args, &[])
     }
@@ -35,7 +36,10 @@ impl Envgate {
         let dir = tempfile::Builder::new().prefix("envgate-test-").tempdir().unwrap();
         let audit_path = dir.path().join("audit.jsonl");
         let mut cmd = Command::new(bin());
-        cmd.args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--log-format", "json"])
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--upstream", upstream, "--log-format", "json"])
             .arg("--audit-log")
             .arg(&audit_path)
             .args(args)
@@ -105,6 +109,37 @@ impl Envgate {
     /// The raw audit log text.
     pub fn audit_text(&self) -> String {
         std::fs::read_to_string(&self.audit_path).unwrap_or_default()
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`, ...) without waiting.
+    pub fn signal(&self, sig: &str) {
+        send_signal(self.child.id(), sig);
+    }
+
+    /// Waits until envgate's diagnostics contain `needle` (up to 10 s); returns whether they did.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Waits for envgate to exit (up to `limit`) and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status.

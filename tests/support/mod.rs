@@ -3,4 +3,5 @@
 pub mod eg;
 pub mod envgate;
 pub mod http;
+pub mod jupyter;
 pub mod kernel;
