@@ -9,7 +9,7 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Whole-exchange limit, so a hung server fails the test instead of hanging it.
@@ -86,7 +86,21 @@ pub async fn request_raw(addr: &str, raw: &[u8], head_request: bool) -> io::Resu
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no complete response from {addr}")))?
 }
 
-async fn read_response(stream: &mut TcpStream, head_request: bool) -> io::Result<Response> {
+/// Like [`request_raw`], over a connection the caller opened (e.g. TLS).
+pub async fn request_raw_on<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    raw: &[u8],
+    head_request: bool,
+) -> io::Result<Response> {
+    tokio::time::timeout(TIMEOUT, async {
+        stream.write_all(raw).await?;
+        read_response(&mut stream, head_request).await
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no complete response"))?
+}
+
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S, head_request: bool) -> io::Result<Response> {
     let mut buf = Vec::new();
     loop {
         let (status, headers, body_start) = loop {
@@ -131,7 +145,7 @@ async fn read_response(stream: &mut TcpStream, head_request: bool) -> io::Result
 }
 
 /// Decodes a chunked body; `buf` holds what was already read past the head. Trailers are skipped.
-async fn read_chunked(stream: &mut TcpStream, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+async fn read_chunked<S: AsyncRead + Unpin>(stream: &mut S, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line_end = loop {
@@ -181,7 +195,7 @@ fn parse_head(head: &[u8]) -> io::Result<(u16, Vec<(String, String)>)> {
     Ok((status, headers))
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> io::Result<usize> {
     let mut chunk = [0u8; 8192];
     let n = stream.read(&mut chunk).await?;
     buf.extend_from_slice(&chunk[..n]);

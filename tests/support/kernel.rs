@@ -89,6 +89,16 @@ pub struct KernelWs {
 impl KernelWs {
     /// Opens the WebSocket, retrying connection errors and 5xx until [`READY_TIMEOUT`].
     pub async fn connect(ws_url: &str, headers: &[(&str, &str)], protocol: Protocol) -> Result<KernelWs, String> {
+        Self::connect_with(ws_url, headers, protocol, None).await
+    }
+
+    /// [`KernelWs::connect`] with a TLS configuration for `wss://` URLs (e.g. trusting a test CA).
+    pub async fn connect_with(
+        ws_url: &str,
+        headers: &[(&str, &str)],
+        protocol: Protocol,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<KernelWs, String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let mut req = ws_url.into_client_request().map_err(|e| format!("bad url {ws_url}: {e}"))?;
@@ -100,7 +110,8 @@ impl KernelWs {
             if protocol == Protocol::V1 {
                 req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(V1_SUBPROTOCOL));
             }
-            let err = match tokio_tungstenite::connect_async(req).await {
+            let connector = tls.clone().map(tokio_tungstenite::Connector::Rustls);
+            let err = match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
                 // tungstenite itself fails the handshake if V1 was offered and the server chose none.
                 Ok((ws, _)) => return Ok(KernelWs { ws, protocol, session: new_id("session") }),
                 Err(WsError::Http(resp)) => {
