@@ -94,6 +94,19 @@ fn start_envgate(upstream: &str, extra: &[&str]) -> Envgate {
     Envgate::start(upstream, &refs)
 }
 
+/// An audit record's `kept` or `rejected` list as name -> `field` (source or reason).
+fn by_name(list: &Value, field: &str) -> BTreeMap<String, String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["name"].as_str().unwrap().into(), k[field].as_str().unwrap().into()))
+        .collect()
+}
+
+fn pairs(p: &[(&str, &str)]) -> BTreeMap<String, String> {
+    p.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+}
+
 fn names(v: &Value) -> Vec<String> {
     v.as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_string()).collect()
 }
@@ -172,35 +185,23 @@ async fn drop_mode_only_allowed_names_reach_the_kernel_over_both_websocket_proto
     assert_eq!(rec["status"], 201);
     assert_eq!(rec["user"], "alice");
     assert_eq!(rec["kernelspec"], "python3_meta");
-    let kept: BTreeMap<String, String> = rec["kept"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| (k["name"].as_str().unwrap().into(), k["source"].as_str().unwrap().into()))
-        .collect();
     assert_eq!(
-        kept,
-        BTreeMap::from([
-            ("GLOBAL_OK".into(), "config".into()),
-            ("SPEC_OK".into(), "kernelspec_config".into()),
-            ("META_VAR".into(), "kernelspec_metadata".into()),
-            ("KERNEL_CUSTOM".into(), "prefix:KERNEL_".into()),
-            ("KERNEL_USERNAME".into(), "prefix:KERNEL_".into()),
+        by_name(&rec["kept"], "source"),
+        pairs(&[
+            ("GLOBAL_OK", "config"),
+            ("SPEC_OK", "kernelspec_config"),
+            ("META_VAR", "kernelspec_metadata"),
+            ("KERNEL_CUSTOM", "prefix:KERNEL_"),
+            ("KERNEL_USERNAME", "prefix:KERNEL_"),
         ])
     );
-    let rejected: BTreeMap<String, String> = rec["rejected"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| (k["name"].as_str().unwrap().into(), k["reason"].as_str().unwrap().into()))
-        .collect();
     assert_eq!(
-        rejected,
-        BTreeMap::from([
-            ("NOT_ALLOWED".into(), "not_allowed".into()),
-            ("LD_PRELOAD".into(), "denied".into()),
-            ("PATH".into(), "denied".into()),
-            ("KERNEL_DENIED".into(), "denied".into()),
+        by_name(&rec["rejected"], "reason"),
+        pairs(&[
+            ("NOT_ALLOWED", "not_allowed"),
+            ("LD_PRELOAD", "denied"),
+            ("PATH", "denied"),
+            ("KERNEL_DENIED", "denied")
         ])
     );
     // Never a value in the audit log (the claimed user is the one the format asks for).
