@@ -40,6 +40,12 @@ pub struct Record<'a> {
     pub kernelspec: Option<&'a str>,
     pub kept: Vec<KeptName<'a>>,
     pub rejected: Vec<RejectedName<'a>>,
+    /// Forwarded (or, in `report` mode, would-be forwarded) values that broke a value rule:
+    /// the variable's name and the rule, never the value.
+    pub violations: Vec<ViolationName<'a>>,
+    /// What the `kernel_path` rule did to the body's `path`: `refused` or `stripped` (in
+    /// `report` mode: what it would have done); `null` when it let the path through.
+    pub path: Option<&'static str>,
     /// `forwarded` or `refused`.
     pub outcome: &'static str,
     /// The upstream's status when forwarded; envgate's own status when refused.
@@ -53,6 +59,12 @@ pub struct Record<'a> {
 pub struct KeptName<'a> {
     pub name: &'a str,
     pub source: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ViolationName<'a> {
+    pub name: &'a str,
+    pub rule: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +88,8 @@ impl<'a> Record<'a> {
             kernelspec: None,
             kept: Vec::new(),
             rejected: Vec::new(),
+            violations: Vec::new(),
+            path: None,
             outcome: "refused",
             status: None,
             kernel_id: None,
@@ -241,7 +255,7 @@ mod tests {
                 "client": "127.0.0.1:5000", "x_forwarded_for": "10.0.0.1", "user": "alice", "user_source": null,
                 "kernelspec": "python3",
                 "kept": [{"name": "KERNEL_A", "source": "prefix:KERNEL_"}],
-                "rejected": [{"name": "PATH", "reason": "denied"}],
+                "rejected": [{"name": "PATH", "reason": "denied"}], "violations": [], "path": null,
                 "outcome": "forwarded", "status": 201, "kernel_id": "k1", "error": null
             })
         );

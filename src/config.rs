@@ -15,6 +15,7 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 
 use crate::policy::{self, EgEnvs, Mode, Policy, PrefixRule, Sessions};
+use crate::values::{PathRule, Pattern, ValueRules};
 
 /// A configuration problem, as one line naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +137,26 @@ pub struct Opts {
     /// How long kernelspecs fetched from the upstream are trusted [default: 10s].
     #[arg(long, env = "ENVGATE_KERNELSPEC_CACHE_TTL", global = true, value_name = "DURATION")]
     pub kernelspec_cache_ttl: Option<String>,
+    /// Longest env value forwarded, in characters [default: 4096].
+    #[arg(long, env = "ENVGATE_VALUE_MAX_LENGTH", global = true, value_name = "CHARS")]
+    pub value_max_length: Option<String>,
+    /// Substrings no forwarded env value may hold, comma-separated; replaces the built-in list
+    /// [default: $ ` CR LF NUL {{ {%].
+    #[arg(long, env = "ENVGATE_VALUE_FORBIDDEN", global = true, value_delimiter = ',', value_name = "TEXTS")]
+    pub value_forbidden: Option<Vec<String>>,
+    /// A pattern a variable's whole value must match, NAME=REGEX (replaces a built-in one; NAME= removes
+    /// it); repeat the flag, or separate with newlines in the environment variable.
+    #[arg(
+        long = "value-pattern",
+        env = "ENVGATE_VALUE_PATTERNS",
+        global = true,
+        value_delimiter = '\n',
+        value_name = "NAME=REGEX"
+    )]
+    pub value_patterns: Option<Vec<String>>,
+    /// The body's `path`: refuse_escape | strip | keep [default: refuse_escape].
+    #[arg(long, env = "ENVGATE_KERNEL_PATH", global = true)]
+    pub kernel_path: Option<String>,
     /// Largest kernel-start body accepted, in bytes [default: 1048576].
     #[arg(long, env = "ENVGATE_MAX_BODY_BYTES", global = true, value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
@@ -350,6 +371,10 @@ const FILE_KEYS: &[&str] = &[
     "sessions",
     "kernelspec_cache_ttl",
     "max_body_bytes",
+    "value_max_length",
+    "value_forbidden",
+    "value_patterns",
+    "kernel_path",
     "connect_timeout",
     "response_timeout",
     "audit_log",
@@ -402,6 +427,11 @@ struct Raw {
     sessions: Option<Setting<String>>,
     kernelspec_cache_ttl: Option<Setting<String>>,
     max_body_bytes: Option<Setting<u64>>,
+    value_max_length: Option<Setting<u64>>,
+    value_forbidden: Option<Setting<Vec<String>>>,
+    /// `[value_patterns] NAME = "REGEX"`, in the order given; `""` removes a built-in pattern.
+    value_patterns: Option<Setting<Vec<(String, String)>>>,
+    kernel_path: Option<Setting<String>>,
     connect_timeout: Option<Setting<String>>,
     response_timeout: Option<Setting<String>>,
     audit_log: Option<Setting<String>>,
@@ -493,6 +523,10 @@ impl Raw {
             sessions: take(&mut table, "sessions", o, "a string")?,
             kernelspec_cache_ttl: take(&mut table, "kernelspec_cache_ttl", o, "a duration string like \"10s\"")?,
             max_body_bytes: take(&mut table, "max_body_bytes", o, "a positive integer")?,
+            value_max_length: take(&mut table, "value_max_length", o, "a positive integer")?,
+            value_forbidden: take(&mut table, "value_forbidden", o, "an array of strings")?,
+            value_patterns: None,
+            kernel_path: take(&mut table, "kernel_path", o, "a string")?,
             connect_timeout: take(&mut table, "connect_timeout", o, "a duration string like \"5s\"")?,
             response_timeout: take(&mut table, "response_timeout", o, "a duration string like \"120s\"")?,
             audit_log: take(&mut table, "audit_log", o, "\"-\" or a file path")?,
@@ -531,6 +565,15 @@ impl Raw {
             }
             raw.kernelspecs = Some(Setting { value: list, origin: o.to_string() });
         }
+        if let Some(vp) = table.remove("value_patterns") {
+            let err = || ConfigError(format!("invalid `value_patterns` ({o}): expected a table of NAME = \"REGEX\""));
+            let t = vp.as_table().ok_or_else(err)?;
+            let mut list = Vec::new();
+            for (name, v) in t {
+                list.push((name.clone(), v.as_str().ok_or_else(err)?.to_string()));
+            }
+            raw.value_patterns = Some(Setting { value: list, origin: o.to_string() });
+        }
         Ok(raw)
     }
 
@@ -548,6 +591,9 @@ impl Raw {
         set(&mut self.client_envs, opts.client_envs.clone().map(trim_list), "client_envs");
         set(&mut self.deny_envs, opts.deny_envs.clone().map(trim_list), "deny_envs");
         set(&mut self.sessions, opts.sessions.clone(), "sessions");
+        set(&mut self.kernel_path, opts.kernel_path.clone(), "kernel_path");
+        // Not trimmed: a forbidden text may be (or hold) white space.
+        set(&mut self.value_forbidden, opts.value_forbidden.clone(), "value_forbidden");
         set(&mut self.kernelspec_cache_ttl, opts.kernelspec_cache_ttl.clone(), "kernelspec_cache_ttl");
         set(&mut self.connect_timeout, opts.connect_timeout.clone(), "connect_timeout");
         set(&mut self.response_timeout, opts.response_timeout.clone(), "response_timeout");
@@ -589,6 +635,26 @@ impl Raw {
                 ))
             })?;
             self.max_body_bytes = Some(Setting { value, origin: origin("max_body_bytes") });
+        }
+        if let Some(v) = &opts.value_max_length {
+            let value = v.trim().parse::<u64>().map_err(|_| {
+                ConfigError(format!(
+                    "invalid `value_max_length` ({}): expected a positive integer, got {v:?}",
+                    origin("value_max_length")
+                ))
+            })?;
+            self.value_max_length = Some(Setting { value, origin: origin("value_max_length") });
+        }
+        if let Some(items) = &opts.value_patterns {
+            let o = origin("value_patterns");
+            let mut list = Vec::new();
+            for item in items.iter().filter(|s| !s.trim().is_empty()) {
+                let (name, re) = item.split_once('=').ok_or_else(|| {
+                    ConfigError(format!("invalid `value_patterns` ({o}): expected NAME=REGEX, got {item:?}"))
+                })?;
+                list.push((name.trim().to_string(), re.to_string()));
+            }
+            self.value_patterns = Some(Setting { value: list, origin: o });
         }
         if let Some(items) = &opts.kernelspec_client_envs {
             let o = origin("kernelspec_client_envs");
@@ -676,6 +742,13 @@ impl Raw {
                 return Err(s.err("max_body_bytes", "expected an integer between 1 and 1073741824"))
             }
             Some(s) => s.value as usize,
+        };
+        let values = value_rules(&self.value_max_length, &self.value_forbidden, &self.value_patterns)?;
+        let kernel_path = match &self.kernel_path {
+            None => PathRule::RefuseEscape,
+            Some(s) => PathRule::parse(s.value.trim()).ok_or_else(|| {
+                s.err("kernel_path", format!("expected refuse_escape, strip or keep, got {:?}", s.value))
+            })?,
         };
         let audit_log = match &self.audit_log {
             None => AuditTarget::Stdout,
@@ -797,6 +870,8 @@ impl Raw {
                 kernelspec_env: flag(&self.kernelspec_env, false),
                 process_proxy_envs: flag(&self.process_proxy_envs, false),
                 eg_config: flag(&self.inherit_eg_env_config, false).then(|| EgEnvs::from_env(env)),
+                values,
+                kernel_path,
             },
             kernelspec_cache_ttl,
             max_body_bytes,
@@ -806,6 +881,42 @@ impl Raw {
             log_format,
         })
     }
+}
+
+/// The value rules: built-in defaults, with the configured length, forbidden texts and patterns on top.
+fn value_rules(
+    max_length: &Option<Setting<u64>>,
+    forbidden: &Option<Setting<Vec<String>>>,
+    patterns: &Option<Setting<Vec<(String, String)>>>,
+) -> Result<ValueRules, ConfigError> {
+    let mut rules = ValueRules::default();
+    if let Some(s) = max_length {
+        if s.value == 0 || s.value > (1 << 24) {
+            return Err(s.err("value_max_length", "expected an integer between 1 and 16777216"));
+        }
+        rules.max_length = s.value as usize;
+    }
+    if let Some(s) = forbidden {
+        if s.value.iter().any(String::is_empty) {
+            return Err(s.err("value_forbidden", "an empty text would forbid every value"));
+        }
+        rules.forbidden = s.value.clone();
+    }
+    if let Some(s) = patterns {
+        for (name, re) in &s.value {
+            let key = format!("value_patterns.{name}");
+            if !policy::valid_name(name) {
+                return Err(s.err(&key, format!("{name:?} is not a valid environment variable name")));
+            }
+            if re.is_empty() {
+                rules.patterns.remove(name);
+                continue;
+            }
+            let p = Pattern::new(re).map_err(|e| s.err(&key, format!("not a valid regular expression: {e}")))?;
+            rules.patterns.insert(name.clone(), p);
+        }
+    }
+    Ok(rules)
 }
 
 fn flag(s: &Option<Setting<bool>>, default: bool) -> bool {
@@ -946,6 +1057,56 @@ mod tests {
     }
 
     #[test]
+    fn value_rules_and_kernel_path_from_file_and_flags() {
+        let d = load_toml("").unwrap();
+        assert_eq!(d.policy.values, ValueRules::default());
+        assert_eq!(d.policy.kernel_path, PathRule::RefuseEscape);
+        let c = load_toml(
+            r#"
+            value_max_length = 100
+            value_forbidden = ["$", "\u0000", ";"]
+            kernel_path = "strip"
+            [value_patterns]
+            KERNEL_UID = "[0-9]+"
+            KERNEL_IMAGE = ""
+            MY_VAR = "a|b"
+            "#,
+        )
+        .unwrap();
+        let v = &c.policy.values;
+        assert_eq!(v.max_length, 100);
+        assert_eq!(v.forbidden, ["$", "\0", ";"]);
+        assert_eq!(c.policy.kernel_path, PathRule::Strip);
+        assert!(v.check("KERNEL_UID", "0").is_none(), "replaced");
+        assert!(v.check("KERNEL_IMAGE", "Anything Goes").is_none(), "removed");
+        assert!(v.check("MY_VAR", "ab").is_some(), "added, anchored");
+        assert!(v.check("KERNEL_GID", "0").is_some(), "built-in kept");
+        // the effective policy is itself a valid config with the same rules
+        let again = load_toml(&c.effective()).unwrap();
+        assert_eq!(again.policy.values, c.policy.values);
+        assert_eq!(again.policy.kernel_path, PathRule::Strip);
+
+        let o = Opts {
+            value_max_length: Some("7".into()),
+            value_forbidden: Some(vec!["x".into()]),
+            value_patterns: Some(vec!["KERNEL_UID=[0-9]+".into(), "KERNEL_GID=".into()]),
+            kernel_path: Some("keep".into()),
+            ..opts()
+        };
+        let mut raw = Raw::default();
+        raw.overlay(&o).unwrap();
+        let c = raw.validate(&|_| None).unwrap();
+        assert_eq!(c.policy.values.max_length, 7);
+        assert_eq!(c.policy.values.forbidden, ["x"]);
+        assert!(c.policy.values.check("KERNEL_UID", "0").is_none());
+        assert!(!c.policy.values.patterns.contains_key("KERNEL_GID"));
+        assert_eq!(c.policy.kernel_path, PathRule::Keep);
+        let bad = Opts { value_patterns: Some(vec!["NOEQUALS".into()]), ..opts() };
+        let e = Raw::default().overlay(&bad).unwrap_err().to_string();
+        assert!(e.contains("--value-patterns") || e.contains("value_patterns"), "{e}");
+    }
+
+    #[test]
     fn errors_are_one_line_and_name_the_key() {
         for (text, key) in [
             ("mode = \"dorp\"", "`mode`"),
@@ -977,6 +1138,14 @@ mod tests {
             ("[kernelspecs.py]\nclient_env = []", "`kernelspecs.py.client_env`"),
             ("[kernelspecs.py]\nclient_envs = \"A\"", "`kernelspecs.py.client_envs`"),
             ("kernelspecs = 1", "`kernelspecs`"),
+            ("value_max_length = 0", "`value_max_length`"),
+            ("value_forbidden = [\"\"]", "`value_forbidden`"),
+            ("value_forbidden = \"$\"", "`value_forbidden`"),
+            ("kernel_path = \"jail\"", "`kernel_path`"),
+            ("value_patterns = 1", "`value_patterns`"),
+            ("[value_patterns]\nKERNEL_UID = 0", "`value_patterns`"),
+            ("[value_patterns]\nKERNEL_UID = \"(\"", "`value_patterns.KERNEL_UID`"),
+            ("[value_patterns]\n\"A=B\" = \"x\"", "`value_patterns.A=B`"),
             ("mode = ", "line 1"),
             ("\n\nmode = \"drop\"\nmode = \"drop\"", "line 4"),
         ] {

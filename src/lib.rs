@@ -3,6 +3,7 @@
 //!
 //! Where things are:
 //! - [`policy`]: the decision per name (pure);
+//! - [`values`]: what a forwarded value and the body's `path` may hold (pure);
 //! - [`rewrite`]: kernel-start and kernelspec bodies, bytes to bytes (pure);
 //! - [`routes`]: which route a raw request is (pure);
 //! - [`config`]: file + environment + flags -> one validated [`config::Config`];
@@ -27,4 +28,5 @@ pub mod server;
 pub mod summary;
 pub mod tls;
 pub mod upstream;
+pub mod values;
 pub mod wire;

@@ -37,6 +37,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -58,6 +63,7 @@ pub struct Metrics {
     pub latency: Family<RouteLabel, Histogram>,
     pub decisions: Family<DecisionLabel, Counter>,
     pub rejected: Family<ReasonLabel, Counter>,
+    pub value_violations: Family<RuleLabel, Counter>,
     pub websockets: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub upstream_errors: Family<KindLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
@@ -83,6 +89,12 @@ impl Default for Metrics {
         registry.register("decisions", "Kernel and session start decisions, by outcome and mode", decisions.clone());
         let rejected = Family::<ReasonLabel, Counter>::default();
         registry.register("rejected_variables", "Variables rejected by the policy, by reason", rejected.clone());
+        let value_violations = Family::<RuleLabel, Counter>::default();
+        registry.register(
+            "value_violations",
+            "Values (and body paths) that broke a value rule, by rule",
+            value_violations.clone(),
+        );
         let websockets = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register("open_websockets", "Spliced (upgraded) connections open now", websockets.clone());
         let upstream_errors = Family::<KindLabel, Counter>::default();
@@ -103,6 +115,7 @@ impl Default for Metrics {
             latency,
             decisions,
             rejected,
+            value_violations,
             websockets,
             upstream_errors,
             reloads,
@@ -138,6 +151,7 @@ mod tests {
         m.latency.get_or_create(&RouteLabel { route: "other" }).observe(0.001);
         m.decisions.get_or_create(&DecisionLabel { event: "kernel_start", outcome: "forwarded", mode: "drop" }).inc();
         m.rejected.get_or_create(&ReasonLabel { reason: "denied" }).inc();
+        m.value_violations.get_or_create(&RuleLabel { rule: "pattern" }).inc();
         m.websockets.inc();
         m.upstream_errors.get_or_create(&KindLabel { kind: "connect" }).inc();
         m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
@@ -149,6 +163,7 @@ mod tests {
             "envgate_request_duration_seconds_bucket",
             "envgate_decisions_total{event=\"kernel_start\",outcome=\"forwarded\",mode=\"drop\"} 1",
             "envgate_rejected_variables_total{reason=\"denied\"} 1",
+            "envgate_value_violations_total{rule=\"pattern\"} 1",
             "envgate_open_websockets 1",
             "envgate_upstream_errors_total{kind=\"connect\"} 1",
             "envgate_config_reloads_total{result=\"ok\"} 1",

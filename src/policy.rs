@@ -16,12 +16,17 @@
 //! 4. a name that starts with an allowed prefix is kept: `KERNEL_` when `kernel_prefix` is on
 //!    (EG's own rule), and every prefix in `allow_prefixes` (`prefix:P`);
 //! 5. anything else is rejected (`not_allowed`).
+//!
+//! Then every value envgate forwards must pass the value rules ([`crate::values`]), and the
+//! body's `path` the [`PathRule`]: those refuse the whole request rather than drop a name.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
 use serde::Serialize;
+
+use crate::values::{self, PathRule, ValueRules};
 
 /// Names that hijack a process when set in its environment. Shipped as the default `deny_envs`.
 pub const DEFAULT_DENY_ENVS: &[&str] = &[
@@ -213,6 +218,10 @@ pub struct Policy {
     pub process_proxy_envs: bool,
     /// EG's own settings, when envgate was told to inherit them.
     pub eg_config: Option<EgEnvs>,
+    /// What a forwarded value may hold.
+    pub values: ValueRules,
+    /// What to do with the body's `path`.
+    pub kernel_path: PathRule,
 }
 
 impl Default for Policy {
@@ -228,6 +237,8 @@ impl Default for Policy {
             kernelspec_env: false,
             process_proxy_envs: false,
             eg_config: None,
+            values: ValueRules::default(),
+            kernel_path: PathRule::RefuseEscape,
         }
     }
 }
@@ -346,6 +357,23 @@ impl Policy {
     }
 }
 
+/// `s` as the inside of a TOML basic string.
+fn toml_escape(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Whether `name` can be an environment variable name at all: POSIX `environ` entries are
 /// `NAME=value` C strings, so a name may not be empty nor hold `=` or NUL.
 pub fn valid_name(name: &str) -> bool {
@@ -374,6 +402,17 @@ impl fmt::Display for Policy {
         if let Some(e) = &self.eg_config {
             let shown = if e.all { BTreeSet::from(["*".to_string()]) } else { e.names.clone() };
             writeln!(f, "# inherited from EG_CLIENT_ENVS / EG_ENV_WHITELIST: {}", list(&shown))?;
+        }
+        writeln!(f, "kernel_path = {:?}", self.kernel_path.as_str())?;
+        writeln!(f, "value_max_length = {}", self.values.max_length)?;
+        let forbidden: Vec<String> = self.values.forbidden.iter().map(|t| format!("\"{}\"", toml_escape(t))).collect();
+        writeln!(f, "value_forbidden = [{}]", forbidden.join(", "))?;
+        writeln!(f, "\n[value_patterns]")?;
+        for (name, p) in &self.values.patterns {
+            writeln!(f, "{name:?} = \"{}\"", toml_escape(&p.text))?;
+        }
+        for (name, _) in values::DEFAULT_PATTERNS.iter().filter(|(n, _)| !self.values.patterns.contains_key(*n)) {
+            writeln!(f, "{name:?} = \"\"  # built-in pattern removed")?;
         }
         let mut names: Vec<&String> = self.kernelspecs.keys().collect();
         names.sort();

@@ -27,14 +27,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
-use crate::audit::{AuditLog, Ids, Record};
+use crate::audit::{AuditLog, Ids, Record, ViolationName};
 use crate::body::ProxyBody;
 use crate::config::{Config, Mismatch};
-use crate::metrics::{DecisionLabel, KindLabel, Metrics, ReasonLabel, RouteLabel, RouteStatus};
+use crate::metrics::{DecisionLabel, KindLabel, Metrics, ReasonLabel, RouteLabel, RouteStatus, RuleLabel};
 use crate::policy::{Kept, Mode, Sessions, Source};
 use crate::rewrite::{kernelspecs, start};
 use crate::routes::{Route, Routes};
 use crate::upstream::{SpecCache, SpecsError, Upstream, UpstreamError};
+use crate::values::{self, PathRule};
 use crate::wire;
 
 /// The variable EG takes as the kernel's user.
@@ -262,6 +263,18 @@ struct RejectedList<'a> {
     rejected: Vec<RejectedJson<'a>>,
 }
 
+#[derive(Serialize)]
+struct ViolationJson<'a> {
+    name: &'a str,
+    rule: &'static str,
+    detail: &'a str,
+}
+
+#[derive(Serialize)]
+struct ViolationList<'a> {
+    violations: Vec<ViolationJson<'a>>,
+}
+
 /// The user a trusted authenticating proxy named, when identity binding is on: `Ok(None)` when
 /// it is off, `Err(message)` (for a 403) when it is on and the header is missing or unusable.
 fn trusted_user<'h>(cx: &Ctx<'_>, headers: &'h HeaderMap) -> Result<Option<&'h str>, String> {
@@ -378,12 +391,52 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
         let (rec, resp) = refused(rec, resp, "policy");
         return finish(cx, rec, &id, resp).await;
     }
+    // Value rules on every value drop would forward, and the path rule; both refuse the whole
+    // request (in report mode they are audited, and the request goes on as sent).
+    let kept: HashSet<&str> = decision.kept.iter().map(|k| k.name.as_str()).collect();
+    let violations = policy
+        .values
+        .check_all(parsed.env.iter().filter(|(k, _)| kept.contains(k.as_str())).map(|(k, v)| (&**k, &**v)));
+    let path_escapes = match parsed.path() {
+        Some(p) => policy.kernel_path != PathRule::Keep && values::path_escapes(p.as_deref()),
+        None => false,
+    };
+    let mut rec = rec;
+    rec.violations = violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
+    for v in &violations {
+        st.metrics.value_violations.get_or_create(&RuleLabel { rule: v.rule.as_str() }).inc();
+    }
+    if path_escapes {
+        st.metrics.value_violations.get_or_create(&RuleLabel { rule: "path" }).inc();
+        rec.path = Some(if policy.kernel_path == PathRule::Strip { "stripped" } else { "refused" });
+    }
+    if policy.mode != Mode::Report {
+        if !violations.is_empty() {
+            let list: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+            let msg = format!("envgate refused the kernel start: values break the value rules: {}", list.join(", "));
+            let json = ViolationList {
+                violations: violations
+                    .iter()
+                    .map(|v| ViolationJson { name: &v.name, rule: v.rule.as_str(), detail: &v.detail })
+                    .collect(),
+            };
+            let resp = wire::json_error_with(StatusCode::BAD_REQUEST, &msg, Some(json));
+            let (rec, resp) = refused(rec, resp, "value rules");
+            return finish(cx, rec, &id, resp).await;
+        }
+        if path_escapes && policy.kernel_path == PathRule::RefuseEscape {
+            let resp = wire::json_error(
+                StatusCode::BAD_REQUEST,
+                "envgate refused the kernel start: \"path\" must be a relative path inside the gateway's root \
+                 (no leading /, no .. segment, no backslash)",
+            );
+            let (rec, resp) = refused(rec, resp, "path escapes the root");
+            return finish(cx, rec, &id, resp).await;
+        }
+    }
     let forwarded = match policy.mode {
         Mode::Report => parsed.render(|_| true),
-        Mode::Drop | Mode::Reject => {
-            let kept: HashSet<&str> = decision.kept.iter().map(|k| k.name.as_str()).collect();
-            parsed.render(|n| kept.contains(n))
-        }
+        Mode::Drop | Mode::Reject => parsed.render_with(|n| kept.contains(n), path_escapes),
     };
 
     to_upstream(&mut parts, cx);
@@ -392,7 +445,6 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
     }
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
-    let mut rec = rec;
     rec.outcome = "forwarded";
     let resp = match rt.upstream.send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
         Ok(r) => r,

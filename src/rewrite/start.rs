@@ -108,9 +108,25 @@ impl StartBody<'_> {
         self.env_at.is_some()
     }
 
+    /// The `path` member (the kernel's working directory): `None` when absent or `null`,
+    /// `Some(None)` when it is not a string.
+    pub fn path(&self) -> Option<Option<String>> {
+        let (_, raw) = self.members.iter().find(|(k, _)| k == "path")?;
+        match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(serde_json::Value::Null) => None,
+            Ok(serde_json::Value::String(s)) => Some(Some(s)),
+            _ => Some(None),
+        }
+    }
+
     /// Writes the body envgate forwards: every member as the client sent it, and an `env`
     /// object (in the client's position, or last) holding the names for which `keep` is true.
     pub fn render(&self, keep: impl Fn(&str) -> bool) -> Vec<u8> {
+        self.render_with(keep, false)
+    }
+
+    /// [`StartBody::render`], leaving the `path` member out when `strip_path` is set.
+    pub fn render_with(&self, keep: impl Fn(&str) -> bool, strip_path: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             64 + self.members.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>()
                 + self.env.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>(),
@@ -127,6 +143,9 @@ impl StartBody<'_> {
             if i == env_at {
                 sep(&mut out);
                 self.render_env(&mut out, &keep);
+            }
+            if strip_path && k == "path" {
+                continue;
             }
             sep(&mut out);
             write_str(&mut out, k);
@@ -457,6 +476,24 @@ mod tests {
         ] {
             let e = err(b.as_bytes()).to_string();
             assert!(!e.contains(secret), "{b} -> {e}");
+        }
+    }
+
+    #[test]
+    fn path_is_read_and_can_be_stripped() {
+        assert_eq!(ok(r#"{"name":"k"}"#).path(), None);
+        assert_eq!(ok(r#"{"path":null}"#).path(), None);
+        assert_eq!(ok(r#"{"path":"a\u002f..\/b"}"#).path(), Some(Some("a/../b".into())));
+        assert_eq!(ok(r#"{"path":["x"]}"#).path(), Some(None));
+        assert_eq!(ok(r#"{"path":1}"#).path(), Some(None));
+        for (body, want) in [
+            (r#"{"path":"../x","env":{"A":"1"},"name":"k"}"#, r#"{"env":{"A":"1"},"name":"k"}"#),
+            (r#"{"env":{"A":"1"},"path":"../x","name":"k"}"#, r#"{"env":{"A":"1"},"name":"k"}"#),
+            (r#"{"name":"k","path":"/"}"#, r#"{"name":"k","env":{}}"#),
+            (r#"{"name":"k"}"#, r#"{"name":"k","env":{}}"#),
+        ] {
+            let b = ok(body);
+            assert_eq!(String::from_utf8(b.render_with(|_| true, true)).unwrap(), want, "{body}");
         }
     }
 
