@@ -5,6 +5,7 @@
 //! - [`policy`]: the decision per name (pure);
 //! - [`values`]: what a forwarded value and the body's `path` may hold (pure);
 //! - [`rewrite`]: kernel-start and kernelspec bodies, bytes to bytes (pure);
+//! - [`decide`]: one kernel start, parsed body to forwarded bytes or refusal (pure);
 //! - [`routes`]: which route a raw request is (pure);
 //! - [`config`]: file + environment + flags -> one validated [`config::Config`];
 //! - [`wire`]: header hygiene, JSON errors, ETags;
@@ -18,6 +19,7 @@
 pub mod audit;
 pub mod body;
 pub mod config;
+pub mod decide;
 pub mod explain;
 pub mod metrics;
 pub mod policy;

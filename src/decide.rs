@@ -1,0 +1,246 @@
+//! Everything envgate decides about one kernel start, from a parsed body: pure.
+//!
+//! The proxy reads and parses the body, learns the kernelspec from the upstream, then hands both
+//! here and gets back either the exact bytes to forward or a refusal, plus what the audit record
+//! needs. Keeping this out of the I/O shell is what lets the tests and the fuzzers check the
+//! promise directly: whatever a client sends, what is forwarded re-parses, holds only names the
+//! policy allows, and only values the value rules accept.
+
+use http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::policy::{Decision, Kept, Mode, Policy, Source, SpecFacts};
+use crate::rewrite::start::StartBody;
+use crate::values::{self, PathRule, Violation};
+
+/// The variable EG takes as the kernel's user.
+pub const USERNAME: &str = "KERNEL_USERNAME";
+
+/// A refusal: the status, the message and extra members of the JSON error, and a short reason
+/// for the audit record. Names only, never a value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+    /// Extra members of the error body, e.g. `{"rejected": [...]}`.
+    pub extra: Value,
+    pub why: &'static str,
+}
+
+/// Forward these bytes (the whole new body), or refuse.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Forward(Vec<u8>),
+    Refuse(Refusal),
+}
+
+/// The outcome of one kernel start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The verdict on every name.
+    pub decision: Decision,
+    /// Kept values (in `report` mode: values `drop` would forward) that broke a value rule.
+    pub violations: Vec<Violation>,
+    /// What the `kernel_path` rule did to the body's `path`: `refused` or `stripped` (in
+    /// `report` mode: would have); `None` when it let the path through.
+    pub path: Option<&'static str>,
+    pub verdict: Verdict,
+}
+
+/// Decides one kernel start. `trusted_user`: the body's `KERNEL_USERNAME` was set from a
+/// trusted header (identity binding), so it is kept whatever the name rules say (its value still
+/// passes the value rules).
+pub fn decide(
+    policy: &Policy,
+    kernelspec: Option<&str>,
+    facts: Option<&SpecFacts>,
+    body: &StartBody<'_>,
+    trusted_user: bool,
+) -> Plan {
+    let names = body.env.iter().map(|(k, _)| k.as_str()).filter(|k| !trusted_user || *k != USERNAME);
+    let mut decision = policy.decide(kernelspec, facts, names);
+    if trusted_user {
+        decision.kept.push(Kept { name: USERNAME.to_string(), source: Source::TrustedHeader });
+    }
+    let kept = |name: &str| decision.kept.iter().any(|k| k.name == name);
+    let violations = policy.values.check_all(body.env.iter().filter(|(k, _)| kept(k)).map(|(k, v)| (&**k, &**v)));
+    let path_escapes =
+        policy.kernel_path != PathRule::Keep && body.path().is_some_and(|p| values::path_escapes(p.as_deref()));
+    let path = path_escapes.then_some(if policy.kernel_path == PathRule::Strip { "stripped" } else { "refused" });
+
+    let refusal = if policy.mode == Mode::Report {
+        None
+    } else if policy.mode == Mode::Reject && !decision.rejected.is_empty() {
+        let names: Vec<String> =
+            decision.rejected.iter().map(|r| format!("{} ({})", r.name, r.reason.as_str())).collect();
+        Some(Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "envgate refused the kernel start: environment variables not allowed: {}",
+                names.join(", ")
+            ),
+            extra: json!({
+                "rejected": decision.rejected.iter().map(|r| json!({"name": r.name, "reason": r.reason.as_str()}))
+                    .collect::<Vec<_>>()
+            }),
+            why: "policy",
+        })
+    } else if !violations.is_empty() {
+        let list: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+        Some(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("envgate refused the kernel start: values break the value rules: {}", list.join(", ")),
+            extra: json!({
+                "violations": violations.iter().map(|v| json!({"name": v.name, "rule": v.rule.as_str(), "detail": v.detail}))
+                    .collect::<Vec<_>>()
+            }),
+            why: "value rules",
+        })
+    } else if path == Some("refused") {
+        Some(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            message: "envgate refused the kernel start: \"path\" must be a relative path inside the gateway's root \
+                      (no leading / or ~, no .. segment, no backslash)"
+                .to_string(),
+            extra: json!({}),
+            why: "path escapes the root",
+        })
+    } else {
+        None
+    };
+    let verdict = match (refusal, policy.mode) {
+        (Some(r), _) => Verdict::Refuse(r),
+        (None, Mode::Report) => Verdict::Forward(body.render(|_| true)),
+        (None, _) => Verdict::Forward(body.render_with(kept, path_escapes)),
+    };
+    Plan { decision, violations, path, verdict }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rewrite::start::parse;
+    use crate::values::Rule;
+
+    fn policy(mode: Mode) -> Policy {
+        Policy { mode, client_envs: ["FOO".to_string()].into(), ..Policy::default() }
+    }
+
+    fn run(p: &Policy, body: &str) -> Plan {
+        decide(p, Some("python3"), None, &parse(body.as_bytes()).unwrap(), false)
+    }
+
+    fn forwarded(plan: &Plan) -> Value {
+        match &plan.verdict {
+            Verdict::Forward(b) => serde_json::from_slice(b).expect("forwarded body re-parses"),
+            Verdict::Refuse(r) => panic!("refused: {r:?}"),
+        }
+    }
+
+    fn refusal(plan: &Plan) -> &Refusal {
+        match &plan.verdict {
+            Verdict::Refuse(r) => r,
+            Verdict::Forward(b) => panic!("forwarded {}", String::from_utf8_lossy(b)),
+        }
+    }
+
+    const BODY: &str = r#"{"name":"python3","env":{"FOO":"1","BAR":"2","KERNEL_X":"3","PATH":"/x"},"path":"nb"}"#;
+
+    #[test]
+    fn drop_forwards_only_kept_names() {
+        let plan = run(&policy(Mode::Drop), BODY);
+        assert_eq!(forwarded(&plan), json!({"name":"python3","env":{"FOO":"1","KERNEL_X":"3"},"path":"nb"}));
+        assert_eq!(plan.decision.rejected.len(), 2);
+        assert!(plan.violations.is_empty() && plan.path.is_none());
+    }
+
+    #[test]
+    fn reject_refuses_with_the_names_and_reasons() {
+        let r = refusal(&run(&policy(Mode::Reject), BODY)).clone();
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            r.extra,
+            json!({"rejected":[{"name":"BAR","reason":"not_allowed"},{"name":"PATH","reason":"denied"}]})
+        );
+        assert!(r.message.contains("BAR (not_allowed)"), "{}", r.message);
+        // nothing to reject: forwarded
+        let plan = run(&policy(Mode::Reject), r#"{"env":{"FOO":"1"}}"#);
+        assert_eq!(forwarded(&plan), json!({"env":{"FOO":"1"}}));
+    }
+
+    #[test]
+    fn report_forwards_as_sent_and_says_what_drop_would_do() {
+        let body = r#"{"env":{"FOO":"$(id)","BAR":"2"},"path":"../x"}"#;
+        let plan = run(&policy(Mode::Report), body);
+        assert_eq!(forwarded(&plan), json!({"env":{"FOO":"$(id)","BAR":"2"},"path":"../x"}));
+        assert_eq!(plan.violations.len(), 1);
+        assert_eq!(plan.path, Some("refused"));
+        assert_eq!(plan.decision.rejected.len(), 1);
+    }
+
+    #[test]
+    fn value_rules_refuse_kept_values_only() {
+        let plan = run(&policy(Mode::Drop), r#"{"env":{"FOO":"a`b`","BAR":"$(id)"}}"#);
+        let r = refusal(&plan);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.extra["violations"][0]["name"], "FOO");
+        assert_eq!(r.extra["violations"][0]["rule"], "forbidden");
+        assert!(!r.message.contains("a`b`"), "{}", r.message);
+        assert_eq!(plan.violations.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::Forbidden]);
+        // BAR is dropped, so its value does not matter
+        let plan = run(&policy(Mode::Drop), r#"{"env":{"FOO":"ok","BAR":"$(id)"}}"#);
+        assert_eq!(forwarded(&plan), json!({"env":{"FOO":"ok"}}));
+    }
+
+    #[test]
+    fn reject_mode_reports_names_before_values() {
+        let plan = run(&policy(Mode::Reject), r#"{"env":{"FOO":"$x","BAR":"1"}}"#);
+        assert_eq!(refusal(&plan).status, StatusCode::FORBIDDEN);
+        let plan = run(&policy(Mode::Reject), r#"{"env":{"FOO":"$x"}}"#);
+        assert_eq!(refusal(&plan).status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn path_rules() {
+        let mut p = policy(Mode::Drop);
+        let body = r#"{"name":"python3","path":"../../tmp","env":{}}"#;
+        let plan = run(&p, body);
+        assert_eq!(refusal(&plan).status, StatusCode::BAD_REQUEST);
+        assert_eq!(plan.path, Some("refused"));
+        p.kernel_path = PathRule::Strip;
+        let plan = run(&p, body);
+        assert_eq!(forwarded(&plan), json!({"name":"python3","env":{}}));
+        assert_eq!(plan.path, Some("stripped"));
+        p.kernel_path = PathRule::Keep;
+        let plan = run(&p, body);
+        assert_eq!(forwarded(&plan)["path"], "../../tmp");
+        assert_eq!(plan.path, None);
+        // a path inside the root, and no path at all, pass under every rule
+        for rule in [PathRule::RefuseEscape, PathRule::Strip] {
+            p.kernel_path = rule;
+            assert_eq!(forwarded(&run(&p, r#"{"path":"a/b","env":{}}"#))["path"], "a/b");
+            assert_eq!(run(&p, r#"{"path":null}"#).path, None);
+            assert_eq!(
+                run(&p, r#"{"path":{"a":1}}"#).path,
+                Some(if rule == PathRule::Strip { "stripped" } else { "refused" })
+            );
+        }
+    }
+
+    #[test]
+    fn a_trusted_user_is_kept_but_its_value_still_checked() {
+        let mut p = policy(Mode::Reject);
+        p.prefixes.clear(); // KERNEL_USERNAME would be rejected by name
+        let b = parse(br#"{"env":{"KERNEL_USERNAME":"alice"}}"#).unwrap();
+        let plan = decide(&p, None, None, &b, true);
+        assert_eq!(forwarded(&plan), json!({"env":{"KERNEL_USERNAME":"alice"}}));
+        assert_eq!(plan.decision.kept[0].source, Source::TrustedHeader);
+        let b = parse(br#"{"env":{"KERNEL_USERNAME":"a;id"}}"#).unwrap();
+        assert_eq!(refusal(&decide(&p, None, None, &b, true)).status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn no_env_gets_an_empty_env() {
+        assert_eq!(forwarded(&run(&policy(Mode::Drop), r#"{"name":"python3"}"#)), json!({"name":"python3","env":{}}));
+    }
+}
