@@ -166,6 +166,10 @@ pub struct Opts {
     /// Upstream response-header timeout [default: 120s].
     #[arg(long, env = "ENVGATE_RESPONSE_TIMEOUT", global = true, value_name = "DURATION")]
     pub response_timeout: Option<String>,
+    /// How long a streamed body (either way) may send nothing before its connection is aborted;
+    /// never applies to WebSockets [default: 60s].
+    #[arg(long, env = "ENVGATE_BODY_IDLE_TIMEOUT", global = true, value_name = "DURATION")]
+    pub body_idle_timeout: Option<String>,
     /// Audit log: - for stdout, or a file path (appended to) [default: -].
     #[arg(long, env = "ENVGATE_AUDIT_LOG", global = true, value_name = "PATH")]
     pub audit_log: Option<String>,
@@ -263,6 +267,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    pub body_idle_timeout: Duration,
     pub audit_log: AuditTarget,
     pub log_format: LogFormat,
 }
@@ -342,6 +347,7 @@ impl Config {
         line(format!("max_body_bytes = {}", self.max_body_bytes));
         line(format!("connect_timeout = {}", d(self.connect_timeout)));
         line(format!("response_timeout = {}", d(self.response_timeout)));
+        line(format!("body_idle_timeout = {}", d(self.body_idle_timeout)));
         line(format!("shutdown_grace = {}", d(self.shutdown_grace)));
         let audit = match &self.audit_log {
             AuditTarget::Stdout => "\"-\"".to_string(),
@@ -377,6 +383,7 @@ const FILE_KEYS: &[&str] = &[
     "kernel_path",
     "connect_timeout",
     "response_timeout",
+    "body_idle_timeout",
     "audit_log",
     "log_format",
     "tls_cert",
@@ -434,6 +441,7 @@ struct Raw {
     kernel_path: Option<Setting<String>>,
     connect_timeout: Option<Setting<String>>,
     response_timeout: Option<Setting<String>>,
+    body_idle_timeout: Option<Setting<String>>,
     audit_log: Option<Setting<String>>,
     log_format: Option<Setting<String>>,
     tls_cert: Option<Setting<String>>,
@@ -529,6 +537,7 @@ impl Raw {
             kernel_path: take(&mut table, "kernel_path", o, "a string")?,
             connect_timeout: take(&mut table, "connect_timeout", o, "a duration string like \"5s\"")?,
             response_timeout: take(&mut table, "response_timeout", o, "a duration string like \"120s\"")?,
+            body_idle_timeout: take(&mut table, "body_idle_timeout", o, "a duration string like \"60s\"")?,
             audit_log: take(&mut table, "audit_log", o, "\"-\" or a file path")?,
             log_format: take(&mut table, "log_format", o, "a string")?,
             tls_cert: take(&mut table, "tls_cert", o, "a file path")?,
@@ -597,6 +606,7 @@ impl Raw {
         set(&mut self.kernelspec_cache_ttl, opts.kernelspec_cache_ttl.clone(), "kernelspec_cache_ttl");
         set(&mut self.connect_timeout, opts.connect_timeout.clone(), "connect_timeout");
         set(&mut self.response_timeout, opts.response_timeout.clone(), "response_timeout");
+        set(&mut self.body_idle_timeout, opts.body_idle_timeout.clone(), "body_idle_timeout");
         set(&mut self.audit_log, opts.audit_log.clone(), "audit_log");
         set(&mut self.log_format, opts.log_format.clone(), "log_format");
         set(&mut self.tls_cert, opts.tls_cert.clone(), "tls_cert");
@@ -728,9 +738,11 @@ impl Raw {
         let kernelspec_cache_ttl = duration(&self.kernelspec_cache_ttl, "kernelspec_cache_ttl", 10)?;
         let connect_timeout = duration(&self.connect_timeout, "connect_timeout", 5)?;
         let response_timeout = duration(&self.response_timeout, "response_timeout", 120)?;
+        let body_idle_timeout = duration(&self.body_idle_timeout, "body_idle_timeout", 60)?;
         for (d, s, key) in [
             (connect_timeout, &self.connect_timeout, "connect_timeout"),
             (response_timeout, &self.response_timeout, "response_timeout"),
+            (body_idle_timeout, &self.body_idle_timeout, "body_idle_timeout"),
         ] {
             if d.is_zero() {
                 return Err(s.as_ref().expect("defaults are not zero").err(key, "must be greater than zero"));
@@ -877,6 +889,7 @@ impl Raw {
             max_body_bytes,
             connect_timeout,
             response_timeout,
+            body_idle_timeout,
             audit_log,
             log_format,
         })
@@ -987,6 +1000,9 @@ mod tests {
         assert_eq!(c.policy, Policy::default());
         assert_eq!(c.kernelspec_cache_ttl, Duration::from_secs(10));
         assert_eq!(c.max_body_bytes, 1 << 20);
+        assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.response_timeout, Duration::from_secs(120));
+        assert_eq!(c.body_idle_timeout, Duration::from_secs(60));
         assert_eq!(c.audit_log, AuditTarget::Stdout);
         assert_eq!(c.log_format, LogFormat::Text);
     }
@@ -1006,6 +1022,7 @@ mod tests {
             max_body_bytes = 4096
             connect_timeout = "1s"
             response_timeout = "3m"
+            body_idle_timeout = "90s"
             audit_log = "/var/log/envgate.jsonl"
             log_format = "json"
             [kernelspecs.Spark]
@@ -1028,6 +1045,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, 4096);
         assert_eq!(c.connect_timeout, Duration::from_secs(1));
         assert_eq!(c.response_timeout, Duration::from_secs(180));
+        assert_eq!(c.body_idle_timeout, Duration::from_secs(90));
         assert_eq!(c.audit_log, AuditTarget::File("/var/log/envgate.jsonl".into()));
         assert_eq!(c.log_format, LogFormat::Json);
     }
@@ -1045,9 +1063,11 @@ mod tests {
             kernel_prefix: Some("false".into()),
             kernelspec_client_envs: Some(vec!["py=P1,P2".into(), "r=".into()]),
             max_body_bytes: Some("10".into()),
+            body_idle_timeout: Some("2s".into()),
             ..Opts::default()
         };
         let c = Config::load(&o).unwrap();
+        assert_eq!(c.body_idle_timeout, Duration::from_secs(2));
         assert_eq!(c.policy.mode, Mode::Report);
         assert_eq!(c.policy.client_envs, BTreeSet::from(["FOO".into(), "BAR".into()]));
         assert!(!c.policy.kernel_prefix());
@@ -1132,6 +1152,9 @@ mod tests {
             ("max_body_bytes = 0", "`max_body_bytes`"),
             ("max_body_bytes = -5", "`max_body_bytes`"),
             ("connect_timeout = \"0s\"", "`connect_timeout`"),
+            ("body_idle_timeout = \"0s\"", "`body_idle_timeout`"),
+            ("body_idle_timeout = \"idle\"", "`body_idle_timeout`"),
+            ("body_idle_timeout = 60", "`body_idle_timeout`"),
             ("log_format = \"xml\"", "`log_format`"),
             ("audit_log = \"\"", "`audit_log`"),
             ("colour = 1", "`colour`"),
@@ -1192,6 +1215,23 @@ mod tests {
         assert!(e.contains("`mode`") && e.contains("--mode") && e.contains("ENVGATE_MODE"), "{e}");
         let o = Opts { kernelspec_client_envs: Some(vec!["nope".into()]), ..Opts::default() };
         assert!(Config::load(&o).unwrap_err().to_string().contains("NAME=A,B"));
+        let o = Opts { body_idle_timeout: Some("0s".into()), ..Opts::default() };
+        let e = Config::load(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("`body_idle_timeout`")
+                && e.contains("--body-idle-timeout")
+                && e.contains("ENVGATE_BODY_IDLE_TIMEOUT"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn body_idle_timeout_is_in_the_effective_config() {
+        let c = load_toml("body_idle_timeout = \"1m 30s\"").unwrap();
+        assert_eq!(c.body_idle_timeout, Duration::from_secs(90));
+        let text = c.effective();
+        assert!(text.contains("body_idle_timeout = \"1m 30s\""), "{text}");
+        assert_eq!(load_toml(&text).unwrap().body_idle_timeout, Duration::from_secs(90));
     }
 
     #[test]

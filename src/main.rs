@@ -47,6 +47,11 @@ fn main() -> ExitCode {
         Some(Command::Audit(_)) => unreachable!("handled before the configuration is loaded"),
         Some(Command::Run) | None => {
             init_tracing(config.log_format);
+            match envgate::server::raise_fd_limit() {
+                Ok(Some((old, new))) => tracing::info!(old, new, "raised the open-file limit (RLIMIT_NOFILE)"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
+            }
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -351,6 +351,8 @@ impl Policy {
         let mut names: Vec<String> =
             all.into_iter().filter(|n| valid_name(n) && !self.deny_envs.contains(*n)).map(str::to_string).collect();
         if self.eg_config.as_ref().is_some_and(|e| e.all) {
+            // Once, first, even when a list source also names `*`.
+            names.retain(|n| n != "*");
             names.insert(0, "*".to_string());
         }
         names

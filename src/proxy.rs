@@ -7,7 +7,6 @@
 //! - session start: refused unless allowed, audited;
 //! - kernelspecs: response rewritten by [`crate::rewrite::kernelspecs`], with its own ETag.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,25 +20,21 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body::Body as _;
+use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 
 use crate::audit::{AuditLog, Ids, Record, ViolationName};
-use crate::body::ProxyBody;
+use crate::body::{BodyError, ProxyBody, Streamed};
 use crate::config::{Config, Mismatch};
+use crate::decide::{self, Verdict, USERNAME};
 use crate::metrics::{DecisionLabel, KindLabel, Metrics, ReasonLabel, RouteLabel, RouteStatus, RuleLabel};
-use crate::policy::{Kept, Mode, Sessions, Source};
+use crate::policy::Sessions;
 use crate::rewrite::{kernelspecs, start};
 use crate::routes::{Route, Routes};
 use crate::upstream::{SpecCache, SpecsError, Upstream, UpstreamError};
-use crate::values::{self, PathRule};
 use crate::wire;
-
-/// The variable EG takes as the kernel's user.
-const USERNAME: &str = "KERNEL_USERNAME";
 
 /// Everything that a reload (SIGHUP) replaces: built from one [`Config`].
 pub struct Runtime {
@@ -47,6 +42,8 @@ pub struct Runtime {
     pub routes: Routes,
     pub upstream: Upstream,
     pub specs: SpecCache,
+    /// Kernelspec bodies already rewritten under this policy: (body, its ETag) by the upstream's bytes.
+    pub rewrites: kernelspecs::Memo<(Bytes, HeaderValue)>,
     /// A short hash of the effective policy, for logs and the `envgate_policy_info` metric.
     pub policy_hash: String,
 }
@@ -60,7 +57,8 @@ impl Runtime {
                     && p.config.upstream_tls == config.upstream_tls
                     && p.config.upstream_token == config.upstream_token
                     && p.config.connect_timeout == config.connect_timeout
-                    && p.config.response_timeout == config.response_timeout =>
+                    && p.config.response_timeout == config.response_timeout
+                    && p.config.body_idle_timeout == config.body_idle_timeout =>
             {
                 p.upstream.clone()
             }
@@ -69,6 +67,7 @@ impl Runtime {
         Ok(Runtime {
             routes: Routes::new(&config.upstream.base),
             specs: SpecCache::new(config.kernelspec_cache_ttl),
+            rewrites: kernelspecs::Memo::default(),
             policy_hash: policy_hash(&config),
             upstream,
             config,
@@ -130,7 +129,7 @@ pub async fn handle(
     let started = Instant::now();
     let rt = st.runtime.load_full();
     let cx = Ctx { st: &st, rt: &rt, peer, proto };
-    let route = rt.routes.classify(req.method(), req.uri().path_and_query().map_or("/", |p| p.as_str()));
+    let route = rt.routes.classify_target(req.method(), req.uri());
     let resp = if req.method() == Method::CONNECT {
         wire::json_error(StatusCode::METHOD_NOT_ALLOWED, "envgate is a reverse proxy; CONNECT is not supported")
     } else {
@@ -172,7 +171,7 @@ fn clean_for_upstream(headers: &mut HeaderMap, cx: &Ctx<'_>) {
 }
 
 /// A response from the upstream, cleaned for the client.
-fn from_upstream(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn from_upstream(resp: Response<Streamed>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     wire::strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, ProxyBody::Stream(body))
@@ -194,7 +193,8 @@ async fn pass(mut req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
-    let resp = match cx.rt.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
+    let body = ProxyBody::stream(body, cx.rt.upstream.body_idle_timeout);
+    let resp = match cx.rt.upstream.send(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
     };
@@ -208,7 +208,7 @@ async fn pass(mut req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
 
 /// Answers the client with the upstream's 101 and, once both sides have switched, copies bytes
 /// both ways until either closes. No frame parsing, no idle timeout.
-fn splice(st: &State, client: hyper::upgrade::OnUpgrade, mut resp: Response<Incoming>) -> Response<ProxyBody> {
+fn splice(st: &State, client: hyper::upgrade::OnUpgrade, mut resp: Response<Streamed>) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
     let gauge = st.metrics.websockets.clone();
     let stop = st.stop_splices.clone();
@@ -252,29 +252,6 @@ fn token_pair(query: &str) -> Option<&str> {
     query.split('&').find(|p| p.starts_with("token="))
 }
 
-#[derive(Serialize)]
-struct RejectedJson<'a> {
-    name: &'a str,
-    reason: &'static str,
-}
-
-#[derive(Serialize)]
-struct RejectedList<'a> {
-    rejected: Vec<RejectedJson<'a>>,
-}
-
-#[derive(Serialize)]
-struct ViolationJson<'a> {
-    name: &'a str,
-    rule: &'static str,
-    detail: &'a str,
-}
-
-#[derive(Serialize)]
-struct ViolationList<'a> {
-    violations: Vec<ViolationJson<'a>>,
-}
-
 /// The user a trusted authenticating proxy named, when identity binding is on: `Ok(None)` when
 /// it is off, `Err(message)` (for a 403) when it is on and the header is missing or unusable.
 fn trusted_user<'h>(cx: &Ctx<'_>, headers: &'h HeaderMap) -> Result<Option<&'h str>, String> {
@@ -303,7 +280,13 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
         }
     };
     // Read the body, bounded, refusing what cannot be read.
-    let bytes = match read_body(&parts.headers, body, rt.config.max_body_bytes).await {
+    let bytes = match read_body(
+        &parts.headers,
+        ProxyBody::stream(body, rt.upstream.body_idle_timeout),
+        rt.config.max_body_bytes,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(resp) => {
             let why = resp.status().canonical_reason().unwrap_or("refused").to_string();
@@ -365,78 +348,25 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
         }
     };
     let (kernelspec, facts) = index.resolve(parsed.name.as_deref());
-    let mut decision = policy.decide(
-        kernelspec.as_deref(),
-        facts,
-        parsed.env.iter().map(|(k, _)| k.as_str()).filter(|k| bound_user.is_none() || *k != USERNAME),
-    );
-    if bound_user.is_some() {
-        decision.kept.push(Kept { name: USERNAME.to_string(), source: Source::TrustedHeader });
-    }
+    let plan = decide::decide(policy, kernelspec.as_deref(), facts, &parsed, bound_user.is_some());
     rec.kernelspec = kernelspec.as_deref();
-    let rec = rec.with_decision(&decision);
-
-    if policy.mode == Mode::Reject && !decision.rejected.is_empty() {
-        let names: Vec<String> =
-            decision.rejected.iter().map(|r| format!("{} ({})", r.name, r.reason.as_str())).collect();
-        let msg = format!("envgate refused the kernel start: environment variables not allowed: {}", names.join(", "));
-        let list = RejectedList {
-            rejected: decision
-                .rejected
-                .iter()
-                .map(|r| RejectedJson { name: &r.name, reason: r.reason.as_str() })
-                .collect(),
-        };
-        let resp = wire::json_error_with(StatusCode::FORBIDDEN, &msg, Some(list));
-        let (rec, resp) = refused(rec, resp, "policy");
-        return finish(cx, rec, &id, resp).await;
-    }
-    // Value rules on every value drop would forward, and the path rule; both refuse the whole
-    // request (in report mode they are audited, and the request goes on as sent).
-    let kept: HashSet<&str> = decision.kept.iter().map(|k| k.name.as_str()).collect();
-    let violations = policy
-        .values
-        .check_all(parsed.env.iter().filter(|(k, _)| kept.contains(k.as_str())).map(|(k, v)| (&**k, &**v)));
-    let path_escapes = match parsed.path() {
-        Some(p) => policy.kernel_path != PathRule::Keep && values::path_escapes(p.as_deref()),
-        None => false,
-    };
-    let mut rec = rec;
-    rec.violations = violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
-    for v in &violations {
+    let mut rec = rec.with_decision(&plan.decision);
+    rec.violations = plan.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
+    rec.path = plan.path;
+    for v in &plan.violations {
         st.metrics.value_violations.get_or_create(&RuleLabel { rule: v.rule.as_str() }).inc();
     }
-    if path_escapes {
+    if plan.path.is_some() {
         st.metrics.value_violations.get_or_create(&RuleLabel { rule: "path" }).inc();
-        rec.path = Some(if policy.kernel_path == PathRule::Strip { "stripped" } else { "refused" });
     }
-    if policy.mode != Mode::Report {
-        if !violations.is_empty() {
-            let list: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
-            let msg = format!("envgate refused the kernel start: values break the value rules: {}", list.join(", "));
-            let json = ViolationList {
-                violations: violations
-                    .iter()
-                    .map(|v| ViolationJson { name: &v.name, rule: v.rule.as_str(), detail: &v.detail })
-                    .collect(),
-            };
-            let resp = wire::json_error_with(StatusCode::BAD_REQUEST, &msg, Some(json));
-            let (rec, resp) = refused(rec, resp, "value rules");
+    let forwarded = match plan.verdict {
+        Verdict::Forward(bytes) => bytes,
+        Verdict::Refuse(r) => {
+            let extra = r.extra.as_object().filter(|o| !o.is_empty()).cloned();
+            let resp = wire::json_error_with(r.status, &r.message, extra);
+            let (rec, resp) = refused(rec, resp, r.why);
             return finish(cx, rec, &id, resp).await;
         }
-        if path_escapes && policy.kernel_path == PathRule::RefuseEscape {
-            let resp = wire::json_error(
-                StatusCode::BAD_REQUEST,
-                "envgate refused the kernel start: \"path\" must be a relative path inside the gateway's root \
-                 (no leading /, no .. segment, no backslash)",
-            );
-            let (rec, resp) = refused(rec, resp, "path escapes the root");
-            return finish(cx, rec, &id, resp).await;
-        }
-    }
-    let forwarded = match policy.mode {
-        Mode::Report => parsed.render(|_| true),
-        Mode::Drop | Mode::Reject => parsed.render_with(|n| kept.contains(n), path_escapes),
     };
 
     to_upstream(&mut parts, cx);
@@ -491,8 +421,13 @@ fn kernel_id_of(headers: &HeaderMap) -> Option<String> {
         .then(|| id.to_string())
 }
 
-/// Reads a policy route's body: identity encoding only, at most `max` bytes.
-async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Bytes, Response<ProxyBody>> {
+/// Reads a policy route's body: identity encoding only, at most `max` bytes. Given a
+/// [`ProxyBody::stream`], a body that stalls for `body_idle_timeout` is answered 408.
+async fn read_body<B>(headers: &HeaderMap, body: B, max: usize) -> Result<Bytes, Response<ProxyBody>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     for v in headers.get_all(header::CONTENT_ENCODING) {
         if !v.to_str().is_ok_and(|v| v.split(',').all(|e| e.trim().eq_ignore_ascii_case("identity"))) {
             return Err(wire::json_error(
@@ -513,6 +448,9 @@ async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<By
     match http_body_util::Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) if matches!(e.downcast_ref::<BodyError>(), Some(BodyError::Idle(_))) => {
+            Err(wire::json_error(StatusCode::REQUEST_TIMEOUT, &format!("the kernel start body stalled: {e}")))
+        }
         Err(e) => {
             tracing::debug!(error = %e, "reading a kernel start body failed");
             Err(wire::json_error(StatusCode::BAD_REQUEST, "the kernel start body could not be read"))
@@ -523,10 +461,6 @@ async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<By
 /// A `POST` that is not exactly a kernel-starting route but could reach one after some
 /// normalization: refused (400) and audited, never forwarded.
 async fn ambiguous(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Response<ProxyBody> {
-    let id = cx.st.ids.next();
-    let xff = xff(req.headers());
-    let event = if route == Route::AmbiguousSessionStart { "session_start" } else { "kernel_start" };
-    let rec = Record::new(&id, event, cx.rt.config.policy.mode, cx.peer, xff.as_deref());
     let msg = format!(
         "envgate refuses this request: its path is not exactly a route under {} but could reach a kernel start \
          after normalization; send POST {}api/kernels",
@@ -534,7 +468,19 @@ async fn ambiguous(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Respon
         cx.rt.routes.base()
     );
     tracing::warn!(path = %req.uri().path(), "refused an ambiguous kernel-start path");
-    let (rec, resp) = refused(rec, wire::json_error(StatusCode::BAD_REQUEST, &msg), "ambiguous path");
+    refuse_start(req, route, cx, &msg, "ambiguous path").await
+}
+
+/// Refuses (400) and audits a request on a kernel-starting route before reading its body.
+async fn refuse_start(req: Request<Incoming>, route: Route, cx: &Ctx<'_>, msg: &str, why: &str) -> Response<ProxyBody> {
+    let id = cx.st.ids.next();
+    let xff = xff(req.headers());
+    let event = match route {
+        Route::SessionStart | Route::AmbiguousSessionStart => "session_start",
+        _ => "kernel_start",
+    };
+    let rec = Record::new(&id, event, cx.rt.config.policy.mode, cx.peer, xff.as_deref());
+    let (rec, resp) = refused(rec, wire::json_error(StatusCode::BAD_REQUEST, msg), why);
     finish(cx, rec, &id, resp).await
 }
 
@@ -579,7 +525,8 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
     let if_none_match: Vec<HeaderValue> = parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     to_upstream(&mut parts, cx);
     wire::ask_for_kernelspecs(&mut parts.headers);
-    let resp = match cx.rt.upstream.send(Request::from_parts(parts, ProxyBody::Stream(body))).await {
+    let body = ProxyBody::stream(body, cx.rt.upstream.body_idle_timeout);
+    let resp = match cx.rt.upstream.send(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
     };
@@ -614,20 +561,28 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
             return Response::from_parts(parts, ProxyBody::Prefixed { prefix: Some(buf.freeze()), rest: body });
         }
     }
-    let policy = &cx.rt.config.policy;
-    let rewritten = match route {
-        Route::KernelspecList => kernelspecs::rewrite_list(policy, &buf),
-        _ => kernelspecs::rewrite_one(policy, &buf),
-    };
-    let new = match rewritten {
-        Ok(b) => Bytes::from(b),
-        Err(e) => {
-            passthrough.inc();
-            tracing::warn!(error = %e, route = route.as_str(), "kernelspecs not rewritten; passed on unchanged");
-            return Response::from_parts(parts, ProxyBody::full(buf.freeze()));
+    let list = route == Route::KernelspecList;
+    let (new, etag) = match cx.rt.rewrites.get(list, &buf) {
+        Some(hit) => hit,
+        None => {
+            let policy = &cx.rt.config.policy;
+            let rewritten =
+                if list { kernelspecs::rewrite_list(policy, &buf) } else { kernelspecs::rewrite_one(policy, &buf) };
+            match rewritten {
+                Ok(b) => {
+                    let new = Bytes::from(b);
+                    let etag = wire::etag(&new);
+                    cx.rt.rewrites.put(list, buf.clone().freeze(), (new.clone(), etag.clone()));
+                    (new, etag)
+                }
+                Err(e) => {
+                    passthrough.inc();
+                    tracing::warn!(error = %e, route = route.as_str(), "kernelspecs not rewritten; passed on unchanged");
+                    return Response::from_parts(parts, ProxyBody::full(buf.freeze()));
+                }
+            }
         }
     };
-    let etag = wire::etag(&new);
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(header::ETAG, etag.clone());
     if wire::if_none_match(&if_none_match, &etag) {
@@ -653,5 +608,14 @@ mod tests {
         h.insert(header::LOCATION, HeaderValue::from_static("/api/kernels/a\"b"));
         assert_eq!(kernel_id_of(&h), None);
         assert_eq!(kernel_id_of(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_streamed_body_is_read_as_a_408() {
+        let inner =
+            crate::body::tests::response("HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n{\"name\":", vec![]).await;
+        let body = ProxyBody::stream(inner, std::time::Duration::from_millis(200));
+        let resp = read_body(&HeaderMap::new(), body, 1000).await.unwrap_err();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
     }
 }

@@ -85,6 +85,19 @@ impl Routes {
         &self.kernelspecs
     }
 
+    /// Classifies a request by method and request target. An absolute-form target
+    /// (`POST http://host/api/kernels`) is not what tornado routes (EG answers it 404), but a
+    /// proxy before EG might turn it into the origin form: on a kernel-starting route it is
+    /// ambiguous, and refused.
+    pub fn classify_target(&self, method: &Method, target: &http::Uri) -> Route {
+        let route = self.classify(method, target.path_and_query().map_or("/", |p| p.as_str()));
+        match route {
+            Route::KernelStart if target.authority().is_some() => Route::AmbiguousKernelStart,
+            Route::SessionStart if target.authority().is_some() => Route::AmbiguousSessionStart,
+            r => r,
+        }
+    }
+
     /// Classifies a request by method and raw path (the query, if any, is ignored).
     pub fn classify(&self, method: &Method, path_and_query: &str) -> Route {
         let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
@@ -125,17 +138,30 @@ enum Tail {
 
 /// Whether `path` ends in `api/kernels` or `api/sessions` after the most generous normalization
 /// anything in a proxy chain might apply: percent-decoding (repeated), `\\` as `/`, case, `;`
-/// parameters, NUL truncation, whitespace, empty and dot segments.
+/// parameters, NUL truncation, whitespace, empty and dot segments. The other normalizations are
+/// tried on the raw path and after each round of decoding, not only on the fully decoded one: a
+/// hop may drop `;` parameters or dot segments before it decodes (`/api/kernels;x%2f..`,
+/// `/api/%2e%2e/../kernels`), or decode only once (`/api/kernels/%252e%252e/%2e%2e`).
 fn normalized_tail(path: &str) -> Option<Tail> {
     let mut bytes = path.as_bytes().to_vec();
-    for _ in 0..3 {
-        let decoded = percent_decode(&bytes);
-        if decoded == bytes {
-            break;
+    for round in 0..=3 {
+        if round > 0 {
+            let decoded = percent_decode(&bytes);
+            if decoded == bytes {
+                break;
+            }
+            bytes = decoded;
         }
-        bytes = decoded;
+        if let Some(tail) = tail_of(&bytes) {
+            return Some(tail);
+        }
     }
-    let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase().replace('\\', "/");
+    None
+}
+
+/// [`normalized_tail`] for one stage of decoding.
+fn tail_of(bytes: &[u8]) -> Option<Tail> {
+    let text = String::from_utf8_lossy(bytes).to_ascii_lowercase().replace('\\', "/");
     let mut segments: Vec<&str> = Vec::new();
     for seg in text.split('/') {
         let seg = seg.split(['\0', ';']).next().unwrap_or("").trim();
@@ -224,6 +250,18 @@ mod tests {
         assert_eq!(Routes::new("/g.w").classify(&Method::POST, "/gXw/api/kernels"), Route::AmbiguousKernelStart);
         assert_eq!(Routes::new("/g.w").classify(&Method::POST, "/g.w/api/kernels"), Route::KernelStart);
         assert_eq!(Routes::new("//gw//").classify(&Method::POST, "/gw/api/kernels"), Route::KernelStart);
+    }
+
+    #[test]
+    fn absolute_form_kernel_starts_are_ambiguous() {
+        let r = Routes::new("/gw/");
+        let t = |s: &str| s.parse::<http::Uri>().unwrap();
+        assert_eq!(r.classify_target(&Method::POST, &t("http://eg:8888/gw/api/kernels")), Route::AmbiguousKernelStart);
+        assert_eq!(r.classify_target(&Method::POST, &t("http://eg/gw/api/sessions?x")), Route::AmbiguousSessionStart);
+        assert_eq!(r.classify_target(&Method::POST, &t("http://eg/gw/api/kernels/")), Route::AmbiguousKernelStart);
+        assert_eq!(r.classify_target(&Method::POST, &t("/gw/api/kernels")), Route::KernelStart);
+        assert_eq!(r.classify_target(&Method::GET, &t("http://eg/gw/api/kernelspecs")), Route::KernelspecList);
+        assert_eq!(r.classify_target(&Method::POST, &t("http://eg/gw/api/kernels/x/restart")), Route::Other);
     }
 
     #[test]

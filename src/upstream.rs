@@ -1,6 +1,7 @@
 //! The upstream side: a pooled keep-alive HTTP/1.1 client, requests bounded by the configured
-//! timeouts, failures turned into EG-style 502/504 answers, and the kernelspecs envgate fetches
-//! for itself (cached for `kernelspec_cache_ttl`).
+//! timeouts (connect, response headers, then an idle timeout on the response body), failures
+//! turned into EG-style 502/504 answers, and the kernelspecs envgate fetches for itself (cached
+//! for `kernelspec_cache_ttl`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,13 +11,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::body::ProxyBody;
+use crate::body::{BodyError, ProxyBody, Streamed};
 use crate::config::{Config, UpstreamUrl};
 use crate::rewrite::kernelspecs::{self, SpecIndex};
 use crate::tls;
@@ -31,6 +31,9 @@ pub enum UpstreamError {
     Timeout,
     /// The connection failed after it was made (reset, garbage, closed early).
     Failed(String),
+    /// The client's request body, streamed upstream, stalled for `body_idle_timeout` (`idle`) or
+    /// broke (the client went away): not the upstream's fault.
+    ClientBody { idle: bool, detail: String },
 }
 
 impl UpstreamError {
@@ -46,6 +49,12 @@ impl UpstreamError {
             UpstreamError::Failed(e) => {
                 wire::json_error(StatusCode::BAD_GATEWAY, &format!("the upstream gateway failed: {e}"))
             }
+            UpstreamError::ClientBody { idle: true, detail } => {
+                wire::json_error(StatusCode::REQUEST_TIMEOUT, &format!("the request body stalled: {detail}"))
+            }
+            UpstreamError::ClientBody { idle: false, detail } => {
+                wire::json_error(StatusCode::BAD_REQUEST, &format!("the request body could not be read: {detail}"))
+            }
         }
     }
 
@@ -55,6 +64,7 @@ impl UpstreamError {
             UpstreamError::Connect(_) => "connect",
             UpstreamError::Timeout => "timeout",
             UpstreamError::Failed(_) => "failed",
+            UpstreamError::ClientBody { .. } => "client_body",
         }
     }
 }
@@ -65,6 +75,7 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::Connect(e) => write!(f, "connect: {e}"),
             UpstreamError::Timeout => write!(f, "timeout"),
             UpstreamError::Failed(e) => write!(f, "failed: {e}"),
+            UpstreamError::ClientBody { detail, .. } => write!(f, "client body: {detail}"),
         }
     }
 }
@@ -75,6 +86,8 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     pub url: UpstreamUrl,
     pub response_timeout: Duration,
+    /// How long a streamed body, either way, may yield nothing (never applied to WebSockets).
+    pub body_idle_timeout: Duration,
     /// `Authorization: token ...` for every upstream request, when envgate holds EG's token.
     pub auth: Option<HeaderValue>,
 }
@@ -102,7 +115,13 @@ impl Upstream {
             v.set_sensitive(true);
             v
         });
-        Ok(Upstream { client, url: cfg.upstream.clone(), response_timeout: cfg.response_timeout, auth })
+        Ok(Upstream {
+            client,
+            url: cfg.upstream.clone(),
+            response_timeout: cfg.response_timeout,
+            body_idle_timeout: cfg.body_idle_timeout,
+            auth,
+        })
     }
 
     /// The upstream URI for a client's raw path and query, which are kept byte for byte.
@@ -114,13 +133,17 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme, authority and path make a URI")
     }
 
-    /// Sends one request, bounded by the response timeout.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends one request, bounded by the response timeout; the response body is bounded by the
+    /// body idle timeout.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Streamed>, UpstreamError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout),
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => Ok(r.map(|b| Streamed::new(b, self.body_idle_timeout))),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(source_chain(&e))),
-            Ok(Err(e)) => Err(UpstreamError::Failed(source_chain(&e))),
+            Ok(Err(e)) => Err(match client_body_error(&e) {
+                Some(b) => UpstreamError::ClientBody { idle: matches!(b, BodyError::Idle(_)), detail: b.to_string() },
+                None => UpstreamError::Failed(source_chain(&e)),
+            }),
         }
     }
 }
@@ -141,8 +164,20 @@ impl Upstream {
     }
 }
 
+/// The request body's own error, when that is what failed the request.
+fn client_body_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e BodyError> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(b) = c.downcast_ref::<BodyError>() {
+            return Some(b);
+        }
+        cur = c.source();
+    }
+    None
+}
+
 /// An error and its causes on one line (hyper's top-level messages alone are vague).
-fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

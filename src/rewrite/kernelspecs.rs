@@ -121,6 +121,44 @@ pub fn rewrite_one(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError> 
     Ok(serde_json::to_vec(&v).expect("serializing a Value"))
 }
 
+/// Rewritten bodies remembered by the upstream's bytes. EG serves the same few kernelspec
+/// documents over and over, and a rewrite is a pure function of (policy, route, bytes), so one
+/// policy's runtime keeps the last few results and answers a repeated body with one comparison
+/// instead of a parse and a render. Lock-free reads; a miss swaps in a new list.
+#[derive(Debug)]
+pub struct Memo<T> {
+    entries: arc_swap::ArcSwap<Vec<std::sync::Arc<(bool, bytes::Bytes, T)>>>,
+}
+
+/// How many distinct bodies a [`Memo`] keeps (the list, and a few single kernelspecs).
+const MEMO_SLOTS: usize = 16;
+
+impl<T> Default for Memo<T> {
+    fn default() -> Self {
+        Memo { entries: arc_swap::ArcSwap::from_pointee(Vec::new()) }
+    }
+}
+
+impl<T: Clone> Memo<T> {
+    /// The result remembered for `input` on the list route (`list`) or the single one.
+    pub fn get(&self, list: bool, input: &[u8]) -> Option<T> {
+        self.entries.load().iter().find(|e| e.0 == list && e.1 == input).map(|e| e.2.clone())
+    }
+
+    /// Remembers `output` for `input`; the oldest entry goes when the memo is full.
+    pub fn put(&self, list: bool, input: bytes::Bytes, output: T) {
+        let entry = std::sync::Arc::new((list, input, output));
+        self.entries.rcu(|old| {
+            let mut v: Vec<_> = old.iter().filter(|e| !(e.0 == entry.0 && e.1 == entry.1)).cloned().collect();
+            if v.len() >= MEMO_SLOTS {
+                v.remove(0);
+            }
+            v.push(entry.clone());
+            v
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +258,22 @@ mod tests {
         assert!(f.metadata_client_envs.is_empty());
         assert_eq!(idx.get("nope"), None);
         assert!(index(b"[]").is_err());
+    }
+
+    #[test]
+    fn memo_remembers_by_route_and_bytes_and_forgets_the_oldest() {
+        let m: Memo<u32> = Memo::default();
+        assert_eq!(m.get(true, b"a"), None);
+        m.put(true, bytes::Bytes::from_static(b"a"), 1);
+        assert_eq!(m.get(true, b"a"), Some(1));
+        assert_eq!(m.get(false, b"a"), None, "the route is part of the key");
+        assert_eq!(m.get(true, b"ab"), None);
+        m.put(true, bytes::Bytes::from_static(b"a"), 2);
+        assert_eq!(m.get(true, b"a"), Some(2), "replaced, not duplicated");
+        for i in 0..MEMO_SLOTS as u32 {
+            m.put(false, bytes::Bytes::from(i.to_string()), i);
+        }
+        assert_eq!(m.get(true, b"a"), None, "the oldest went");
+        assert_eq!(m.get(false, b"0"), Some(0));
     }
 }

@@ -80,6 +80,11 @@ impl Envgate {
         Envgate { addr, child, stderr, audit_path, _dir: dir }
     }
 
+    /// The envgate process's id (for `/proc/<pid>/...`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

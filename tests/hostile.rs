@@ -1,0 +1,321 @@
+//! Hostile clients against envgate in front of a real EG: paths that are not byte for byte a
+//! policy route but could become one, odd request framing, and body tricks. Whatever a client
+//! sends, no kernel starts with a name the policy does not allow, and what EG sees is what was
+//! audited.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::eg::{Eg, EgOptions};
+use support::envgate::Envgate;
+use support::http::{request, request_raw, Response};
+use support::kernel::{run_code, Protocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// EG that forwards every name it is sent (so only envgate decides) and lists its kernels.
+fn eg(base_url: Option<&str>, token: Option<&str>) -> Eg {
+    Eg::start(EgOptions {
+        base_url: base_url.map(str::to_string),
+        client_envs: vec!["*".into()],
+        auth_token: token.map(str::to_string),
+        extra_env: vec![("EG_LIST_KERNELS".into(), "True".into())],
+        ..EgOptions::default()
+    })
+}
+
+/// The body every variant sends: one allowed and one disallowed name.
+fn body() -> Vec<u8> {
+    serde_json::to_vec(&json!({"name": "python3", "env": {"ALLOWED": "a", "NOT_ALLOWED": "x"}})).unwrap()
+}
+
+async fn kernels(eg: &Eg) -> Vec<String> {
+    let auth = eg.auth_headers();
+    let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = request(&eg.addr, "GET", &format!("{}/api/kernels", eg.base_url), &headers, b"").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json().as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_string()).collect()
+}
+
+async fn kernel_env(addr: &str, base: &str, id: &str) -> BTreeMap<String, String> {
+    let url = format!("ws://{addr}{base}/api/kernels/{id}/channels");
+    let out = run_code(&url, &[], Protocol::V1, "import os, json; print(json.dumps(dict(os.environ)))")
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("kernel printed no JSON ({e}): {out}"))
+}
+
+/// Every path variant of the facts file (and more) that a server or proxy in the chain could
+/// normalize into `{base}/api/kernels` or `{base}/api/sessions`.
+fn variants(base: &str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "/api/kernels/",
+        "/api//kernels",
+        "//api/kernels",
+        "/api/%6Bernels",
+        "/api/%256Bernels",
+        "/%61pi/kernels",
+        "/API/kernels",
+        "/api/Kernels",
+        "/api/./kernels",
+        "/api/x/../kernels",
+        "/api/kernels;x",
+        "/api;x/kernels",
+        "/api%2Fkernels",
+        "/api%2fkernels",
+        "/api/kernels%2F",
+        "/api/kernels%00",
+        "/api/kernels/.",
+        "/api/kernels//",
+        "/api/sessions/",
+        "/api/%73essions",
+        "/API/sessions",
+        "/api/./sessions",
+    ]
+    .iter()
+    .map(|p| format!("{base}{p}"))
+    .collect();
+    if !base.is_empty() {
+        // the base itself spelled another way
+        let b = base.trim_start_matches('/');
+        v.push(format!("/{}/api/kernels", b.to_uppercase()));
+        v.push(format!("//{b}/api/kernels"));
+        v.push(format!("/{b}/./api/kernels"));
+        v.push(format!("/x/../{b}/api/kernels"));
+        v.push("/api/kernels".to_string());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_path_variant_reaches_a_kernel_start_unfiltered() {
+    for base in [None, Some("/gw")] {
+        let eg = eg(base, None);
+        let b = eg.base_url.clone();
+        let gate = Envgate::start(&eg.url, &["--client-envs", "ALLOWED"]);
+        let before = kernels(&eg).await;
+        let variants = variants(&b);
+        for path in &variants {
+            let r = request(&gate.addr, "POST", path, &[("Content-Type", "application/json")], &body()).await.unwrap();
+            assert_eq!(r.status, 400, "{path} under {b:?}: {}", r.text());
+            assert_eq!(r.json()["reason"], "Bad Request", "{path}");
+        }
+        // The absolute form, which another proxy could turn into the origin form.
+        for target in [format!("http://{}{b}/api/kernels", eg.addr), format!("http://{}{b}/api/sessions", eg.addr)] {
+            let raw = format!(
+                "POST {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n",
+                gate.addr,
+                body().len()
+            );
+            let mut raw = raw.into_bytes();
+            raw.extend_from_slice(&body());
+            let r = request_raw(&gate.addr, &raw, false).await.unwrap();
+            assert_eq!(r.status, 400, "{target}: {}", r.text());
+        }
+        assert_eq!(kernels(&eg).await, before, "no variant started a kernel under {b:?}");
+        let recs = gate.audit(variants.len() + 2);
+        assert!(recs.iter().all(|r| r["outcome"] == "refused" && r["status"] == 400), "under {b:?}: {recs:?}");
+
+        // The exact route, with a query string (which tornado ignores), is the policy route.
+        let r = request(&gate.addr, "POST", &format!("{b}/api/kernels?x=1"), &[], &body()).await.unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        let env = kernel_env(&gate.addr, &b, &id).await;
+        assert_eq!(env.get("ALLOWED").map(String::as_str), Some("a"));
+        assert!(!env.contains_key("NOT_ALLOWED"), "under {b:?}");
+        let r = request(&gate.addr, "DELETE", &format!("{b}/api/kernels/{id}"), &[], b"").await.unwrap();
+        assert_eq!(r.status, 204);
+    }
+}
+
+/// A raw request to envgate, with a body.
+async fn raw(addr: &str, head: &str, body: &[u8]) -> Response {
+    let mut bytes = head.replace('\n', "\r\n").into_bytes();
+    bytes.extend_from_slice(body);
+    request_raw(addr, &bytes, false).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_framing_is_strict_and_correct() {
+    let eg = eg(None, None);
+    let gate = Envgate::start(&eg.url, &["--client-envs", "ALLOWED", "--max-body-bytes", "4096"]);
+    let a = gate.addr.clone();
+    let b = body();
+    let n = b.len();
+    let before = kernels(&eg).await;
+
+    // Content-Length with Transfer-Encoding: hyper lets Transfer-Encoding win and closes the
+    // connection after answering (RFC 9112, 6.1), so a request smuggled behind the chunked body
+    // is never read, and the body envgate decides on is the chunked one (here: empty, 400).
+    let smuggled = String::from_utf8(body()).unwrap();
+    let both = format!(
+        "POST /api/kernels HTTP/1.1\nHost: {a}\nContent-Length: 60\nTransfer-Encoding: chunked\n\n0\n\n\
+         POST /api/kernels HTTP/1.1\nHost: {a}\nContent-Length: {}\n\n{smuggled}",
+        smuggled.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
+    s.write_all(both.replace('\n', "\r\n").as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+        .await
+        .expect("connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "CL + TE: {answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "one answer, then the connection closed: {answer}");
+    let dup = format!(
+        "POST /api/kernels HTTP/1.1\nHost: {a}\nContent-Length: {n}\nContent-Length: {}\nConnection: close\n\n",
+        n + 1
+    );
+    assert_eq!(raw(&a, &dup, &b).await.status, 400, "differing Content-Length");
+    let bad =
+        format!("POST /api/kernels HTTP/1.1\nHost: {a}\nX-Bad: a\x01b\nContent-Length: {n}\nConnection: close\n\n");
+    assert_eq!(raw(&a, &bad, &b).await.status, 400, "invalid header bytes");
+    let bad_name =
+        format!("POST /api/kernels HTTP/1.1\nHost: {a}\nX Bad: 1\nContent-Length: {n}\nConnection: close\n\n");
+    assert_eq!(raw(&a, &bad_name, &b).await.status, 400, "invalid header name");
+    assert_eq!(kernels(&eg).await, before);
+
+    // Too large: 413 before anything reaches the upstream, by Content-Length and by chunks.
+    let big = serde_json::to_vec(&json!({"name": "python3", "env": {"ALLOWED": "a".repeat(5000)}})).unwrap();
+    let r = request(&a, "POST", "/api/kernels", &[], &big).await.unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    let mut chunked = Vec::new();
+    for c in big.chunks(1000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        chunked.extend_from_slice(c);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = request(&a, "POST", "/api/kernels", &[("Transfer-Encoding", "chunked")], &chunked).await.unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(kernels(&eg).await, before, "nothing reached EG");
+    assert!(!eg.log().contains("POST /api/kernels"), "EG saw a kernel start:\n{}", eg.log());
+
+    // Chunked, Expect: 100-continue and HTTP/1.0 bodies work, and are filtered.
+    let mut ids = Vec::new();
+    let mut chunked = Vec::new();
+    for c in b.chunks(7) {
+        chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        chunked.extend_from_slice(c);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = request(&a, "POST", "/api/kernels", &[("Transfer-Encoding", "chunked")], &chunked).await.unwrap();
+    assert_eq!(r.status, 201, "chunked: {}", r.text());
+    ids.push(r.json()["id"].as_str().unwrap().to_string());
+
+    // Expect: 100-continue: envgate says 100 once it wants the body, then answers.
+    let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
+    let head = format!(
+        "POST /api/kernels HTTP/1.1\r\nHost: {a}\r\nContent-Length: {n}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let k = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..k]).starts_with("HTTP/1.1 100 Continue"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..k])
+    );
+    s.write_all(&b).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+    let id = text.split("\"id\": \"").nth(1).or_else(|| text.split("\"id\":\"").nth(1)).unwrap();
+    ids.push(id[..36].to_string());
+
+    let r10 = raw(&a, &format!("POST /api/kernels HTTP/1.0\nHost: {a}\nContent-Length: {n}\n\n"), &b).await;
+    assert_eq!(r10.status, 201, "HTTP/1.0: {}", r10.text());
+    ids.push(r10.json()["id"].as_str().unwrap().to_string());
+
+    for id in &ids {
+        let env = kernel_env(&a, "", id).await;
+        assert_eq!(env.get("ALLOWED").map(String::as_str), Some("a"), "{id}");
+        assert!(!env.contains_key("NOT_ALLOWED"), "{id}");
+        request(&a, "DELETE", &format!("/api/kernels/{id}"), &[], b"").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_tricks_are_refused_or_normalized_and_eg_sees_what_was_audited() {
+    let eg = eg(None, None);
+    let gate = Envgate::start(&eg.url, &["--client-envs", "ALLOWED,FOO"]);
+    let a = gate.addr.clone();
+    let before = kernels(&eg).await;
+    for (what, bytes) in [
+        ("duplicate env", br#"{"name":"python3","env":{"ALLOWED":"a"},"env":{"NOT_ALLOWED":"x"}}"#.to_vec()),
+        ("duplicate env, escaped", br#"{"name":"python3","env":{},"\u0065nv":{"NOT_ALLOWED":"x"}}"#.to_vec()),
+        ("duplicate name in env", br#"{"name":"python3","env":{"FOO":"1","\u0046OO":"2"}}"#.to_vec()),
+        ("byte-order mark", b"\xef\xbb\xbf{\"name\":\"python3\",\"env\":{}}".to_vec()),
+        ("vertical tab", b"\x0b{\"name\":\"python3\",\"env\":{}}".to_vec()),
+        ("lone surrogate", br#"{"name":"python3","env":{"FOO":"\ud800"}}"#.to_vec()),
+        (
+            "deep nesting",
+            format!("{{\"name\":\"python3\",\"env\":{{}},\"x\":{}{}}}", "[".repeat(200), "]".repeat(200)).into_bytes(),
+        ),
+        ("huge number", br#"{"name":"python3","env":{},"x":1e999999}"#.to_vec()),
+        ("NaN", br#"{"name":"python3","env":{},"x":NaN}"#.to_vec()),
+        ("env a string", br#"{"name":"python3","env":"NOT_ALLOWED=x"}"#.to_vec()),
+        ("env null", br#"{"name":"python3","env":null}"#.to_vec()),
+        ("number value", br#"{"name":"python3","env":{"FOO":1}}"#.to_vec()),
+        ("form body", b"name=python3&env=x".to_vec()),
+        ("empty", b"".to_vec()),
+        ("trailing data", br#"{"name":"python3","env":{}} {"env":{"NOT_ALLOWED":"x"}}"#.to_vec()),
+    ] {
+        let r = request(&a, "POST", "/api/kernels", &[("Content-Type", "application/json")], &bytes).await.unwrap();
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert!(r.json()["message"].is_string(), "{what}");
+    }
+    assert_eq!(kernels(&eg).await, before, "no trick started a kernel");
+
+    // Normalized: an escaped name is the name it spells; the kernel sees exactly the audited names.
+    let tricky =
+        br#"{"name":"python3","env":{"\u0046OO":"f","KERNEL_\u0058":"k","NOT_\u0041LLOWED":"x","P\u0041TH":"/evil"}}"#;
+    let r = request(&a, "POST", "/api/kernels", &[("Content-Type", "text/plain")], tricky).await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let env = kernel_env(&a, "", &id).await;
+    let rec = gate.audit(1).into_iter().find(|r| r["kernel_id"] == id.as_str()).expect("audit record");
+    let kept: Vec<&str> = rec["kept"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    let rejected: Vec<&str> = rec["rejected"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    assert_eq!(kept, ["FOO", "KERNEL_X"]);
+    assert_eq!(rejected, ["NOT_ALLOWED", "PATH"]);
+    assert_eq!(env.get("FOO").map(String::as_str), Some("f"));
+    assert_eq!(env.get("KERNEL_X").map(String::as_str), Some("k"));
+    assert!(!env.contains_key("NOT_ALLOWED"));
+    assert_ne!(env.get("PATH").map(String::as_str), Some("/evil"));
+    request(&a, "DELETE", &format!("/api/kernels/{id}"), &[], b"").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_smuggled_in_a_form_encoded_body_does_not_authenticate() {
+    let token = "smuggled-token-1234";
+    let eg = eg(None, Some(token));
+    let gate = Envgate::start(&eg.url, &["--client-envs", "ALLOWED"]);
+    let body = format!(r#"{{"name":"python3","env":{{"ALLOWED":"&token={token}&"}}}}"#);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+
+    // Straight to EG, tornado reads the form field and the request is authenticated.
+    let direct = request(&eg.addr, "POST", "/api/kernels", &form, body.as_bytes()).await.unwrap();
+    assert_eq!(direct.status, 201, "EG takes a token from a form body: {}", direct.text());
+    let id = direct.json()["id"].as_str().unwrap().to_string();
+    let auth = format!("token {token}");
+    request(&eg.addr, "DELETE", &format!("/api/kernels/{id}"), &[("Authorization", &auth)], b"").await.unwrap();
+
+    // Through envgate, the body goes on as application/json: the smuggled token is just a value.
+    let r = request(&gate.addr, "POST", "/api/kernels", &form, body.as_bytes()).await.unwrap();
+    assert!(r.status == 401 || r.status == 403, "{} {}", r.status, r.text());
+    // With a real credential it works, and the value reaches the kernel as a plain value.
+    let r = request(&gate.addr, "POST", "/api/kernels", &[form[0], ("Authorization", &auth)], body.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    request(&gate.addr, "DELETE", &format!("/api/kernels/{id}"), &[("Authorization", &auth)], b"").await.unwrap();
+}
