@@ -219,6 +219,10 @@ pub struct Opts {
     /// On SIGTERM, how long requests in flight and WebSockets may go on [default: 30s].
     #[arg(long, env = "ENVGATE_SHUTDOWN_GRACE", global = true, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+    /// Worker threads serving connections, each with its own event loop and upstream pool; 0 for
+    /// one per core (read at start-up only) [default: 0].
+    #[arg(long, env = "ENVGATE_WORKERS", global = true, value_name = "N")]
+    pub workers: Option<String>,
 }
 
 /// Where the audit log goes.
@@ -261,6 +265,8 @@ pub struct Config {
     pub identity: Option<Identity>,
     pub admin_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
+    /// Worker threads (0 in the settings: one per core, resolved here).
+    pub workers: usize,
     pub upstream: UpstreamUrl,
     pub policy: Policy,
     pub kernelspec_cache_ttl: Duration,
@@ -349,6 +355,7 @@ impl Config {
         line(format!("response_timeout = {}", d(self.response_timeout)));
         line(format!("body_idle_timeout = {}", d(self.body_idle_timeout)));
         line(format!("shutdown_grace = {}", d(self.shutdown_grace)));
+        line(format!("workers = {}", self.workers));
         let audit = match &self.audit_log {
             AuditTarget::Stdout => "\"-\"".to_string(),
             AuditTarget::File(f) => p(f),
@@ -398,6 +405,7 @@ const FILE_KEYS: &[&str] = &[
     "user_mismatch",
     "admin_listen",
     "shutdown_grace",
+    "workers",
 ];
 
 /// One raw setting and where it came from, for error messages.
@@ -456,6 +464,7 @@ struct Raw {
     user_mismatch: Option<Setting<String>>,
     admin_listen: Option<Setting<String>>,
     shutdown_grace: Option<Setting<String>>,
+    workers: Option<Setting<u64>>,
 }
 
 impl Config {
@@ -552,6 +561,7 @@ impl Raw {
             user_mismatch: take(&mut table, "user_mismatch", o, "a string")?,
             admin_listen: take(&mut table, "admin_listen", o, "a string like \"127.0.0.1:9464\"")?,
             shutdown_grace: take(&mut table, "shutdown_grace", o, "a duration string like \"30s\"")?,
+            workers: take(&mut table, "workers", o, "a non-negative integer")?,
         };
         if let Some(ks) = table.remove("kernelspecs") {
             let ks = ks
@@ -636,6 +646,15 @@ impl Raw {
                 })?;
                 *slot = Some(Setting { value, origin: origin(key) });
             }
+        }
+        if let Some(v) = &opts.workers {
+            let value = v.trim().parse::<u64>().map_err(|_| {
+                ConfigError(format!(
+                    "invalid `workers` ({}): expected a non-negative integer, got {v:?}",
+                    origin("workers")
+                ))
+            })?;
+            self.workers = Some(Setting { value, origin: origin("workers") });
         }
         if let Some(v) = &opts.max_body_bytes {
             let value = v.trim().parse::<u64>().map_err(|_| {
@@ -858,6 +877,11 @@ impl Raw {
             })?),
         };
         let shutdown_grace = duration(&self.shutdown_grace, "shutdown_grace", 30)?;
+        let workers = match &self.workers {
+            Some(s) if s.value > 256 => return Err(s.err("workers", "expected an integer between 0 and 256")),
+            Some(s) if s.value > 0 => s.value as usize,
+            _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         if upstream.scheme != Scheme::HTTPS && (upstream_tls.ca.is_some() || upstream_tls.client_cert.is_some()) {
             let s = self.upstream_ca.as_ref().or(self.upstream_client_cert.as_ref()).expect("set");
             return Err(s.err("upstream_ca", "upstream TLS settings need an https:// upstream"));
@@ -870,6 +894,7 @@ impl Raw {
             identity,
             admin_listen,
             shutdown_grace,
+            workers,
             upstream,
             policy: Policy {
                 mode,
@@ -1141,6 +1166,8 @@ mod tests {
             ("trusted_user_header = \"X User\"", "`trusted_user_header`"),
             ("admin_listen = \"nope\"", "`admin_listen`"),
             ("shutdown_grace = \"a while\"", "`shutdown_grace`"),
+            ("workers = -1", "`workers`"),
+            ("workers = 1000", "`workers`"),
             ("upstream_token = \"a\"\nupstream_token_file = \"f\"", "`upstream_token`"),
             ("upstream_token_file = \"/nonexistent/token\"", "`upstream_token_file`"),
             ("client_envs = \"FOO\"", "`client_envs`"),

@@ -52,7 +52,9 @@ fn main() -> ExitCode {
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // The main thread accepts, handles signals, the admin listener and the audit writer;
+            // connections are served by the worker threads `server::run` starts.
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("envgate: cannot start the runtime: {e}");

@@ -40,7 +40,10 @@ use crate::wire;
 pub struct Runtime {
     pub config: Config,
     pub routes: Routes,
-    pub upstream: Upstream,
+    /// One pooled upstream client per worker thread, and one for the main thread (last): an
+    /// upstream connection is only ever used on the thread whose runtime drives it, so a request
+    /// never wakes another core.
+    upstreams: Arc<[Upstream]>,
     pub specs: SpecCache,
     /// Kernelspec bodies already rewritten under this policy: (body, its ETag) by the upstream's bytes.
     pub rewrites: kernelspecs::Memo<(Bytes, HeaderValue)>,
@@ -49,29 +52,37 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Builds the runtime; reuses `previous`'s connection pool when the upstream is unchanged.
-    pub fn new(config: Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
-        let upstream = match previous {
+    /// Builds the runtime with `workers` worker threads; reuses `previous`'s connection pools
+    /// when the upstream is unchanged.
+    pub fn new(config: Config, previous: Option<&Runtime>, workers: usize) -> Result<Runtime, String> {
+        let upstreams = match previous {
             Some(p)
-                if p.config.upstream == config.upstream
+                if p.upstreams.len() == workers + 1
+                    && p.config.upstream == config.upstream
                     && p.config.upstream_tls == config.upstream_tls
                     && p.config.upstream_token == config.upstream_token
                     && p.config.connect_timeout == config.connect_timeout
                     && p.config.response_timeout == config.response_timeout
                     && p.config.body_idle_timeout == config.body_idle_timeout =>
             {
-                p.upstream.clone()
+                p.upstreams.clone()
             }
-            _ => Upstream::new(&config)?,
+            _ => (0..=workers).map(|_| Upstream::new(&config)).collect::<Result<Vec<_>, _>>()?.into(),
         };
         Ok(Runtime {
             routes: Routes::new(&config.upstream.base),
             specs: SpecCache::new(config.kernelspec_cache_ttl),
             rewrites: kernelspecs::Memo::default(),
             policy_hash: policy_hash(&config),
-            upstream,
+            upstreams,
             config,
         })
+    }
+
+    /// The upstream client of the calling thread.
+    pub fn upstream(&self) -> &Upstream {
+        let i = crate::server::worker_index().unwrap_or(self.upstreams.len() - 1);
+        &self.upstreams[i % self.upstreams.len()]
     }
 }
 
@@ -157,7 +168,7 @@ fn upstream_failed(cx: &Ctx<'_>, e: &UpstreamError) -> Response<ProxyBody> {
 /// Points a request at the upstream and cleans its headers for the next hop.
 fn to_upstream(parts: &mut Parts, cx: &Ctx<'_>) {
     let pq = std::mem::take(&mut parts.uri).into_parts().path_and_query;
-    parts.uri = cx.rt.upstream.uri(pq);
+    parts.uri = cx.rt.upstream().uri(pq);
     clean_for_upstream(&mut parts.headers, cx);
 }
 
@@ -165,7 +176,7 @@ fn to_upstream(parts: &mut Parts, cx: &Ctx<'_>) {
 fn clean_for_upstream(headers: &mut HeaderMap, cx: &Ctx<'_>) {
     wire::strip_hop_by_hop(headers);
     wire::add_forwarded(headers, cx.peer.ip(), cx.proto);
-    if let Some(auth) = &cx.rt.upstream.auth {
+    if let Some(auth) = &cx.rt.upstream().auth {
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
 }
@@ -193,8 +204,8 @@ async fn pass(mut req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
-    let body = ProxyBody::stream(body, cx.rt.upstream.body_idle_timeout);
-    let resp = match cx.rt.upstream.send(Request::from_parts(parts, body)).await {
+    let body = ProxyBody::stream(body, cx.rt.upstream().body_idle_timeout);
+    let resp = match cx.rt.upstream().send(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
     };
@@ -282,7 +293,7 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
     // Read the body, bounded, refusing what cannot be read.
     let bytes = match read_body(
         &parts.headers,
-        ProxyBody::stream(body, rt.upstream.body_idle_timeout),
+        ProxyBody::stream(body, rt.upstream().body_idle_timeout),
         rt.config.max_body_bytes,
     )
     .await
@@ -335,7 +346,7 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
         clean_for_upstream(&mut h, cx);
         h
     };
-    let index = match rt.specs.get(&rt.upstream, rt.routes.kernelspecs_path(), token, fetch_headers).await {
+    let index = match rt.specs.get(rt.upstream(), rt.routes.kernelspecs_path(), token, fetch_headers).await {
         Ok(i) => i,
         Err(e) => {
             if let SpecsError::Upstream(u) = &e {
@@ -376,7 +387,7 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
     rec.outcome = "forwarded";
-    let resp = match rt.upstream.send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
+    let resp = match rt.upstream().send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
         Ok(r) => r,
         Err(e) => {
             let resp = upstream_failed(cx, &e);
@@ -525,8 +536,8 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
     let if_none_match: Vec<HeaderValue> = parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     to_upstream(&mut parts, cx);
     wire::ask_for_kernelspecs(&mut parts.headers);
-    let body = ProxyBody::stream(body, cx.rt.upstream.body_idle_timeout);
-    let resp = match cx.rt.upstream.send(Request::from_parts(parts, body)).await {
+    let body = ProxyBody::stream(body, cx.rt.upstream().body_idle_timeout);
+    let resp = match cx.rt.upstream().send(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
     };

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +30,86 @@ use crate::{tls, wire};
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+thread_local! {
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the worker thread the caller runs on; `None` off the workers (the main thread).
+pub fn worker_index() -> Option<usize> {
+    WORKER.with(|w| w.get())
+}
+
+/// What the accept loop shares with the workers.
+struct Shared {
+    state: Arc<State>,
+    tls: ArcSwapOption<TlsAcceptor>,
+    /// Shutdown has begun: connections finish their current request and close.
+    stop: CancellationToken,
+    conns: TaskTracker,
+    /// Shutdown has drained (or given up): the workers' event loops may end.
+    finished: CancellationToken,
+}
+
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// Starts `n` worker threads, each with its own single-threaded event loop, like nginx's worker
+/// processes: a connection, its upstream connections and its spliced WebSocket all live on one
+/// thread, so serving a request never wakes another core. The accept loop hands each new
+/// connection to the next worker.
+fn start_workers(
+    n: usize,
+    shared: &Arc<Shared>,
+) -> Result<(Vec<mpsc::UnboundedSender<Accepted>>, Vec<std::thread::JoinHandle<()>>), String> {
+    let mut senders = Vec::with_capacity(n);
+    let mut threads = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("envgate-worker-{i}"))
+            .spawn(move || {
+                WORKER.with(|w| w.set(Some(i)));
+                rt.block_on(async move {
+                    while let Some((stream, peer)) = rx.recv().await {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => {
+                                sh.conns.spawn(connection(stream, peer, sh.clone()));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot register a connection"),
+                        }
+                    }
+                    // No more connections: keep driving this worker's until shutdown is over.
+                    sh.finished.cancelled().await;
+                });
+            })
+            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+        senders.push(tx);
+        threads.push(thread);
+    }
+    Ok((senders, threads))
+}
+
+/// One client connection, on a worker: the TLS handshake if any, then HTTP.
+async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
+    let st = sh.state.clone();
+    let stop = sh.stop.clone();
+    match sh.tls.load_full() {
+        None => serve_conn(stream, peer, "http", st, stop).await,
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(s)) => serve_conn(s, peer, "https", st, stop).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
 
 fn acceptor(config: &Config) -> Result<Option<TlsAcceptor>, String> {
     match &config.tls {
@@ -90,7 +171,8 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
     }
     let grace = config.shutdown_grace;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let state = Arc::new(State::new(Runtime::new(config, None)?, audit));
+    let workers = config.workers;
+    let state = Arc::new(State::new(Runtime::new(config, None, workers)?, audit));
     {
         let rt = state.runtime.load();
         tracing::info!(
@@ -99,11 +181,19 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
             upstream = %rt.config.upstream,
             mode = rt.config.policy.mode.as_str(),
             policy = %rt.policy_hash,
+            workers,
             "envgate is listening"
         );
     }
-    let stop = CancellationToken::new();
-    let conns = TaskTracker::new();
+    let shared = Arc::new(Shared {
+        state: state.clone(),
+        tls,
+        stop: CancellationToken::new(),
+        conns: TaskTracker::new(),
+        finished: CancellationToken::new(),
+    });
+    let (senders, threads) = start_workers(workers, &shared)?;
+    let stop = shared.stop.clone();
     if let Some(admin) = admin {
         tracing::info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (/healthz, /readyz, /metrics)");
         tokio::spawn(serve_admin(admin, state.clone(), stop.clone()));
@@ -112,6 +202,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut next = 0usize;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -124,37 +215,29 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
                 }
             },
             _ = hup.recv() => {
-                reload(&opts, &state, &tls).await;
+                reload(&opts, &state, &shared.tls, workers).await;
                 continue;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
         let _ = stream.set_nodelay(true);
-        let st = state.clone();
-        let stop = stop.clone();
-        match tls.load_full() {
-            None => {
-                conns.spawn(serve_conn(stream, peer, "http", st, stop));
+        match stream.into_std() {
+            Ok(s) => {
+                let _ = senders[next % senders.len()].send((s, peer));
+                next = next.wrapping_add(1);
             }
-            Some(acceptor) => {
-                conns.spawn(async move {
-                    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
-                    match handshake.await {
-                        Ok(Ok(s)) => serve_conn(s, peer, "https", st, stop).await,
-                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot hand a connection to a worker"),
         }
     }
 
     // Drain: stop accepting, let requests in flight finish and WebSockets run for the grace
     // period, then close whatever is left.
     drop(listener);
+    drop(senders);
     tracing::info!(grace = ?grace, "shutting down: no new connections");
     stop.cancel();
+    let conns = &shared.conns;
     conns.close();
     state.splices.close();
     let drained = tokio::time::timeout(grace, async {
@@ -167,6 +250,9 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
         state.stop_splices.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), state.splices.wait()).await;
     }
+    shared.finished.cancel();
+    drop(shared);
+    let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
     drop(state);
     // Connections still running hold the audit log; give the writer a moment to drain.
     let _ = tokio::time::timeout(Duration::from_secs(2), audit_task).await;
@@ -202,7 +288,7 @@ where
 /// SIGHUP: re-read the configuration (file, environment, flags) and certificates, and reopen the
 /// audit log. A configuration that fails keeps the old one running. Requests in flight keep the
 /// runtime they started with; open WebSockets are not touched.
-async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>) {
+async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>, workers: usize) {
     let counter = |result: &'static str| state.metrics.reloads.get_or_create(&ResultLabel { result }).inc();
     let old = state.runtime.load_full();
     let loaded = Config::load(opts).map_err(|e| e.to_string()).and_then(|config| {
@@ -210,7 +296,7 @@ async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>) {
             tracing::warn!("listen and admin_listen cannot change on reload; restart envgate to move them");
         }
         let acceptor = acceptor(&config)?;
-        Ok((Runtime::new(config, Some(&old))?, acceptor))
+        Ok((Runtime::new(config, Some(&old), workers)?, acceptor))
     });
     match loaded {
         Ok((runtime, acceptor)) => {
@@ -265,7 +351,7 @@ async fn admin(req: Request<Incoming>, st: Arc<State>) -> Result<Response<ProxyB
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/readyz" => {
             let rt = st.runtime.load_full();
-            match rt.upstream.probe(&rt.routes.api_path()).await {
+            match rt.upstream().probe(&rt.routes.api_path()).await {
                 Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("upstream not ready: {e}\n"), "text/plain"),
             }
