@@ -12,7 +12,8 @@
 //! - [`proxy`]: the hyper service, one function per route class;
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
-//! - [`server`]: listener, connections, signals;
+//! - [`server`]: listener, workers, connections, signals;
+//! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names;
 //! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
 
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod rewrite;
 pub mod routes;
 pub mod server;
+pub mod splice;
 pub mod summary;
 pub mod tls;
 pub mod upstream;

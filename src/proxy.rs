@@ -235,7 +235,7 @@ fn splice(st: &State, client: hyper::upgrade::OnUpgrade, mut resp: Response<Stre
         let mut c = TokioIo::new(c);
         let mut u = TokioIo::new(u);
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+            r = crate::splice::both_ways(&mut c, &mut u) => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "spliced connection ended with an error");
                 }
