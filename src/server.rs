@@ -53,14 +53,17 @@ struct Shared {
 
 type Accepted = (std::net::TcpStream, SocketAddr);
 
+/// The worker threads: where to hand connections, and the threads to join at the end.
+struct Workers {
+    senders: Vec<mpsc::UnboundedSender<Accepted>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
 /// Starts `n` worker threads, each with its own single-threaded event loop, like nginx's worker
 /// processes: a connection, its upstream connections and its spliced WebSocket all live on one
 /// thread, so serving a request never wakes another core. The accept loop hands each new
 /// connection to the next worker.
-fn start_workers(
-    n: usize,
-    shared: &Arc<Shared>,
-) -> Result<(Vec<mpsc::UnboundedSender<Accepted>>, Vec<std::thread::JoinHandle<()>>), String> {
+fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
     let mut senders = Vec::with_capacity(n);
     let mut threads = Vec::with_capacity(n);
     for i in 0..n {
@@ -91,7 +94,7 @@ fn start_workers(
         senders.push(tx);
         threads.push(thread);
     }
-    Ok((senders, threads))
+    Ok(Workers { senders, threads })
 }
 
 /// One client connection, on a worker: the TLS handshake if any, then HTTP.
@@ -192,7 +195,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
         conns: TaskTracker::new(),
         finished: CancellationToken::new(),
     });
-    let (senders, threads) = start_workers(workers, &shared)?;
+    let Workers { senders, threads } = start_workers(workers, &shared)?;
     let stop = shared.stop.clone();
     if let Some(admin) = admin {
         tracing::info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (/healthz, /readyz, /metrics)");
