@@ -417,7 +417,7 @@ async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, mut resp: Response<Prox
     for r in &rec.rejected {
         m.rejected.get_or_create(&ReasonLabel { reason: r.reason }).inc();
     }
-    cx.st.audit.write(&rec).await;
+    cx.st.audit.write(&rec);
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-envgate-decision", v);
     }

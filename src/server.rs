@@ -160,8 +160,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
         None => None,
     };
     let tls = ArcSwapOption::from(acceptor(&config)?.map(Arc::new));
-    let (audit, audit_task) =
-        AuditLog::open(&config.audit_log).await.map_err(|e| format!("cannot open the audit log: {e}"))?;
+    let audit = AuditLog::open(&config.audit_log).map_err(|e| format!("cannot open the audit log: {e}"))?;
     if config.upstream_tls.insecure {
         tracing::warn!(
             "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only"
@@ -257,8 +256,6 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
     drop(shared);
     let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
     drop(state);
-    // Connections still running hold the audit log; give the writer a moment to drain.
-    let _ = tokio::time::timeout(Duration::from_secs(2), audit_task).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -307,7 +304,7 @@ async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>, wo
                 tracing::warn!("TLS was turned on or off by the reload; it applies to new connections");
             }
             tls.store(acceptor.map(Arc::new));
-            state.audit.reopen(runtime.config.audit_log.clone()).await;
+            state.audit.reopen(&runtime.config.audit_log);
             state.metrics.set_policy(&runtime.policy_hash);
             tracing::info!(policy = %runtime.policy_hash, mode = runtime.config.policy.mode.as_str(), "configuration reloaded");
             state.runtime.store(Arc::new(runtime));
