@@ -159,13 +159,22 @@ fn normalized_tail(path: &str) -> Option<Tail> {
     None
 }
 
-/// [`normalized_tail`] for one stage of decoding.
+/// [`normalized_tail`] for one stage of decoding, under each way a hop might treat NUL and
+/// white space: a NUL that ends the whole path (C strings), one that ends only its segment, or
+/// one kept as a byte; segments trimmed or not.
 fn tail_of(bytes: &[u8]) -> Option<Tail> {
     let text = String::from_utf8_lossy(bytes).to_ascii_lowercase().replace('\\', "/");
+    let whole = text.split('\0').next().unwrap_or("");
+    tail_with(whole, |s| s.split(';').next().unwrap_or("").trim())
+        .or_else(|| tail_with(&text, |s| s.split(['\0', ';']).next().unwrap_or("").trim()))
+        .or_else(|| tail_with(&text, |s| s.split(';').next().unwrap_or("")))
+}
+
+/// The route `text` reaches once each segment is cleaned by `clean` and dot segments are applied.
+fn tail_with(text: &str, clean: impl Fn(&str) -> &str) -> Option<Tail> {
     let mut segments: Vec<&str> = Vec::new();
     for seg in text.split('/') {
-        let seg = seg.split(['\0', ';']).next().unwrap_or("").trim();
-        match seg {
+        match clean(seg) {
             "" | "." => {}
             ".." => {
                 segments.pop();
@@ -250,6 +259,23 @@ mod tests {
         assert_eq!(Routes::new("/g.w").classify(&Method::POST, "/gXw/api/kernels"), Route::AmbiguousKernelStart);
         assert_eq!(Routes::new("/g.w").classify(&Method::POST, "/g.w/api/kernels"), Route::KernelStart);
         assert_eq!(Routes::new("//gw//").classify(&Method::POST, "/gw/api/kernels"), Route::KernelStart);
+    }
+
+    #[test]
+    fn nul_is_read_every_way_a_hop_might() {
+        let r = Routes::new("/");
+        for p in [
+            // NUL kept as a byte: `..` pops the NUL segment (found by the fuzzer)
+            "/API/kernels/\0\0x/..",
+            // NUL ends the segment
+            "/api/kernels\0.json",
+            // NUL ends the whole path
+            "/api/kernels\0/../x",
+            // a trimmed segment
+            "/api/kernels%20",
+        ] {
+            assert_eq!(r.classify(&Method::POST, p), Route::AmbiguousKernelStart, "{p:?}");
+        }
     }
 
     #[test]
