@@ -159,15 +159,19 @@ fn normalized_tail(path: &str) -> Option<Tail> {
     None
 }
 
-/// [`normalized_tail`] for one stage of decoding, under each way a hop might treat NUL and
-/// white space: a NUL that ends the whole path (C strings), one that ends only its segment, or
-/// one kept as a byte; segments trimmed or not.
+/// [`normalized_tail`] for one stage of decoding, under each way a hop might treat `\\` (a
+/// separator, or a plain byte), NUL (it ends the whole path as in C strings, ends only its
+/// segment, or is a plain byte) and white space (trimmed or not).
 fn tail_of(bytes: &[u8]) -> Option<Tail> {
-    let text = String::from_utf8_lossy(bytes).to_ascii_lowercase().replace('\\', "/");
-    let whole = text.split('\0').next().unwrap_or("");
-    tail_with(whole, |s| s.split(';').next().unwrap_or("").trim())
-        .or_else(|| tail_with(&text, |s| s.split(['\0', ';']).next().unwrap_or("").trim()))
-        .or_else(|| tail_with(&text, |s| s.split(';').next().unwrap_or("")))
+    let raw = String::from_utf8_lossy(bytes).to_ascii_lowercase();
+    let slashed = raw.replace('\\', "/");
+    let tail = [raw.as_str(), slashed.as_str()].into_iter().find_map(|text| {
+        let whole = text.split('\0').next().unwrap_or("");
+        tail_with(whole, |s| s.split(';').next().unwrap_or("").trim())
+            .or_else(|| tail_with(text, |s| s.split(['\0', ';']).next().unwrap_or("").trim()))
+            .or_else(|| tail_with(text, |s| s.split(';').next().unwrap_or("")))
+    });
+    tail
 }
 
 /// The route `text` reaches once each segment is cleaned by `clean` and dot segments are applied.
@@ -273,6 +277,8 @@ mod tests {
             "/api/kernels\0/../x",
             // a trimmed segment
             "/api/kernels%20",
+            // a backslash kept as a byte inside a `;` parameter (found by the fuzzer)
+            "/api/kernels;x%\\f..",
         ] {
             assert_eq!(r.classify(&Method::POST, p), Route::AmbiguousKernelStart, "{p:?}");
         }
