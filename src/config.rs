@@ -647,32 +647,17 @@ impl Raw {
                 *slot = Some(Setting { value, origin: origin(key) });
             }
         }
-        if let Some(v) = &opts.workers {
-            let value = v.trim().parse::<u64>().map_err(|_| {
-                ConfigError(format!(
-                    "invalid `workers` ({}): expected a non-negative integer, got {v:?}",
-                    origin("workers")
-                ))
-            })?;
-            self.workers = Some(Setting { value, origin: origin("workers") });
-        }
-        if let Some(v) = &opts.max_body_bytes {
-            let value = v.trim().parse::<u64>().map_err(|_| {
-                ConfigError(format!(
-                    "invalid `max_body_bytes` ({}): expected a positive integer, got {v:?}",
-                    origin("max_body_bytes")
-                ))
-            })?;
-            self.max_body_bytes = Some(Setting { value, origin: origin("max_body_bytes") });
-        }
-        if let Some(v) = &opts.value_max_length {
-            let value = v.trim().parse::<u64>().map_err(|_| {
-                ConfigError(format!(
-                    "invalid `value_max_length` ({}): expected a positive integer, got {v:?}",
-                    origin("value_max_length")
-                ))
-            })?;
-            self.value_max_length = Some(Setting { value, origin: origin("value_max_length") });
+        for (slot, v, key, what) in [
+            (&mut self.workers, &opts.workers, "workers", "a non-negative integer"),
+            (&mut self.max_body_bytes, &opts.max_body_bytes, "max_body_bytes", "a positive integer"),
+            (&mut self.value_max_length, &opts.value_max_length, "value_max_length", "a positive integer"),
+        ] {
+            if let Some(v) = v {
+                let value = v.trim().parse::<u64>().map_err(|_| {
+                    ConfigError(format!("invalid `{key}` ({}): expected {what}, got {v:?}", origin(key)))
+                })?;
+                *slot = Some(Setting { value, origin: origin(key) });
+            }
         }
         if let Some(items) = &opts.value_patterns {
             let o = origin("value_patterns");

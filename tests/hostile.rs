@@ -132,6 +132,18 @@ async fn no_path_variant_reaches_a_kernel_start_unfiltered() {
     }
 }
 
+/// `body` in the chunked transfer coding, `size` bytes a chunk.
+fn chunked(body: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in body.chunks(size) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
 /// A raw request to envgate, with a body.
 async fn raw(addr: &str, head: &str, body: &[u8]) -> Response {
     let mut bytes = head.replace('\n', "\r\n").into_bytes();
@@ -184,28 +196,16 @@ async fn request_framing_is_strict_and_correct() {
     let big = serde_json::to_vec(&json!({"name": "python3", "env": {"ALLOWED": "a".repeat(5000)}})).unwrap();
     let r = request(&a, "POST", "/api/kernels", &[], &big).await.unwrap();
     assert_eq!(r.status, 413, "{}", r.text());
-    let mut chunked = Vec::new();
-    for c in big.chunks(1000) {
-        chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
-        chunked.extend_from_slice(c);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
-    let r = request(&a, "POST", "/api/kernels", &[("Transfer-Encoding", "chunked")], &chunked).await.unwrap();
+    let big_chunked = chunked(&big, 1000);
+    let r = request(&a, "POST", "/api/kernels", &[("Transfer-Encoding", "chunked")], &big_chunked).await.unwrap();
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(kernels(&eg).await, before, "nothing reached EG");
     assert!(!eg.log().contains("POST /api/kernels"), "EG saw a kernel start:\n{}", eg.log());
 
     // Chunked, Expect: 100-continue and HTTP/1.0 bodies work, and are filtered.
     let mut ids = Vec::new();
-    let mut chunked = Vec::new();
-    for c in b.chunks(7) {
-        chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
-        chunked.extend_from_slice(c);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
-    let r = request(&a, "POST", "/api/kernels", &[("Transfer-Encoding", "chunked")], &chunked).await.unwrap();
+    let small_chunked = chunked(&b, 7);
+    let r = request(&a, "POST", "/api/kernels", &[("Transfer-Encoding", "chunked")], &small_chunked).await.unwrap();
     assert_eq!(r.status, 201, "chunked: {}", r.text());
     ids.push(r.json()["id"].as_str().unwrap().to_string());
 
