@@ -57,13 +57,20 @@ pub fn decide(
     body: &StartBody<'_>,
     trusted_user: bool,
 ) -> Plan {
-    let names = body.env.iter().map(|(k, _)| k.as_str()).filter(|k| !trusted_user || *k != USERNAME);
-    let mut decision = policy.decide(kernelspec, facts, names);
+    let trusted = |k: &str| trusted_user && k == USERNAME;
+    let names = body.env.iter().map(|(k, _)| k.as_str()).filter(|k| !trusted(k));
+    // Whether each of body.env is kept, by position (names are unique; a lookup by name per
+    // name would be quadratic).
+    let mut verdicts = Vec::with_capacity(body.env.len());
+    let mut decision = policy.decide_each(kernelspec, facts, names, |k| verdicts.push(k));
+    let mut verdicts = verdicts.into_iter();
+    let keep: Vec<bool> = body.env.iter().map(|(k, _)| trusted(k) || verdicts.next().unwrap_or(false)).collect();
     if trusted_user {
         decision.kept.push(Kept { name: USERNAME.to_string(), source: Source::TrustedHeader });
     }
-    let kept = |name: &str| decision.kept.iter().any(|k| k.name == name);
-    let violations = policy.values.check_all(body.env.iter().filter(|(k, _)| kept(k)).map(|(k, v)| (&**k, &**v)));
+    let violations = policy
+        .values
+        .check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (n.as_str(), v.as_str())));
     let path_escapes =
         policy.kernel_path != PathRule::Keep && body.path().is_some_and(|p| values::path_escapes(p.as_deref()));
     let path = path_escapes.then_some(if policy.kernel_path == PathRule::Strip { "stripped" } else { "refused" });
@@ -111,7 +118,7 @@ pub fn decide(
     let verdict = match (refusal, policy.mode) {
         (Some(r), _) => Verdict::Refuse(r),
         (None, Mode::Report) => Verdict::Forward(body.render(|_| true)),
-        (None, _) => Verdict::Forward(body.render_with(kept, path_escapes)),
+        (None, _) => Verdict::Forward(body.render_kept(&keep, path_escapes)),
     };
     Plan { decision, violations, path, verdict }
 }

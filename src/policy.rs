@@ -328,12 +328,29 @@ impl Policy {
         facts: Option<&SpecFacts>,
         names: impl IntoIterator<Item = &'a str>,
     ) -> Decision {
+        self.decide_each(kernelspec, facts, names, |_| {})
+    }
+
+    /// [`Policy::decide`], also telling `each` whether each name, in order, was kept.
+    pub fn decide_each<'a>(
+        &self,
+        kernelspec: Option<&str>,
+        facts: Option<&SpecFacts>,
+        names: impl IntoIterator<Item = &'a str>,
+        mut each: impl FnMut(bool),
+    ) -> Decision {
         let lists = self.lists(kernelspec, facts);
         let mut d = Decision::default();
         for name in names {
             match self.verdict_in(&lists, name) {
-                Verdict::Keep(source) => d.kept.push(Kept { name: name.to_string(), source }),
-                Verdict::Reject(reason) => d.rejected.push(Rejected { name: name.to_string(), reason }),
+                Verdict::Keep(source) => {
+                    each(true);
+                    d.kept.push(Kept { name: name.to_string(), source })
+                }
+                Verdict::Reject(reason) => {
+                    each(false);
+                    d.rejected.push(Rejected { name: name.to_string(), reason })
+                }
             }
         }
         d

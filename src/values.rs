@@ -152,13 +152,31 @@ impl ValueRules {
         if value.len() > self.max_length && value.chars().count() > self.max_length {
             return v(Rule::MaxLength, format!("longer than {} characters", self.max_length));
         }
-        if let Some(f) = self.forbidden.iter().find(|f| value.contains(f.as_str())) {
+        let forbidden = || self.forbidden.iter().find(|f| value.contains(f.as_str()));
+        if let Some(f) = self.may_hold_forbidden(value).then(forbidden).flatten() {
             return v(Rule::Forbidden, format!("contains the forbidden \"{}\"", show(f)));
         }
         match self.patterns.get(name) {
             Some(p) if !p.is_match(value) => v(Rule::Pattern, format!("does not match the pattern {:?}", p.text)),
             _ => None,
         }
+    }
+
+    /// Whether some forbidden substring may occur in `value`: one pass over its bytes, looking
+    /// for a token only where a token's first byte is (instead of one search per token).
+    fn may_hold_forbidden(&self, value: &str) -> bool {
+        let mut firsts = [0u64; 4];
+        for f in &self.forbidden {
+            match f.as_bytes().first() {
+                Some(&b) => firsts[(b >> 6) as usize] |= 1 << (b & 63),
+                None => return true,
+            }
+        }
+        let v = value.as_bytes();
+        v.iter().enumerate().any(|(i, &b)| {
+            firsts[(b >> 6) as usize] & (1 << (b & 63)) != 0
+                && self.forbidden.iter().any(|f| v[i..].starts_with(f.as_bytes()))
+        })
     }
 
     /// Every violation among `pairs`, in order.
@@ -342,6 +360,19 @@ mod tests {
         r.patterns.insert("Y".into(), Pattern::new(".*").unwrap());
         assert_eq!(r.check("Y", "$x").map(|v| v.rule), Some(Rule::Forbidden));
         assert!(Pattern::new("(").is_err());
+    }
+
+    #[test]
+    fn the_one_pass_scan_agrees_with_a_search_per_token() {
+        let mut r = rules();
+        r.forbidden.push("ab".into());
+        r.forbidden.push("é".into());
+        for v in ["", "x", "a", "ab", "xab", "aab", "{", "{x{{", "{%", "$", "é", "e\u{301}", "\0", "a\r", "`", "b{%"] {
+            let want = r.forbidden.iter().any(|f| v.contains(f.as_str()));
+            assert_eq!(r.may_hold_forbidden(v), want, "{v:?}");
+        }
+        r.forbidden.push(String::new());
+        assert!(r.may_hold_forbidden("anything"), "an empty token is in every value");
     }
 
     #[test]

@@ -9,7 +9,6 @@
 //! Error messages name keys but never echo a value.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -127,6 +126,15 @@ impl StartBody<'_> {
 
     /// [`StartBody::render`], leaving the `path` member out when `strip_path` is set.
     pub fn render_with(&self, keep: impl Fn(&str) -> bool, strip_path: bool) -> Vec<u8> {
+        self.render_by(|i| keep(&self.env[i].0), strip_path)
+    }
+
+    /// [`StartBody::render_with`], keeping `env[i]` when `keep[i]` is true.
+    pub fn render_kept(&self, keep: &[bool], strip_path: bool) -> Vec<u8> {
+        self.render_by(|i| keep.get(i).copied().unwrap_or(false), strip_path)
+    }
+
+    fn render_by(&self, keep: impl Fn(usize) -> bool, strip_path: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             64 + self.members.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>()
                 + self.env.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>(),
@@ -160,10 +168,10 @@ impl StartBody<'_> {
         out
     }
 
-    fn render_env(&self, out: &mut Vec<u8>, keep: &impl Fn(&str) -> bool) {
+    fn render_env(&self, out: &mut Vec<u8>, keep: &impl Fn(usize) -> bool) {
         out.extend_from_slice(b"\"env\":{");
         let mut first = true;
-        for (k, v) in self.env.iter().filter(|(k, _)| keep(k)) {
+        for (_, (k, v)) in self.env.iter().enumerate().filter(|(i, _)| keep(*i)) {
             if !std::mem::take(&mut first) {
                 out.push(b',');
             }
@@ -205,12 +213,11 @@ impl<'de, 'f> Visitor<'de> for TopSeed<'f> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut body = StartBody { members: Vec::new(), env_at: None, name: None, env: Vec::new() };
-        let mut seen: HashSet<String> = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.clone()) {
-                return Err(fail(self.failure, BodyError::DuplicateKey(key)));
-            }
             if key == "env" {
+                if body.env_at.is_some() {
+                    return Err(fail(self.failure, BodyError::DuplicateKey(key)));
+                }
                 body.env_at = Some(body.members.len());
                 body.env = map.next_value_seed(EnvSeed { failure: self.failure })?;
                 continue;
@@ -232,8 +239,20 @@ impl<'de, 'f> Visitor<'de> for TopSeed<'f> {
             }
             body.members.push((key, raw));
         }
+        if let Some(dup) = first_duplicate(body.members.iter().map(|(k, _)| k.as_str())) {
+            return Err(fail(self.failure, BodyError::DuplicateKey(dup.to_string())));
+        }
         Ok(body)
     }
+}
+
+/// A name that occurs more than once among `names` (the smallest such), if any. Sorting a list
+/// of borrowed names costs less than hashing a copy of each, and a hostile body of many names
+/// stays O(n log n).
+fn first_duplicate<'n>(names: impl Iterator<Item = &'n str>) -> Option<&'n str> {
+    let mut sorted: Vec<&str> = names.collect();
+    sorted.sort_unstable();
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 struct EnvSeed<'f> {
@@ -254,15 +273,14 @@ impl<'de, 'f> Visitor<'de> for EnvSeed<'f> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut env: Vec<(String, String)> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
         while let Some(name) = map.next_key::<String>()? {
-            if !seen.insert(name.clone()) {
-                return Err(fail(self.failure, BodyError::DuplicateEnvName(name)));
-            }
             match map.next_value::<MaybeString>()?.0 {
                 Some(v) => env.push((name, v)),
                 None => return Err(fail(self.failure, BodyError::NonStringValue(name))),
             }
+        }
+        if let Some(dup) = first_duplicate(env.iter().map(|(k, _)| k.as_str())) {
+            return Err(fail(self.failure, BodyError::DuplicateEnvName(dup.to_string())));
         }
         Ok(env)
     }
