@@ -8,6 +8,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -64,8 +65,10 @@ impl Dir {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let mut stack = [0u8; CHUNK];
-            let mut buf = ReadBuf::new(&mut stack);
+            // Uninitialized: zeroing 64 KiB for every read of a 64-byte message cost more than
+            // the read itself (a fifth of the proxy's CPU on small WebSocket messages).
+            let mut stack = [const { MaybeUninit::<u8>::uninit() }; CHUNK];
+            let mut buf = ReadBuf::uninit(&mut stack);
             match Pin::new(&mut *r).poll_read(cx, &mut buf) {
                 Poll::Ready(r) => r?,
                 Poll::Pending => {
