@@ -78,6 +78,7 @@ fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
             .spawn(move || {
                 WORKER.with(|w| w.set(Some(i)));
                 rt.block_on(async move {
+                    tokio::spawn(timer_anchor());
                     while let Some((stream, peer)) = rx.recv().await {
                         match tokio::net::TcpStream::from_std(stream) {
                             Ok(stream) => {
@@ -95,6 +96,21 @@ fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
         threads.push(thread);
     }
     Ok(Workers { senders, threads })
+}
+
+/// How often [`timer_anchor`] wakes its worker.
+const ANCHOR_TICK: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`ANCHOR_TICK`] on the worker at all times. Every request arms
+/// timers (header read, response, body idle), and tokio wakes its own event loop with an eventfd
+/// write whenever a timer is armed that is due before the loop's next planned wake-up: with no
+/// earlier timer, that was one `write` and one extra `epoll_wait` per request, about a quarter
+/// of the system calls of a proxied request. With this anchor, only timers shorter than a second
+/// do that; the price is one wake-up per second per worker.
+async fn timer_anchor() {
+    loop {
+        tokio::time::sleep(ANCHOR_TICK).await;
+    }
 }
 
 /// One client connection, on a worker: the TLS handshake if any, then HTTP.
