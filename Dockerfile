@@ -13,10 +13,12 @@ FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 
 # Dependencies get their own layer, rebuilt only when Cargo.toml or Cargo.lock
-# change, not on every source edit: build them once against a stub main.rs.
+# change, not on every source edit: build them once against a stub main.rs and
+# an empty lib.rs (Cargo.toml declares both targets).
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs \
  && cargo build --release --locked \
  && rm -rf src
 
