@@ -126,7 +126,7 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let gate = Envgate::start(&eg.url, &["--admin-listen", &admin, "--mode", "reject"]);
     assert_eq!(request(&admin, "GET", "/healthz", &[], b"").await.unwrap().status, 200);
     assert_eq!(request(&admin, "GET", "/readyz", &[], b"").await.unwrap().status, 200);
-    let r = start_kernel(&gate.addr, &[], json!({"NOT_ALLOWED": "x", "PATH": "/x"})).await;
+    let r = start_kernel(&gate.addr, &[], json!({"NOT_ALLOWED": "x", "NOT_ALLOWED_2": "y", "PATH": "/x"})).await;
     assert_eq!(r.status, 403);
     let id = id_of(&start_kernel(&gate.addr, &[], json!({"KERNEL_X": "1"})).await);
     let ws = open(&gate.addr, &id, &[]).await;
@@ -142,7 +142,7 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
         "envgate_request_duration_seconds_bucket{le=",
         "envgate_decisions_total{event=\"kernel_start\",outcome=\"refused\",mode=\"reject\"} 1",
         "envgate_decisions_total{event=\"kernel_start\",outcome=\"forwarded\",mode=\"reject\"} 1",
-        "envgate_rejected_variables_total{reason=\"not_allowed\"} 1",
+        "envgate_rejected_variables_total{reason=\"not_allowed\"} 2",
         "envgate_rejected_variables_total{reason=\"denied\"} 1",
         "envgate_open_websockets 1",
         "envgate_policy_info{hash=\"",
