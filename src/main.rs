@@ -6,6 +6,13 @@ use clap::Parser;
 use envgate::config::{Cli, Command, Config, ExplainArgs, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: its per-thread free lists suit envgate's per-core workers
+/// and short-lived request allocations. In the benchmark it cut the CPU of a kernel start by a
+/// tenth or more, for about 0.7 MiB more RSS at start. Built with `no_thp`: transparent huge pages
+/// made each thread's first heap page a 2 MiB one (15 MiB RSS at start instead of 8.7).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
