@@ -15,7 +15,7 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 
 use crate::policy::{self, EgEnvs, Mode, Policy, PrefixRule, Sessions};
-use crate::values::{PathRule, Pattern, ValueRules};
+use crate::values::{Forbidden, PathRule, Pattern, ValueRules};
 
 /// A configuration problem, as one line naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -923,7 +923,7 @@ fn value_rules(
         if s.value.iter().any(String::is_empty) {
             return Err(s.err("value_forbidden", "an empty text would forbid every value"));
         }
-        rules.forbidden = s.value.clone();
+        rules.forbidden = Forbidden::new(s.value.clone());
     }
     if let Some(s) = patterns {
         for (name, re) in &s.value {
@@ -1105,7 +1105,7 @@ mod tests {
         .unwrap();
         let v = &c.policy.values;
         assert_eq!(v.max_length, 100);
-        assert_eq!(v.forbidden, ["$", "\0", ";"]);
+        assert_eq!(v.forbidden.texts(), ["$", "\0", ";"]);
         assert_eq!(c.policy.kernel_path, PathRule::Strip);
         assert!(v.check("KERNEL_UID", "0").is_none(), "replaced");
         assert!(v.check("KERNEL_IMAGE", "Anything Goes").is_none(), "removed");
@@ -1127,7 +1127,7 @@ mod tests {
         raw.overlay(&o).unwrap();
         let c = raw.validate(&|_| None).unwrap();
         assert_eq!(c.policy.values.max_length, 7);
-        assert_eq!(c.policy.values.forbidden, ["x"]);
+        assert_eq!(c.policy.values.forbidden.texts(), ["x"]);
         assert!(c.policy.values.check("KERNEL_UID", "0").is_none());
         assert!(!c.policy.values.patterns.contains_key("KERNEL_GID"));
         assert_eq!(c.policy.kernel_path, PathRule::Keep);

@@ -424,7 +424,8 @@ impl fmt::Display for Policy {
         }
         writeln!(f, "kernel_path = {:?}", self.kernel_path.as_str())?;
         writeln!(f, "value_max_length = {}", self.values.max_length)?;
-        let forbidden: Vec<String> = self.values.forbidden.iter().map(|t| format!("\"{}\"", toml_escape(t))).collect();
+        let forbidden: Vec<String> =
+            self.values.forbidden.texts().iter().map(|t| format!("\"{}\"", toml_escape(t))).collect();
         writeln!(f, "value_forbidden = [{}]", forbidden.join(", "))?;
         writeln!(f, "\n[value_patterns]")?;
         for (name, p) in &self.values.patterns {

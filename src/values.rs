@@ -121,7 +121,7 @@ pub struct ValueRules {
     /// Longest value, in characters.
     pub max_length: usize,
     /// Substrings no value may contain.
-    pub forbidden: Vec<String>,
+    pub forbidden: Forbidden,
     /// Per-name patterns: the built-in ones, replaced or removed by config.
     pub patterns: BTreeMap<String, Pattern>,
 }
@@ -130,12 +130,49 @@ impl Default for ValueRules {
     fn default() -> Self {
         ValueRules {
             max_length: DEFAULT_MAX_LENGTH,
-            forbidden: DEFAULT_FORBIDDEN.iter().map(|s| s.to_string()).collect(),
+            forbidden: Forbidden::new(DEFAULT_FORBIDDEN.iter().map(|s| s.to_string()).collect()),
             patterns: DEFAULT_PATTERNS
                 .iter()
                 .map(|(n, p)| (n.to_string(), Pattern::new(p).expect("built-in patterns compile")))
                 .collect(),
         }
+    }
+}
+
+/// The substrings no value may contain, compiled once with the set of their first bytes, so
+/// that a value is scanned once for all of them instead of searched once per substring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forbidden {
+    texts: Vec<String>,
+    /// Bit `b` is set when some text starts with byte `b`.
+    firsts: [u64; 4],
+    /// Some text is empty (config refuses that; an empty text is in every value).
+    any_empty: bool,
+}
+
+impl Forbidden {
+    pub fn new(texts: Vec<String>) -> Forbidden {
+        let mut firsts = [0u64; 4];
+        for b in texts.iter().filter_map(|t| t.as_bytes().first()) {
+            firsts[(b >> 6) as usize] |= 1 << (b & 63);
+        }
+        Forbidden { any_empty: texts.iter().any(String::is_empty), texts, firsts }
+    }
+
+    /// The texts, in their configured order.
+    pub fn texts(&self) -> &[String] {
+        &self.texts
+    }
+
+    /// The first text, in configured order, that `value` holds.
+    pub fn find(&self, value: &str) -> Option<&str> {
+        let v = value.as_bytes();
+        let candidate = self.any_empty
+            || v.iter().enumerate().any(|(i, &b)| {
+                self.firsts[(b >> 6) as usize] & (1 << (b & 63)) != 0
+                    && self.texts.iter().any(|t| v[i..].starts_with(t.as_bytes()))
+            });
+        candidate.then(|| self.texts.iter().find(|t| value.contains(t.as_str()))).flatten().map(String::as_str)
     }
 }
 
@@ -152,31 +189,13 @@ impl ValueRules {
         if value.len() > self.max_length && value.chars().count() > self.max_length {
             return v(Rule::MaxLength, format!("longer than {} characters", self.max_length));
         }
-        let forbidden = || self.forbidden.iter().find(|f| value.contains(f.as_str()));
-        if let Some(f) = self.may_hold_forbidden(value).then(forbidden).flatten() {
+        if let Some(f) = self.forbidden.find(value) {
             return v(Rule::Forbidden, format!("contains the forbidden \"{}\"", show(f)));
         }
         match self.patterns.get(name) {
             Some(p) if !p.is_match(value) => v(Rule::Pattern, format!("does not match the pattern {:?}", p.text)),
             _ => None,
         }
-    }
-
-    /// Whether some forbidden substring may occur in `value`: one pass over its bytes, looking
-    /// for a token only where a token's first byte is (instead of one search per token).
-    fn may_hold_forbidden(&self, value: &str) -> bool {
-        let mut firsts = [0u64; 4];
-        for f in &self.forbidden {
-            match f.as_bytes().first() {
-                Some(&b) => firsts[(b >> 6) as usize] |= 1 << (b & 63),
-                None => return true,
-            }
-        }
-        let v = value.as_bytes();
-        v.iter().enumerate().any(|(i, &b)| {
-            firsts[(b >> 6) as usize] & (1 << (b & 63)) != 0
-                && self.forbidden.iter().any(|f| v[i..].starts_with(f.as_bytes()))
-        })
     }
 
     /// Every violation among `pairs`, in order.
@@ -364,15 +383,15 @@ mod tests {
 
     #[test]
     fn the_one_pass_scan_agrees_with_a_search_per_token() {
-        let mut r = rules();
-        r.forbidden.push("ab".into());
-        r.forbidden.push("é".into());
+        let mut texts = rules().forbidden.texts().to_vec();
+        texts.extend(["ab".to_string(), "é".to_string()]);
+        let f = Forbidden::new(texts.clone());
         for v in ["", "x", "a", "ab", "xab", "aab", "{", "{x{{", "{%", "$", "é", "e\u{301}", "\0", "a\r", "`", "b{%"] {
-            let want = r.forbidden.iter().any(|f| v.contains(f.as_str()));
-            assert_eq!(r.may_hold_forbidden(v), want, "{v:?}");
+            let want = texts.iter().find(|t| v.contains(t.as_str())).map(String::as_str);
+            assert_eq!(f.find(v), want, "{v:?}");
         }
-        r.forbidden.push(String::new());
-        assert!(r.may_hold_forbidden("anything"), "an empty token is in every value");
+        texts.push(String::new());
+        assert!(Forbidden::new(texts).find("anything").is_some(), "an empty token is in every value");
     }
 
     #[test]

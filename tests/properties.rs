@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use envgate::policy::{EgEnvs, Mode, Policy, PrefixRule, SpecFacts, DEFAULT_DENY_ENVS, KERNEL_PREFIX};
 use envgate::rewrite::start;
 use envgate::routes::{Route, Routes};
-use envgate::values::{PathRule, Pattern, ValueRules};
+use envgate::values::{Forbidden, PathRule, Pattern, ValueRules};
 use http::Method;
 use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
@@ -465,7 +465,9 @@ fn value_rules() -> impl Strategy<Value = ValueRules> {
         1 => select(&[0usize, 8, 16][..]).prop_map(|n| ValueRules { max_length: n, ..default_values() }),
         1 => select(&["x", "é", ";", " "][..]).prop_map(|f| {
             let mut v = default_values();
-            v.forbidden.push(f.to_string());
+            let mut texts = v.forbidden.texts().to_vec();
+            texts.push(f.to_string());
+            v.forbidden = Forbidden::new(texts);
             v
         }),
         1 => Just(()).prop_map(|_| {

@@ -88,7 +88,7 @@ pub fn model_allowed_names(p: &Policy, kernelspec: Option<&str>, facts: Option<&
 /// substrings, the name's whole-value pattern).
 pub fn model_value_ok(p: &Policy, name: &str, value: &str) -> bool {
     value.chars().count() <= p.values.max_length
-        && !p.values.forbidden.iter().any(|f| value.contains(f.as_str()))
+        && !p.values.forbidden.texts().iter().any(|f| value.contains(f.as_str()))
         && match p.values.patterns.get(name) {
             Some(pat) => pat.is_match(value),
             None => true,
