@@ -415,16 +415,14 @@ async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, mut resp: Response<Prox
     let m = &cx.st.metrics;
     m.decisions.get_or_create(&DecisionLabel { event: rec.event, outcome: rec.outcome, mode: rec.mode }).inc();
     // One counter update per reason, not per name: a request from an old client rejects dozens.
-    let mut by_reason: [(&str, u64); 3] = [("", 0); 3];
+    let mut by_reason: Vec<(&str, u64)> = Vec::new();
     for r in &rec.rejected {
-        match by_reason.iter_mut().find(|(k, n)| *k == r.reason || *n == 0) {
-            Some(slot) => *slot = (r.reason, slot.1 + 1),
-            None => {
-                m.rejected.get_or_create(&ReasonLabel { reason: r.reason }).inc();
-            }
+        match by_reason.iter_mut().find(|(reason, _)| *reason == r.reason) {
+            Some((_, n)) => *n += 1,
+            None => by_reason.push((r.reason, 1)),
         }
     }
-    for (reason, n) in by_reason.into_iter().filter(|(_, n)| *n > 0) {
+    for (reason, n) in by_reason {
         m.rejected.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
     cx.st.audit.write(&rec);
