@@ -58,7 +58,7 @@ pub fn decide(
     trusted_user: bool,
 ) -> Plan {
     let trusted = |k: &str| trusted_user && k == USERNAME;
-    let names = body.env.iter().map(|(k, _)| k.as_str()).filter(|k| !trusted(k));
+    let names = body.env.iter().map(|(k, _)| &**k).filter(|k| !trusted(k));
     // Whether each of body.env is kept, by position (names are unique; a lookup by name per
     // name would be quadratic).
     let mut verdicts = Vec::with_capacity(body.env.len());
@@ -68,9 +68,8 @@ pub fn decide(
     if trusted_user {
         decision.kept.push(Kept { name: USERNAME.to_string(), source: Source::TrustedHeader });
     }
-    let violations = policy
-        .values
-        .check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (n.as_str(), v.as_str())));
+    let violations =
+        policy.values.check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v)));
     let path_escapes =
         policy.kernel_path != PathRule::Keep && body.path().is_some_and(|p| values::path_escapes(p.as_deref()));
     let path = path_escapes.then_some(if policy.kernel_path == PathRule::Strip { "stripped" } else { "refused" });

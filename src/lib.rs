@@ -9,6 +9,7 @@
 //! - [`routes`]: which route a raw request is (pure);
 //! - [`config`]: file + environment + flags -> one validated [`config::Config`];
 //! - [`wire`]: header hygiene, JSON errors, ETags;
+//! - [`json`]: JSON strings written fast, for the forwarded `env` and the audit record;
 //! - [`proxy`]: the hyper service, one function per route class;
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
@@ -22,6 +23,7 @@ pub mod body;
 pub mod config;
 pub mod decide;
 pub mod explain;
+pub mod json;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -328,11 +328,11 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
                 let (rec, resp) = refused(rec, resp, "KERNEL_USERNAME differs from the trusted user");
                 return finish(cx, rec, &id, resp).await;
             }
-            Some((_, claimed)) => *claimed = user.clone(),
-            None => parsed.env.push((USERNAME.to_string(), user.clone())),
+            Some((_, claimed)) => *claimed = user.clone().into(),
+            None => parsed.env.push((USERNAME.into(), user.clone().into())),
         }
     }
-    rec.user = parsed.env.iter().find(|(k, _)| k == USERNAME).map(|(_, v)| v.as_str());
+    rec.user = parsed.env.iter().find(|(k, _)| k == USERNAME).map(|(_, v)| &**v);
     rec.user_source = match (&bound_user, rec.user) {
         (Some(_), _) => Some("trusted_header"),
         (None, Some(_)) => Some("body"),

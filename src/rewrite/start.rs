@@ -8,11 +8,14 @@
 //!
 //! Error messages name keys but never echo a value.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+
+use crate::json::write_str;
 
 /// A kernel-start body that passed the strict parse.
 #[derive(Debug)]
@@ -23,8 +26,9 @@ pub struct StartBody<'a> {
     env_at: Option<usize>,
     /// `name`: the kernelspec the client asked for; `None` when absent or `null`.
     pub name: Option<String>,
-    /// The client's `env`, in its order. Names are unique.
-    pub env: Vec<(String, String)>,
+    /// The client's `env`, in its order. Names are unique. Names and values borrow the body's
+    /// bytes unless they hold a JSON escape (then they are decoded into their own string).
+    pub env: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
 /// Why a body was refused. Never holds a value, only names and positions.
@@ -183,11 +187,6 @@ impl StartBody<'_> {
     }
 }
 
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a &str into a Vec cannot fail.
-    serde_json::to_writer(&mut *out, s).expect("serializing a string into memory");
-}
-
 type Failure<'f> = &'f RefCell<Option<BodyError>>;
 
 fn fail<E: de::Error>(failure: Failure<'_>, e: BodyError) -> E {
@@ -260,26 +259,26 @@ struct EnvSeed<'f> {
 }
 
 impl<'de, 'f> DeserializeSeed<'de> for EnvSeed<'f> {
-    type Value = Vec<(String, String)>;
+    type Value = Vec<(Cow<'de, str>, Cow<'de, str>)>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de, 'f> Visitor<'de> for EnvSeed<'f> {
-    type Value = Vec<(String, String)>;
+    type Value = Vec<(Cow<'de, str>, Cow<'de, str>)>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut env: Vec<(String, String)> = Vec::new();
-        while let Some(name) = map.next_key::<String>()? {
-            match map.next_value::<MaybeString>()?.0 {
+        let mut env = Vec::with_capacity(map.size_hint().unwrap_or(16).min(256));
+        while let Some(name) = map.next_key_seed(BorrowedStr)? {
+            match map.next_value::<MaybeString<'de>>()?.0 {
                 Some(v) => env.push((name, v)),
-                None => return Err(fail(self.failure, BodyError::NonStringValue(name))),
+                None => return Err(fail(self.failure, BodyError::NonStringValue(name.into_owned()))),
             }
         }
-        if let Some(dup) = first_duplicate(env.iter().map(|(k, _)| k.as_str())) {
+        if let Some(dup) = first_duplicate(env.iter().map(|(k, _)| &**k)) {
             return Err(fail(self.failure, BodyError::DuplicateEnvName(dup.to_string())));
         }
         Ok(env)
@@ -308,44 +307,73 @@ impl<'de, 'f> Visitor<'de> for EnvSeed<'f> {
     }
 }
 
-/// A JSON value that is kept only when it is a string; any other type becomes `None` (and is
-/// consumed whole, so the parse can go on to report it by name).
-struct MaybeString(Option<String>);
+/// A JSON string, borrowed from the input when it holds no escape.
+struct BorrowedStr;
 
-impl<'de> serde::Deserialize<'de> for MaybeString {
+impl<'de> DeserializeSeed<'de> for BorrowedStr {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BorrowedStr {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// A JSON value that is kept only when it is a string (borrowed when it can be); any other type
+/// becomes `None` (and is consumed whole, so the parse can go on to report it by name).
+struct MaybeString<'de>(Option<Cow<'de, str>>);
+
+impl<'de> serde::Deserialize<'de> for MaybeString<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = MaybeString;
+            type Value = MaybeString<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<MaybeString, E> {
-                Ok(MaybeString(Some(v.to_string())))
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MaybeString(Some(Cow::Borrowed(v))))
             }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<MaybeString, E> {
-                Ok(MaybeString(Some(v)))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MaybeString(Some(Cow::Owned(v.to_string()))))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<MaybeString, E> {
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(MaybeString(Some(Cow::Owned(v))))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(MaybeString(None))
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<MaybeString, E> {
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
                 Ok(MaybeString(None))
             }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<MaybeString, E> {
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
                 Ok(MaybeString(None))
             }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<MaybeString, E> {
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
                 Ok(MaybeString(None))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<MaybeString, E> {
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
                 Ok(MaybeString(None))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<MaybeString, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
                 while s.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(MaybeString(None))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<MaybeString, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
                 while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(MaybeString(None))
             }
@@ -380,6 +408,16 @@ mod tests {
         assert_eq!(b.env, [("KERNEL_A".into(), "1".into()), ("FOO".into(), "x y".into())]);
         assert!(b.has_env());
         assert_eq!(render_all(&b), json!({"name": "python3", "env": {"KERNEL_A": "1", "FOO": "x y"}, "path": "nb"}));
+    }
+
+    #[test]
+    fn env_borrows_plain_strings_and_decodes_escaped_ones() {
+        let b = ok(r#"{"env": {"PLAIN": "v", "A\u0042": "x\ny", "C": "\u00e9"}}"#);
+        assert_eq!(b.env, [("PLAIN".into(), "v".into()), ("AB".into(), "x\ny".into()), ("C".into(), "é".into())]);
+        assert!(matches!(b.env[0], (Cow::Borrowed(_), Cow::Borrowed(_))));
+        assert!(matches!(b.env[1], (Cow::Owned(_), Cow::Owned(_))));
+        // a duplicate spelled once plainly and once escaped is still a duplicate
+        assert_eq!(err(br#"{"env": {"AB": "1", "A\u0042": "2"}}"#), BodyError::DuplicateEnvName("AB".into()));
     }
 
     #[test]

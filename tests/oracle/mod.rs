@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use envgate::decide::{self, Plan, Verdict, USERNAME};
@@ -143,9 +144,9 @@ pub fn check_parse(input: &[u8]) -> Result<StartBody<'_>, BodyError> {
         None => assert!(body.env.is_empty() && !body.has_env(), "{}", show(input)),
         Some(Value::Object(m)) => {
             assert!(body.has_env());
-            let lenient: Vec<(String, String)> = m
+            let lenient: Vec<(Cow<str>, Cow<str>)> = m
                 .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_else(|| panic!("non-string {k}")).to_string()))
+                .map(|(k, v)| (k.as_str().into(), v.as_str().unwrap_or_else(|| panic!("non-string {k}")).into()))
                 .collect();
             assert_eq!(body.env, lenient, "env differs from a lenient parse: {}", show(input));
         }
@@ -237,7 +238,7 @@ pub fn check_start(
                     .map_or(vec![], |a| a.iter().map(|x| x["name"].as_str().unwrap().into()).collect())
             };
             let names_where = |f: &dyn Fn(&str, &str) -> bool| -> Vec<String> {
-                body.env.iter().filter(|(n, v)| f(n, v)).map(|(n, _)| n.clone()).collect()
+                body.env.iter().filter(|(n, v)| f(n, v)).map(|(n, _)| n.to_string()).collect()
             };
             if r.status == http::StatusCode::FORBIDDEN {
                 assert_eq!(listed("rejected"), names_where(&|n, _| !allowed(n)), "{}", ctx());
@@ -250,10 +251,10 @@ pub fn check_start(
             let names: Vec<&str> = body
                 .env
                 .iter()
-                .map(|(n, _)| n.as_str())
+                .map(|(n, _)| &**n)
                 .chain(sent.as_object().unwrap().keys().map(String::as_str))
                 .collect();
-            let mut vals: Vec<&str> = body.env.iter().map(|(_, v)| v.as_str()).collect();
+            let mut vals: Vec<&str> = body.env.iter().map(|(_, v)| &**v).collect();
             let path = body.path().flatten();
             vals.extend(path.as_deref());
             let text = format!("{} {} {}", r.message, r.extra, r.why);
@@ -276,7 +277,7 @@ pub fn check_start(
                 assert_eq!(fwd.env, body.env, "report mode must forward env as sent: {}", ctx());
                 return plan;
             }
-            let want_env: Vec<(String, String)> = body.env.iter().filter(|(n, _)| allowed(n)).cloned().collect();
+            let want_env: Vec<(Cow<str>, Cow<str>)> = body.env.iter().filter(|(n, _)| allowed(n)).cloned().collect();
             assert_eq!(fwd.env, want_env, "forwarded env: {}", ctx());
             if p.mode == Mode::Reject {
                 assert_eq!(fwd.env, body.env, "reject mode forwards all or nothing: {}", ctx());

@@ -1,0 +1,67 @@
+//! Writing JSON by hand where it is on every kernel start: the forwarded `env` and the audit
+//! record. serde_json escapes a string one byte at a time through its formatter; names and
+//! values almost never hold a byte that needs escaping, so [`write_str`] checks a whole string
+//! in one pass the compiler vectorizes and copies it, and leaves the rare escaped string to
+//! serde_json. The output is byte for byte what serde_json writes (tests hold it to that).
+
+/// Appends `s` as a JSON string literal.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    if needs_escape(s.as_bytes()) {
+        // Writing into a Vec cannot fail.
+        serde_json::to_writer(&mut *out, s).expect("serializing a string into memory");
+    } else {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// Appends `s` as a JSON string, or `null`.
+pub fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => write_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Whether serde_json would escape any byte of `b`: a control character, `"` or `\`.
+fn needs_escape(b: &[u8]) -> bool {
+    // No early exit inside a chunk, so that the loop compiles to vector compares.
+    b.chunks(32).any(|c| c.iter().fold(false, |any, &x| any | (x < 0x20) | (x == b'"') | (x == b'\\')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours(s: &str) -> String {
+        let mut out = Vec::new();
+        write_str(&mut out, s);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn writes_what_serde_json_writes() {
+        let mut cases: Vec<String> =
+            ["", "plain", "a\"b", "back\\slash", "tab\there", "nul\0", "é ü 日本 🙂", "\u{7f}", "\u{2028}"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        // every byte value at every position of a string longer than one chunk
+        for b in 0u8..128 {
+            for at in [0, 5, 31, 32, 33, 63, 70] {
+                let mut s = "x".repeat(71);
+                s.replace_range(at..at + 1, std::str::from_utf8(&[b]).unwrap());
+                cases.push(s);
+            }
+        }
+        for s in &cases {
+            assert_eq!(ours(s), serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+        let mut out = Vec::new();
+        write_opt_str(&mut out, None);
+        write_opt_str(&mut out, Some("a"));
+        assert_eq!(out, b"null\"a\"");
+    }
+}
