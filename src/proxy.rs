@@ -126,20 +126,24 @@ struct Ctx<'a> {
     st: &'a State,
     rt: &'a Runtime,
     peer: SocketAddr,
+    /// `peer`'s address as an `X-Forwarded-For` item.
+    forwarded_for: &'a HeaderValue,
     /// `http` or `https`: how the client reached envgate.
     proto: &'static str,
 }
 
-/// Serves one request.
+/// Serves one request. `forwarded_for`: `peer`'s IP as a header value
+/// ([`wire::forwarded_for`]), made once per connection.
 pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
+    forwarded_for: HeaderValue,
     proto: &'static str,
     st: Arc<State>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let rt = st.runtime.load_full();
-    let cx = Ctx { st: &st, rt: &rt, peer, proto };
+    let cx = Ctx { st: &st, rt: &rt, peer, forwarded_for: &forwarded_for, proto };
     let route = rt.routes.classify_target(req.method(), req.uri());
     let resp = if req.method() == Method::CONNECT {
         wire::json_error(StatusCode::METHOD_NOT_ALLOWED, "envgate is a reverse proxy; CONNECT is not supported")
@@ -175,7 +179,7 @@ fn to_upstream(parts: &mut Parts, cx: &Ctx<'_>) {
 /// Header hygiene for any request envgate sends upstream on a client's behalf.
 fn clean_for_upstream(headers: &mut HeaderMap, cx: &Ctx<'_>) {
     wire::strip_hop_by_hop(headers);
-    wire::add_forwarded(headers, cx.peer.ip(), cx.proto);
+    wire::add_forwarded(headers, cx.forwarded_for, cx.proto);
     if let Some(auth) = &cx.rt.upstream().auth {
         headers.insert(header::AUTHORIZATION, auth.clone());
     }

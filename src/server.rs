@@ -282,7 +282,8 @@ async fn serve_conn<S>(io: S, peer: SocketAddr, proto: &'static str, st: Arc<Sta
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| proxy::handle(req, peer, proto, st.clone()));
+    let forwarded_for = crate::wire::forwarded_for(peer.ip());
+    let svc = service_fn(move |req| proxy::handle(req, peer, forwarded_for.clone(), proto, st.clone()));
     let mut builder = http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();

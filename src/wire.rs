@@ -58,18 +58,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Appends this hop to `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    append_list(headers, HeaderName::from_static("x-forwarded-for"), &client.to_string());
-    append_list(headers, HeaderName::from_static("x-forwarded-proto"), proto);
-    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string) {
+/// The client's address as an `X-Forwarded-For` item, made once per connection.
+pub fn forwarded_for(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
+}
+
+/// Appends this hop to `X-Forwarded-For` (`client`, from [`forwarded_for`]),
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`. Without earlier hops' headers, the common case,
+/// this copies no bytes: the values are shared.
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
+    append_list(headers, HeaderName::from_static("x-forwarded-for"), client);
+    append_list(headers, HeaderName::from_static("x-forwarded-proto"), &HeaderValue::from_static(proto));
+    if let Some(host) = headers.get(header::HOST).cloned() {
         append_list(headers, HeaderName::from_static("x-forwarded-host"), &host);
     }
 }
 
 /// Appends `item` to a comma-separated list header, folding earlier lines into one (bytes as
 /// received, so that no earlier hop's value is lost).
-fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
+    if !headers.contains_key(&name) {
+        headers.insert(name, item.clone());
+        return;
+    }
     let mut joined: Vec<u8> = Vec::new();
     for v in headers.get_all(&name) {
         joined.extend_from_slice(v.as_bytes());
@@ -186,15 +197,26 @@ mod tests {
     fn forwarded_headers_are_appended() {
         let mut h =
             map(&[("host", "gw.example:8889"), ("x-forwarded-for", "10.0.0.1"), ("x-forwarded-for", "10.0.0.2")]);
-        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
+        add_forwarded(&mut h, &forwarded_for("127.0.0.1".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "gw.example:8889");
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        add_forwarded(&mut h, &forwarded_for("::1".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "::1");
         assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = map(&[("x-forwarded-proto", "https"), ("host", "h")]);
+        add_forwarded(&mut h, &forwarded_for("10.1.2.3".parse().unwrap()), "http");
+        assert_eq!(
+            (&h["x-forwarded-for"], &h["x-forwarded-proto"], &h["x-forwarded-host"]),
+            (
+                &"10.1.2.3".parse::<HeaderValue>().unwrap(),
+                &"https, http".parse::<HeaderValue>().unwrap(),
+                &"h".parse::<HeaderValue>().unwrap()
+            )
+        );
     }
 
     #[test]
