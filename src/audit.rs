@@ -99,7 +99,7 @@ impl<'a> Record<'a> {
         }
     }
 
-    pub fn with_decision(mut self, d: &'a Decision) -> Self {
+    pub fn with_decision(mut self, d: &'a Decision<'_>) -> Self {
         self.kept = d.kept.iter().map(|k| KeptName { name: &k.name, source: k.source.as_str() }).collect();
         self.rejected = d.rejected.iter().map(|r| RejectedName { name: &r.name, reason: r.reason.as_str() }).collect();
         self

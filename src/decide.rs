@@ -36,9 +36,9 @@ pub enum Verdict {
 
 /// The outcome of one kernel start.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
-    /// The verdict on every name.
-    pub decision: Decision,
+pub struct Plan<'a> {
+    /// The verdict on every name (borrowing the body's names).
+    pub decision: Decision<'a>,
     /// Kept values (in `report` mode: values `drop` would forward) that broke a value rule.
     pub violations: Vec<Violation>,
     /// What the `kernel_path` rule did to the body's `path`: `refused` or `stripped` (in
@@ -50,13 +50,13 @@ pub struct Plan {
 /// Decides one kernel start. `trusted_user`: the body's `KERNEL_USERNAME` was set from a
 /// trusted header (identity binding), so it is kept whatever the name rules say (its value still
 /// passes the value rules).
-pub fn decide(
+pub fn decide<'b>(
     policy: &Policy,
     kernelspec: Option<&str>,
     facts: Option<&SpecFacts>,
-    body: &StartBody<'_>,
+    body: &'b StartBody<'_>,
     trusted_user: bool,
-) -> Plan {
+) -> Plan<'b> {
     let trusted = |k: &str| trusted_user && k == USERNAME;
     let names = body.env.iter().map(|(k, _)| &**k).filter(|k| !trusted(k));
     // Whether each of body.env is kept, by position (names are unique; a lookup by name per
@@ -66,7 +66,7 @@ pub fn decide(
     let mut verdicts = verdicts.into_iter();
     let keep: Vec<bool> = body.env.iter().map(|(k, _)| trusted(k) || verdicts.next().unwrap_or(false)).collect();
     if trusted_user {
-        decision.kept.push(Kept { name: USERNAME.to_string(), source: Source::TrustedHeader });
+        decision.kept.push(Kept { name: USERNAME.into(), source: Source::TrustedHeader });
     }
     let violations =
         policy.values.check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v)));
@@ -132,8 +132,10 @@ mod tests {
         Policy { mode, client_envs: ["FOO".to_string()].into(), ..Policy::default() }
     }
 
-    fn run(p: &Policy, body: &str) -> Plan {
-        decide(p, Some("python3"), None, &parse(body.as_bytes()).unwrap(), false)
+    /// Decides `body`; the test's bodies live for the whole test run.
+    fn run(p: &Policy, body: &str) -> Plan<'static> {
+        let body: &'static str = Box::leak(body.to_string().into_boxed_str());
+        decide(p, Some("python3"), None, Box::leak(Box::new(parse(body.as_bytes()).unwrap())), false)
     }
 
     fn forwarded(plan: &Plan) -> Value {
@@ -143,7 +145,7 @@ mod tests {
         }
     }
 
-    fn refusal(plan: &Plan) -> &Refusal {
+    fn refusal<'p>(plan: &'p Plan<'_>) -> &'p Refusal {
         match &plan.verdict {
             Verdict::Refuse(r) => r,
             Verdict::Forward(b) => panic!("forwarded {}", String::from_utf8_lossy(b)),

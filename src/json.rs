@@ -27,8 +27,23 @@ pub fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// Whether serde_json would escape any byte of `b`: a control character, `"` or `\`.
 fn needs_escape(b: &[u8]) -> bool {
-    // No early exit inside a chunk, so that the loop compiles to vector compares.
-    b.chunks(32).any(|c| c.iter().fold(false, |any, &x| any | (x < 0x20) | (x == b'"') | (x == b'\\')))
+    // Eight bytes at a time (names and values are short, too short for vector loops); the last
+    // word overlaps the one before it rather than being padded through memory.
+    let word = |w: &[u8]| word_needs_escape(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+    if b.len() < 8 {
+        return b.iter().any(|&x| x < 0x20 || x == b'"' || x == b'\\');
+    }
+    b.chunks_exact(8).any(word) || word(&b[b.len() - 8..])
+}
+
+/// Whether any byte of `w` is under 0x20, `"` or `\`. Each test is exact as a yes/no answer
+/// (the classic "has a zero byte" and "has a byte less than n" bit tricks).
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    (below_space | zero_byte(w ^ (ONES * u64::from(b'"'))) | zero_byte(w ^ (ONES * u64::from(b'\\')))) != 0
 }
 
 #[cfg(test)]
@@ -39,6 +54,25 @@ mod tests {
         let mut out = Vec::new();
         write_str(&mut out, s);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn every_byte_in_every_lane_of_a_word() {
+        let bad = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+        for b in 0..=255u8 {
+            assert_eq!(word_needs_escape(u64::from_le_bytes([b; 8])), bad(b), "{b:#x} everywhere");
+            for lane in 0..8 {
+                for fill in [b'a', 0x80, 0xff, b'!', b'#', b'['] {
+                    let mut w = [fill; 8];
+                    w[lane] = b;
+                    assert_eq!(
+                        word_needs_escape(u64::from_le_bytes(w)),
+                        bad(b),
+                        "{b:#x} in lane {lane}, fill {fill:#x}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

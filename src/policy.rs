@@ -20,6 +20,7 @@
 //! Then every value envgate forwards must pass the value rules ([`crate::values`]), and the
 //! body's `path` the [`PathRule`]: those refuse the whole request rather than drop a name.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -243,25 +244,25 @@ impl Default for Policy {
     }
 }
 
-/// A kept name and the rule that kept it.
+/// A kept name and the rule that kept it. The name borrows the request's (no copy per name).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Kept {
-    pub name: String,
+pub struct Kept<'a> {
+    pub name: Cow<'a, str>,
     pub source: Source,
 }
 
 /// A rejected name and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejected {
-    pub name: String,
+pub struct Rejected<'a> {
+    pub name: Cow<'a, str>,
     pub reason: Reason,
 }
 
 /// The verdicts on every name of one request, in the order the client sent them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Decision {
-    pub kept: Vec<Kept>,
-    pub rejected: Vec<Rejected>,
+pub struct Decision<'a> {
+    pub kept: Vec<Kept<'a>>,
+    pub rejected: Vec<Rejected<'a>>,
 }
 
 impl Policy {
@@ -327,7 +328,7 @@ impl Policy {
         kernelspec: Option<&str>,
         facts: Option<&SpecFacts>,
         names: impl IntoIterator<Item = &'a str>,
-    ) -> Decision {
+    ) -> Decision<'a> {
         self.decide_each(kernelspec, facts, names, |_| {})
     }
 
@@ -338,18 +339,18 @@ impl Policy {
         facts: Option<&SpecFacts>,
         names: impl IntoIterator<Item = &'a str>,
         mut each: impl FnMut(bool),
-    ) -> Decision {
+    ) -> Decision<'a> {
         let lists = self.lists(kernelspec, facts);
         let mut d = Decision::default();
         for name in names {
             match self.verdict_in(&lists, name) {
                 Verdict::Keep(source) => {
                     each(true);
-                    d.kept.push(Kept { name: name.to_string(), source })
+                    d.kept.push(Kept { name: Cow::Borrowed(name), source })
                 }
                 Verdict::Reject(reason) => {
                     each(false);
-                    d.rejected.push(Rejected { name: name.to_string(), reason })
+                    d.rejected.push(Rejected { name: Cow::Borrowed(name), reason })
                 }
             }
         }
@@ -546,8 +547,8 @@ mod tests {
     fn decide_keeps_client_order_and_sorts_into_kept_and_rejected() {
         let p = policy();
         let d = p.decide(Some("spark"), None, ["PATH", "KERNEL_A", "BAR", "FOO", "SPARK_OPTS"]);
-        let kept: Vec<(&str, Source)> = d.kept.iter().map(|k| (k.name.as_str(), k.source.clone())).collect();
-        let rej: Vec<(&str, Reason)> = d.rejected.iter().map(|r| (r.name.as_str(), r.reason)).collect();
+        let kept: Vec<(&str, Source)> = d.kept.iter().map(|k| (k.name.as_ref(), k.source.clone())).collect();
+        let rej: Vec<(&str, Reason)> = d.rejected.iter().map(|r| (r.name.as_ref(), r.reason)).collect();
         assert_eq!(kept, [("KERNEL_A", kp()), ("FOO", Source::Config), ("SPARK_OPTS", Source::KernelspecConfig)]);
         assert_eq!(rej, [("PATH", Reason::Denied), ("BAR", Reason::NotAllowed)]);
     }

@@ -183,14 +183,14 @@ pub fn assert_no_value_in<'a>(text: &str, values: impl IntoIterator<Item = &'a s
 }
 
 /// Decides one kernel start and checks every promise on the plan; returns the plan.
-pub fn check_start(
+pub fn check_start<'b>(
     p: &Policy,
     kernelspec: Option<&str>,
     facts: Option<&SpecFacts>,
     input: &[u8],
-    body: &StartBody<'_>,
+    body: &'b StartBody<'_>,
     trusted_user: bool,
-) -> Plan {
+) -> Plan<'b> {
     let plan = decide::decide(p, kernelspec, facts, body, trusted_user);
     let ctx =
         || format!("mode {:?}, path rule {:?}, trusted {trusted_user}, input {}", p.mode, p.kernel_path, show(input));
