@@ -13,58 +13,22 @@ use envgate::config::Config;
 use envgate::decide;
 use envgate::rewrite::{kernelspecs, start};
 
-const ALLOWED: [&str; 20] = [
-    "LANG",
-    "LC_ALL",
-    "LC_CTYPE",
-    "TZ",
-    "TERM",
-    "COLUMNS",
-    "LINES",
-    "MPLBACKEND",
-    "PYTHONHASHSEED",
-    "PYTHONUNBUFFERED",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "CUDA_VISIBLE_DEVICES",
-    "SPARK_HOME",
-    "HADOOP_CONF_DIR",
-    "JAVA_HOME",
-    "GIT_AUTHOR_NAME",
-    "GIT_AUTHOR_EMAIL",
-];
-const OTHER: [&str; 20] = [
-    "PATH",
-    "LD_LIBRARY_PATH",
-    "PYTHONPATH",
-    "HOME",
-    "USER",
-    "LOGNAME",
-    "SHELL",
-    "PWD",
-    "OLDPWD",
-    "HOSTNAME",
-    "SSH_AUTH_SOCK",
-    "DISPLAY",
-    "EDITOR",
-    "PAGER",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "GITHUB_TOKEN",
-    "JUPYTERHUB_API_TOKEN",
-    "XDG_RUNTIME_DIR",
-    "VIRTUAL_ENV",
-];
+/// The names of one of post.lua's tables (`local allowed = {...}` or `local other = {...}`).
+fn names(table: &str) -> Vec<&'static str> {
+    let lua = include_str!("../bench/wrk/post.lua");
+    let opening = format!("local {table} = {{");
+    let start = lua.find(&opening).expect("post.lua has the table") + opening.len();
+    let list = &lua[start..start + lua[start..].find('}').expect("the table ends")];
+    list.split('"').skip(1).step_by(2).collect()
+}
 
-/// The body bench/wrk/post.lua sends.
-fn body() -> Vec<u8> {
+/// The body bench/wrk/post.lua sends, built the way it builds it.
+fn body(allowed: &[&str], other: &[&str]) -> Vec<u8> {
     let mut parts = Vec::new();
-    for (i, n) in ALLOWED.iter().enumerate() {
+    for (i, n) in allowed.iter().enumerate() {
         parts.push(format!("\"{n}\": \"value-of-{}-{:02}/some/typical/length\"", n.to_lowercase(), i + 1));
     }
-    for (i, n) in OTHER.iter().enumerate() {
+    for (i, n) in other.iter().enumerate() {
         parts.push(format!("\"{n}\": \"/usr/local/bin:/usr/bin:/bin:/opt/{}/{:02}\"", n.to_lowercase(), i + 1));
     }
     format!(r#"{{"name": "python3", "path": "work/notebook.ipynb", "env": {{{}}}}}"#, parts.join(", ")).into_bytes()
@@ -94,11 +58,13 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let config = Config::from_toml(&format!("upstream = \"http://127.0.0.1:1\"\nclient_envs = {ALLOWED:?}\n"))
+    let (allowed, other) = (names("allowed"), names("other"));
+    assert_eq!((allowed.len(), other.len()), (20, 20), "post.lua's tables");
+    let config = Config::from_toml(&format!("upstream = \"http://127.0.0.1:1\"\nclient_envs = {allowed:?}\n"))
         .expect("the bench config is valid");
     let policy = &config.policy;
     let specs = kernelspecs::index(include_bytes!("../bench/samples/kernelspecs.json")).expect("sample kernelspecs");
-    let body = body();
+    let body = body(&allowed, &other);
     let client = "127.0.0.1:40000".parse().unwrap();
 
     let parse = time(|| {
