@@ -100,8 +100,8 @@ impl<'a> Record<'a> {
     }
 
     pub fn with_decision(mut self, d: &'a Decision<'_>) -> Self {
-        self.kept = d.kept.iter().map(|k| KeptName { name: &k.name, source: k.source.as_str() }).collect();
-        self.rejected = d.rejected.iter().map(|r| RejectedName { name: &r.name, reason: r.reason.as_str() }).collect();
+        self.kept = d.kept.iter().map(|k| KeptName { name: k.name, source: k.source.as_str() }).collect();
+        self.rejected = d.rejected.iter().map(|r| RejectedName { name: r.name, reason: r.reason.as_str() }).collect();
         self
     }
 }
@@ -111,51 +111,48 @@ impl Record<'_> {
     /// order, byte for byte what serde_json writes for the derived serialization.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         use std::io::Write as _;
-        let field = |out: &mut Vec<u8>, key: &str| {
+        fn key(out: &mut Vec<u8>, key: &str) {
             out.extend_from_slice(b",\"");
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(b"\":");
-        };
+        }
+        // String members, `None` written as null.
+        fn strings(out: &mut Vec<u8>, members: &[(&str, Option<&str>)]) {
+            for (k, v) in members {
+                key(out, k);
+                write_opt_str(out, *v);
+            }
+        }
         out.extend_from_slice(b"{\"time\":");
         write_str(out, &self.time);
-        field(out, "id");
-        write_str(out, self.id);
-        field(out, "event");
-        write_str(out, self.event);
-        field(out, "mode");
-        write_str(out, self.mode);
-        field(out, "client");
+        strings(out, &[("id", Some(self.id)), ("event", Some(self.event)), ("mode", Some(self.mode))]);
+        key(out, "client");
         // A socket address is digits, dots, colons, brackets, hex and a numeric scope id.
         let _ = write!(out, "\"{}\"", self.client);
-        field(out, "x_forwarded_for");
-        write_opt_str(out, self.x_forwarded_for);
-        field(out, "user");
-        write_opt_str(out, self.user);
-        field(out, "user_source");
-        write_opt_str(out, self.user_source);
-        field(out, "kernelspec");
-        write_opt_str(out, self.kernelspec);
-        field(out, "kept");
+        strings(
+            out,
+            &[
+                ("x_forwarded_for", self.x_forwarded_for),
+                ("user", self.user),
+                ("user_source", self.user_source),
+                ("kernelspec", self.kernelspec),
+            ],
+        );
+        key(out, "kept");
         list(out, &self.kept, |k| [("name", k.name), ("source", k.source)]);
-        field(out, "rejected");
+        key(out, "rejected");
         list(out, &self.rejected, |r| [("name", r.name), ("reason", r.reason)]);
-        field(out, "violations");
+        key(out, "violations");
         list(out, &self.violations, |v| [("name", v.name), ("rule", v.rule)]);
-        field(out, "path");
-        write_opt_str(out, self.path);
-        field(out, "outcome");
-        write_str(out, self.outcome);
-        field(out, "status");
+        strings(out, &[("path", self.path), ("outcome", Some(self.outcome))]);
+        key(out, "status");
         match self.status {
             Some(s) => {
                 let _ = write!(out, "{s}");
             }
             None => out.extend_from_slice(b"null"),
         }
-        field(out, "kernel_id");
-        write_opt_str(out, self.kernel_id);
-        field(out, "error");
-        write_opt_str(out, self.error);
+        strings(out, &[("kernel_id", self.kernel_id), ("error", self.error)]);
         out.push(b'}');
     }
 }
@@ -285,8 +282,8 @@ mod tests {
     #[test]
     fn record_format() {
         let d = Decision {
-            kept: vec![Kept { name: "KERNEL_A".into(), source: Source::Prefix("prefix:KERNEL_".into()) }],
-            rejected: vec![Rejected { name: "PATH".into(), reason: Reason::Denied }],
+            kept: vec![Kept { name: "KERNEL_A", source: Source::Prefix("prefix:KERNEL_".into()) }],
+            rejected: vec![Rejected { name: "PATH", reason: Reason::Denied }],
         };
         let mut r =
             Record::new("id-1", "kernel_start", Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("10.0.0.1"))
@@ -316,12 +313,12 @@ mod tests {
     fn write_json_is_what_serde_writes() {
         let d = Decision {
             kept: vec![
-                Kept { name: "KERNEL_A".into(), source: Source::Prefix("prefix:KERNEL_".into()) },
-                Kept { name: "B".into(), source: Source::Config },
+                Kept { name: "KERNEL_A", source: Source::Prefix("prefix:KERNEL_".into()) },
+                Kept { name: "B", source: Source::Config },
             ],
             rejected: vec![
-                Rejected { name: "PATH".into(), reason: Reason::Denied },
-                Rejected { name: "we\"ird\\\n".into(), reason: Reason::InvalidName },
+                Rejected { name: "PATH", reason: Reason::Denied },
+                Rejected { name: "we\"ird\\\n", reason: Reason::InvalidName },
             ],
         };
         let v6 = "[fe80::1%2]:8888".parse().unwrap();

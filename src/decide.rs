@@ -66,7 +66,7 @@ pub fn decide<'b>(
     let mut verdicts = verdicts.into_iter();
     let keep: Vec<bool> = body.env.iter().map(|(k, _)| trusted(k) || verdicts.next().unwrap_or(false)).collect();
     if trusted_user {
-        decision.kept.push(Kept { name: USERNAME.into(), source: Source::TrustedHeader });
+        decision.kept.push(Kept { name: USERNAME, source: Source::TrustedHeader });
     }
     let violations =
         policy.values.check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v)));

@@ -1,7 +1,7 @@
 //! Writing JSON by hand where it is on every kernel start: the forwarded `env` and the audit
 //! record. serde_json escapes a string one byte at a time through its formatter; names and
-//! values almost never hold a byte that needs escaping, so [`write_str`] checks a whole string
-//! in one pass the compiler vectorizes and copies it, and leaves the rare escaped string to
+//! values almost never hold a byte that needs escaping, so [`write_str`] checks a string eight
+//! bytes at a time and copies it whole, and leaves the rare string that needs escaping to
 //! serde_json. The output is byte for byte what serde_json writes (tests hold it to that).
 
 /// Appends `s` as a JSON string literal.

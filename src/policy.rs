@@ -20,7 +20,6 @@
 //! Then every value envgate forwards must pass the value rules ([`crate::values`]), and the
 //! body's `path` the [`PathRule`]: those refuse the whole request rather than drop a name.
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -247,14 +246,14 @@ impl Default for Policy {
 /// A kept name and the rule that kept it. The name borrows the request's (no copy per name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kept<'a> {
-    pub name: Cow<'a, str>,
+    pub name: &'a str,
     pub source: Source,
 }
 
 /// A rejected name and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected<'a> {
-    pub name: Cow<'a, str>,
+    pub name: &'a str,
     pub reason: Reason,
 }
 
@@ -346,11 +345,11 @@ impl Policy {
             match self.verdict_in(&lists, name) {
                 Verdict::Keep(source) => {
                     each(true);
-                    d.kept.push(Kept { name: Cow::Borrowed(name), source })
+                    d.kept.push(Kept { name, source })
                 }
                 Verdict::Reject(reason) => {
                     each(false);
-                    d.rejected.push(Rejected { name: Cow::Borrowed(name), reason })
+                    d.rejected.push(Rejected { name, reason })
                 }
             }
         }
@@ -547,8 +546,8 @@ mod tests {
     fn decide_keeps_client_order_and_sorts_into_kept_and_rejected() {
         let p = policy();
         let d = p.decide(Some("spark"), None, ["PATH", "KERNEL_A", "BAR", "FOO", "SPARK_OPTS"]);
-        let kept: Vec<(&str, Source)> = d.kept.iter().map(|k| (k.name.as_ref(), k.source.clone())).collect();
-        let rej: Vec<(&str, Reason)> = d.rejected.iter().map(|r| (r.name.as_ref(), r.reason)).collect();
+        let kept: Vec<(&str, Source)> = d.kept.iter().map(|k| (k.name, k.source.clone())).collect();
+        let rej: Vec<(&str, Reason)> = d.rejected.iter().map(|r| (r.name, r.reason)).collect();
         assert_eq!(kept, [("KERNEL_A", kp()), ("FOO", Source::Config), ("SPARK_OPTS", Source::KernelspecConfig)]);
         assert_eq!(rej, [("PATH", Reason::Denied), ("BAR", Reason::NotAllowed)]);
     }

@@ -209,14 +209,9 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         let mut h = map(&[("x-forwarded-proto", "https"), ("host", "h")]);
         add_forwarded(&mut h, &forwarded_for("10.1.2.3".parse().unwrap()), "http");
-        assert_eq!(
-            (&h["x-forwarded-for"], &h["x-forwarded-proto"], &h["x-forwarded-host"]),
-            (
-                &"10.1.2.3".parse::<HeaderValue>().unwrap(),
-                &"https, http".parse::<HeaderValue>().unwrap(),
-                &"h".parse::<HeaderValue>().unwrap()
-            )
-        );
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https, http");
+        assert_eq!(h["x-forwarded-host"], "h");
     }
 
     #[test]

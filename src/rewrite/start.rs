@@ -345,14 +345,15 @@ impl<'de> serde::Deserialize<'de> for MaybeString<'de> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string")
             }
+            // Strings as BorrowedStr takes them.
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(MaybeString(Some(Cow::Borrowed(v))))
+                BorrowedStr.visit_borrowed_str(v).map(|s| MaybeString(Some(s)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(MaybeString(Some(Cow::Owned(v.to_string()))))
+                BorrowedStr.visit_str(v).map(|s| MaybeString(Some(s)))
             }
             fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(MaybeString(Some(Cow::Owned(v))))
+                BorrowedStr.visit_string(v).map(|s| MaybeString(Some(s)))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(MaybeString(None))

@@ -215,10 +215,10 @@ pub fn check_start<'b>(
 
     // The plan's bookkeeping agrees with the model.
     for k in &plan.decision.kept {
-        assert!(allowed(&k.name), "{} kept: {}", k.name, ctx());
+        assert!(allowed(k.name), "{} kept: {}", k.name, ctx());
     }
     for r in &plan.decision.rejected {
-        assert!(!allowed(&r.name), "{} rejected: {}", r.name, ctx());
+        assert!(!allowed(r.name), "{} rejected: {}", r.name, ctx());
     }
     let want_path = (p.kernel_path != PathRule::Keep && path_escapes).then_some(if p.kernel_path == PathRule::Strip {
         "stripped"
