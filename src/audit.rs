@@ -139,11 +139,11 @@ impl Record<'_> {
             ],
         );
         key(out, "kept");
-        list(out, &self.kept, |k| [("name", k.name), ("source", k.source)]);
+        list(out, &self.kept, ["name", "source"], |k| [k.name, k.source]);
         key(out, "rejected");
-        list(out, &self.rejected, |r| [("name", r.name), ("reason", r.reason)]);
+        list(out, &self.rejected, ["name", "reason"], |r| [r.name, r.reason]);
         key(out, "violations");
-        list(out, &self.violations, |v| [("name", v.name), ("rule", v.rule)]);
+        list(out, &self.violations, ["name", "rule"], |v| [v.name, v.rule]);
         strings(out, &[("path", self.path), ("outcome", Some(self.outcome))]);
         key(out, "status");
         match self.status {
@@ -157,21 +157,23 @@ impl Record<'_> {
     }
 }
 
-/// Appends `items` as a JSON array of objects with two string members each.
-fn list<T>(out: &mut Vec<u8>, items: &[T], members: impl Fn(&T) -> [(&str, &str); 2]) {
+/// Appends `items` as a JSON array of objects with the two string members `keys` (literal
+/// keys, written as they are: they need no escaping) valued by `values`.
+fn list<T>(out: &mut Vec<u8>, items: &[T], keys: [&str; 2], values: impl Fn(&T) -> [&str; 2]) {
+    debug_assert!(keys.iter().all(|k| k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')));
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        let [(k1, v1), (k2, v2)] = members(item);
-        out.push(b'{');
-        write_str(out, k1);
-        out.push(b':');
+        let [v1, v2] = values(item);
+        out.extend_from_slice(b"{\"");
+        out.extend_from_slice(keys[0].as_bytes());
+        out.extend_from_slice(b"\":");
         write_str(out, v1);
-        out.push(b',');
-        write_str(out, k2);
-        out.push(b':');
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(keys[1].as_bytes());
+        out.extend_from_slice(b"\":");
         write_str(out, v2);
         out.push(b'}');
     }

@@ -148,11 +148,13 @@ pub async fn handle(
     let resp = if req.method() == Method::CONNECT {
         wire::json_error(StatusCode::METHOD_NOT_ALLOWED, "envgate is a reverse proxy; CONNECT is not supported")
     } else {
+        // The policy routes' futures are boxed: kept inline, they made this future (which hyper
+        // moves for every request) 6.8 KB instead of 3.3, for every route.
         match route {
-            Route::KernelStart => kernel_start(req, &cx).await,
-            Route::SessionStart => session_start(req, &cx).await,
+            Route::KernelStart => Box::pin(kernel_start(req, &cx)).await,
+            Route::SessionStart => Box::pin(session_start(req, &cx)).await,
             Route::KernelspecList | Route::KernelspecOne => kernelspecs(req, route, &cx).await,
-            Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => ambiguous(req, route, &cx).await,
+            Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => Box::pin(ambiguous(req, route, &cx)).await,
             Route::Other => pass(req, &cx).await,
         }
     };
