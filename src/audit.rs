@@ -2,7 +2,7 @@
 //! start. Names and reasons only, never a value (the claimed user is the one exception the
 //! format asks for, and it is an identity, not a secret).
 //!
-//! Records are serialized and written by the request's own thread, one whole line per `write`
+//! Records are serialized and written by the request's own thread, whole lines per `write`
 //! (see [`AuditLog`]).
 
 use std::io;
@@ -214,13 +214,41 @@ enum Out {
     File(std::fs::File),
 }
 
-/// The audit log; cheap to clone. A record is written by the thread that decided it, in one
-/// `write` of one whole line, under a lock (nginx writes its access log the same way): no queue
-/// that could lose records, no hop to another thread, and a stuck disk slows requests down
-/// rather than losing records.
+/// The audit log; cheap to clone. A record is written before its response is sent, by the
+/// worker thread that decided it, and never queued for another thread: a stuck disk slows
+/// requests down rather than losing records.
+///
+/// On a worker ([`AuditLog::log`]), the records that are decided in one turn of the worker's
+/// event loop are written together, in one `write` of whole lines (group commit): under load a
+/// `write` per record was about 6 % of a kernel start's CPU time. Each request waits until its
+/// own record is written. Elsewhere ([`AuditLog::write`]), a record is one `write` of its own.
+/// Writes are under one lock and the file is opened with `O_APPEND`, so lines never interleave.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     out: Arc<Mutex<Out>>,
+    /// One batch per worker thread.
+    batches: Arc<[Batch]>,
+    /// `write` calls made, for tests of the batching.
+    #[cfg(test)]
+    writes: Arc<AtomicU64>,
+}
+
+/// The records one worker has decided and not yet written.
+#[derive(Debug)]
+struct Batch {
+    pending: Mutex<Pending>,
+    /// How many of this batch's records (counted from the start) are written.
+    written: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Whole lines, not yet written.
+    lines: Vec<u8>,
+    /// Records appended so far, counted from the start.
+    appended: u64,
+    /// A flush task is on its way.
+    flushing: bool,
 }
 
 fn open_target(target: &AuditTarget) -> io::Result<Out> {
@@ -236,44 +264,113 @@ thread_local! {
 }
 
 impl AuditLog {
-    /// Opens the target (a file is created and appended to).
-    pub fn open(target: &AuditTarget) -> io::Result<AuditLog> {
-        Ok(AuditLog { out: Arc::new(Mutex::new(open_target(target)?)) })
+    /// Opens the target (a file is created and appended to), with one batch for each of
+    /// `workers` worker threads.
+    pub fn open(target: &AuditTarget, workers: usize) -> io::Result<AuditLog> {
+        let batches = (0..workers)
+            .map(|_| Batch { pending: Mutex::default(), written: tokio::sync::watch::Sender::new(0) })
+            .collect();
+        Ok(AuditLog {
+            out: Arc::new(Mutex::new(open_target(target)?)),
+            batches,
+            #[cfg(test)]
+            writes: Arc::default(),
+        })
     }
 
     /// Reopens the log at `target` (SIGHUP): a rotated file is created anew. On failure the old
     /// target stays.
     pub fn reopen(&self, target: &AuditTarget) {
         match open_target(target) {
-            Ok(o) => *self.out.lock().unwrap_or_else(|p| p.into_inner()) = o,
+            Ok(o) => *lock(&self.out) = o,
             Err(e) => tracing::error!(error = %e, "cannot reopen the audit log; keeping the old one"),
         }
     }
 
-    /// Writes one record.
+    /// Writes one record on its own.
     pub fn write(&self, record: &Record<'_>) {
         LINE.with(|line| {
             let mut line = line.borrow_mut();
             line.clear();
             record.write_json(&mut line);
             line.push(b'\n');
-            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-            let written = match &mut *out {
-                Out::Stdout => {
-                    let mut s = io::stdout().lock();
-                    s.write_all(&line).and_then(|_| s.flush())
-                }
-                Out::File(f) => f.write_all(&line),
-            };
-            if let Err(e) = written {
-                tracing::error!(error = %e, id = record.id, "cannot write the audit log");
-            }
+            self.write_lines(&line, 1);
             // A burst of very large records must not pin memory in every thread for good.
             if line.capacity() > 1 << 20 {
                 *line = Vec::new();
             }
         });
     }
+
+    /// Writes one record, from worker `worker`'s event loop, together with the other records
+    /// decided in the same turn of that loop; returns once it is written. Off the workers
+    /// (`None`, or no such worker), the same as [`AuditLog::write`].
+    pub async fn log(&self, record: &Record<'_>, worker: Option<usize>) {
+        let Some(i) = worker.filter(|&i| i < self.batches.len()) else { return self.write(record) };
+        let batch = &self.batches[i];
+        let mut written = batch.written.subscribe();
+        let mine = {
+            let mut p = lock(&batch.pending);
+            record.write_json(&mut p.lines);
+            p.lines.push(b'\n');
+            p.appended += 1;
+            if !p.flushing {
+                p.flushing = true;
+                // Queued behind the tasks this turn of the event loop has already woken: those
+                // that decide a record add it to this batch first.
+                tokio::spawn(self.clone().flush(i));
+            }
+            p.appended
+        };
+        // The flush task sends before it can be dropped; only a runtime shutting down drops it.
+        let _ = written.wait_for(|&w| w >= mine).await;
+    }
+
+    /// Writes worker `i`'s pending records, in one `write` per turn.
+    async fn flush(self, i: usize) {
+        let batch = &self.batches[i];
+        let mut lines = Vec::new();
+        loop {
+            let (count, upto) = {
+                let mut p = lock(&batch.pending);
+                if p.lines.is_empty() {
+                    p.flushing = false;
+                    return;
+                }
+                std::mem::swap(&mut p.lines, &mut lines);
+                (p.appended - *batch.written.borrow(), p.appended)
+            };
+            self.write_lines(&lines, count);
+            batch.written.send_replace(upto);
+            lines.clear();
+            if lines.capacity() > 1 << 20 {
+                lines = Vec::new();
+            }
+        }
+    }
+
+    /// Writes `count` whole lines in one `write`.
+    fn write_lines(&self, lines: &[u8], count: u64) {
+        #[cfg(test)]
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut out = lock(&self.out);
+        let written = match &mut *out {
+            Out::Stdout => {
+                let mut s = io::stdout().lock();
+                s.write_all(lines).and_then(|_| s.flush())
+            }
+            Out::File(f) => f.write_all(lines),
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, records = count, "cannot write the audit log");
+        }
+    }
+}
+
+/// A lock that a panic elsewhere does not poison for good (nothing envgate writes under these
+/// locks can be left half-done by one).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -356,7 +453,7 @@ mod tests {
     fn reopen_follows_a_rotated_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&AuditTarget::File(path.clone())).unwrap();
+        let log = AuditLog::open(&AuditTarget::File(path.clone()), 0).unwrap();
         let rec = |id| Record::new(id, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
         log.write(&rec("a"));
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
@@ -368,12 +465,64 @@ mod tests {
         assert!(now.contains("\"b\"") && !now.contains("\"a\""), "{now}");
     }
 
+    /// The ids of the records in an audit file, in order.
+    fn ids_in(path: &std::path::Path) -> Vec<String> {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().into())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn records_decided_in_one_turn_are_written_together_each_before_its_request_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&AuditTarget::File(path.clone()), 2).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let (log, path) = (log.clone(), path.clone());
+            tasks.push(tokio::spawn(async move {
+                let id = format!("r{i}");
+                let rec = Record::new(&id, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+                log.log(&rec, Some(0)).await;
+                // Written before log returns, i.e. before the response would be sent.
+                assert!(ids_in(&path).contains(&id), "{id} not written yet");
+                // A second record from the same request, in a later turn: its own write.
+                let later = format!("s{i}");
+                log.log(
+                    &Record::new(&later, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None),
+                    Some(0),
+                )
+                .await;
+                assert!(ids_in(&path).contains(&later), "{later} not written yet");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let ids = ids_in(&path);
+        let mut want: Vec<String> = (0..40).flat_map(|i| [format!("r{i}"), format!("s{i}")]).collect();
+        let mut got = ids.clone();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "every record once, every line whole");
+        // The 40 tasks ran in one turn: their first records took one write, not 40.
+        let writes = log.writes.load(Ordering::Relaxed);
+        assert!(writes < 10, "{writes} writes for 80 records");
+        // Off the workers, or on a worker the log has no batch for: a write per record.
+        let before = log.writes.load(Ordering::Relaxed);
+        log.log(&Record::new("x", "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None), None).await;
+        log.log(&Record::new("y", "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None), Some(2)).await;
+        assert_eq!(log.writes.load(Ordering::Relaxed), before + 2);
+        assert_eq!(ids_in(&path)[80..], ["x".to_string(), "y".to_string()]);
+    }
+
     #[test]
     fn file_log_appends_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, "old\n").unwrap();
-        let log = AuditLog::open(&AuditTarget::File(path.clone())).unwrap();
+        let log = AuditLog::open(&AuditTarget::File(path.clone()), 0).unwrap();
         // Four threads at once: every line whole.
         std::thread::scope(|s| {
             for t in 0..4 {

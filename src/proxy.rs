@@ -431,7 +431,7 @@ async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, mut resp: Response<Prox
     for (reason, n) in by_reason {
         m.rejected.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
-    cx.st.audit.write(&rec);
+    cx.st.audit.log(&rec, crate::server::worker_index()).await;
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-envgate-decision", v);
     }

@@ -176,7 +176,8 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
         None => None,
     };
     let tls = ArcSwapOption::from(acceptor(&config)?.map(Arc::new));
-    let audit = AuditLog::open(&config.audit_log).map_err(|e| format!("cannot open the audit log: {e}"))?;
+    let audit =
+        AuditLog::open(&config.audit_log, config.workers).map_err(|e| format!("cannot open the audit log: {e}"))?;
     if config.upstream_tls.insecure {
         tracing::warn!(
             "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only"
