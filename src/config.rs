@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use http::uri::{Authority, Scheme};
 use http::Uri;
 
-use crate::policy::{self, EgEnvs, Mode, Policy, PrefixRule, Sessions};
+use crate::policy::{self, EgEnvs, Mode, NameSet, Policy, PrefixRule, Sessions};
 use crate::values::{Forbidden, PathRule, Pattern, ValueRules};
 
 /// A configuration problem, as one line naming the key.
@@ -729,7 +729,7 @@ impl Raw {
                     return Err(s.err("kernelspecs", "a kernelspec name is empty"));
                 }
                 check_names(envs).map_err(|m| s.err(&format!("kernelspecs.{name}.client_envs"), m))?;
-                kernelspecs.entry(name.to_ascii_lowercase()).or_insert_with(BTreeSet::new).extend(envs.iter().cloned());
+                kernelspecs.entry(name.to_ascii_lowercase()).or_insert_with(NameSet::new).extend(envs.iter().cloned());
             }
         }
         let duration = |s: &Option<Setting<String>>, key: &str, default: u64| -> Result<Duration, ConfigError> {
@@ -885,8 +885,8 @@ impl Raw {
                 mode,
                 sessions,
                 prefixes,
-                client_envs,
-                deny_envs,
+                client_envs: client_envs.into(),
+                deny_envs: deny_envs.into(),
                 kernelspecs,
                 kernelspec_metadata: flag(&self.kernelspec_metadata, true),
                 kernelspec_env: flag(&self.kernelspec_env, false),

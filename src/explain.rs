@@ -93,15 +93,15 @@ pub async fn index_from_upstream(config: &Config, token: Option<&str>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::SpecFacts;
-    use std::collections::{BTreeSet, HashMap};
+    use crate::policy::{NameSet, SpecFacts};
+    use std::collections::HashMap;
 
     fn index() -> SpecIndex {
         SpecIndex {
             default: Some("py".into()),
             specs: HashMap::from([(
                 "py".to_string(),
-                SpecFacts { metadata_client_envs: BTreeSet::from(["META".to_string()]), ..SpecFacts::default() },
+                SpecFacts { metadata_client_envs: NameSet::from(["META"]), ..SpecFacts::default() },
             )]),
         }
     }
@@ -112,7 +112,7 @@ mod tests {
 
     #[test]
     fn explains_each_name_with_its_source_or_reason() {
-        let p = Policy { client_envs: BTreeSet::from(["FOO".to_string()]), ..Policy::default() };
+        let p = Policy { client_envs: NameSet::from(["FOO"]), ..Policy::default() };
         let e = explain(&p, &index(), None, &names(&["FOO", "META", "KERNEL_X", "PATH", "NOPE"]));
         assert_eq!(e.kernelspec.as_deref(), Some("py"));
         assert!(e.served);

@@ -20,7 +20,7 @@
 //! Then every value envgate forwards must pass the value rules ([`crate::values`]), and the
 //! body's `path` the [`PathRule`]: those refuse the whole request rather than drop a name.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -143,7 +143,7 @@ impl PrefixRule {
 pub struct EgEnvs {
     /// The list was exactly `*`: every name.
     pub all: bool,
-    pub names: BTreeSet<String>,
+    pub names: NameSet,
 }
 
 impl EgEnvs {
@@ -153,9 +153,114 @@ impl EgEnvs {
         let raw = get("EG_CLIENT_ENVS").or_else(|| get("EG_ENV_WHITELIST")).unwrap_or_default();
         let items: Vec<&str> = raw.split(',').collect();
         if items == ["*"] {
-            return EgEnvs { all: true, names: BTreeSet::new() };
+            return EgEnvs { all: true, names: NameSet::new() };
         }
         EgEnvs { all: false, names: items.into_iter().filter(|s| !s.is_empty()).map(str::to_string).collect() }
+    }
+}
+
+/// A set of variable names: looked up by hash (every name of every kernel start is looked up
+/// in several), and iterated, compared and shown in sorted order, as a `BTreeSet` (which it
+/// dereferences to, for reading).
+#[derive(Clone, Default)]
+pub struct NameSet {
+    sorted: BTreeSet<String>,
+    /// The same names, for [`NameSet::contains`]. A lookup cannot be slowed down by the names
+    /// looked up (only inserts can collide on purpose, and only configuration inserts).
+    hashed: HashSet<String, foldhash::fast::RandomState>,
+}
+
+impl NameSet {
+    pub fn new() -> NameSet {
+        NameSet::default()
+    }
+
+    /// Whether `name` is in the set.
+    pub fn contains(&self, name: &str) -> bool {
+        !self.hashed.is_empty() && self.hashed.contains(name)
+    }
+
+    /// Adds `name`; whether it was new.
+    pub fn insert(&mut self, name: String) -> bool {
+        self.hashed.insert(name.clone());
+        self.sorted.insert(name)
+    }
+}
+
+impl std::ops::Deref for NameSet {
+    type Target = BTreeSet<String>;
+    fn deref(&self) -> &BTreeSet<String> {
+        &self.sorted
+    }
+}
+
+impl fmt::Debug for NameSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.sorted.fmt(f)
+    }
+}
+
+impl PartialEq for NameSet {
+    fn eq(&self, other: &NameSet) -> bool {
+        self.sorted == other.sorted
+    }
+}
+
+impl Eq for NameSet {}
+
+impl PartialEq<BTreeSet<String>> for NameSet {
+    fn eq(&self, other: &BTreeSet<String>) -> bool {
+        &self.sorted == other
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for NameSet {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> NameSet {
+        let mut set = NameSet::new();
+        set.extend(iter);
+        set
+    }
+}
+
+impl<S: Into<String>> Extend<S> for NameSet {
+    fn extend<I: IntoIterator<Item = S>>(&mut self, iter: I) {
+        for s in iter {
+            self.insert(s.into());
+        }
+    }
+}
+
+impl From<BTreeSet<String>> for NameSet {
+    fn from(sorted: BTreeSet<String>) -> NameSet {
+        NameSet { hashed: sorted.iter().cloned().collect(), sorted }
+    }
+}
+
+impl<S: Into<String>, const N: usize> From<[S; N]> for NameSet {
+    fn from(names: [S; N]) -> NameSet {
+        names.into_iter().collect()
+    }
+}
+
+impl IntoIterator for NameSet {
+    type Item = String;
+    type IntoIter = std::collections::btree_set::IntoIter<String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.sorted.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a NameSet {
+    type Item = &'a String;
+    type IntoIter = std::collections::btree_set::Iter<'a, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.sorted.iter()
+    }
+}
+
+impl Serialize for NameSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.sorted.serialize(s)
     }
 }
 
@@ -191,11 +296,11 @@ pub enum Verdict {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpecFacts {
     /// `spec.metadata.client_envs`, string items only.
-    pub metadata_client_envs: BTreeSet<String>,
+    pub metadata_client_envs: NameSet,
     /// The keys of `spec.env`.
-    pub env_keys: BTreeSet<String>,
+    pub env_keys: NameSet,
     /// `spec.metadata.process_proxy.config.forwarded_envs` and `.forward_env`, string items only.
-    pub process_proxy_envs: BTreeSet<String>,
+    pub process_proxy_envs: NameSet,
 }
 
 /// The compiled policy. Built once from the configuration; cheap to share behind an `Arc`.
@@ -205,11 +310,11 @@ pub struct Policy {
     pub sessions: Sessions,
     /// Prefix rules, `KERNEL_` first when `kernel_prefix` is on, then `allow_prefixes`.
     pub prefixes: Vec<PrefixRule>,
-    pub client_envs: BTreeSet<String>,
-    pub deny_envs: BTreeSet<String>,
+    pub client_envs: NameSet,
+    pub deny_envs: NameSet,
     /// `[kernelspecs.K] client_envs`, keyed by the lower-cased kernelspec name (EG looks
     /// kernelspecs up case-insensitively).
-    pub kernelspecs: HashMap<String, BTreeSet<String>>,
+    pub kernelspecs: HashMap<String, NameSet>,
     /// Use `spec.metadata.client_envs` (on by default).
     pub kernelspec_metadata: bool,
     /// Use the keys of `spec.env` ("plan B"; off by default).
@@ -230,7 +335,7 @@ impl Default for Policy {
             mode: Mode::Drop,
             sessions: Sessions::Deny,
             prefixes: vec![PrefixRule::new(KERNEL_PREFIX)],
-            client_envs: BTreeSet::new(),
+            client_envs: NameSet::new(),
             deny_envs: DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect(),
             kernelspecs: HashMap::new(),
             kernelspec_metadata: true,
@@ -266,7 +371,7 @@ pub struct Decision<'a> {
 
 impl Policy {
     /// The config's own list for kernelspec `kernelspec`, if any.
-    fn config_list(&self, kernelspec: Option<&str>) -> Option<&BTreeSet<String>> {
+    fn config_list(&self, kernelspec: Option<&str>) -> Option<&NameSet> {
         let k = kernelspec?;
         self.kernelspecs.get(k).or_else(|| self.kernelspecs.get(&k.to_ascii_lowercase()))
     }
@@ -281,8 +386,8 @@ impl Policy {
         &'a self,
         kernelspec: Option<&str>,
         facts: Option<&'a SpecFacts>,
-    ) -> [(Source, Option<&'a BTreeSet<String>>); 6] {
-        let f = |on: bool, get: fn(&SpecFacts) -> &BTreeSet<String>| facts.filter(|_| on).map(get);
+    ) -> [(Source, Option<&'a NameSet>); 6] {
+        let f = |on: bool, get: fn(&SpecFacts) -> &NameSet| facts.filter(|_| on).map(get);
         [
             (Source::Config, Some(&self.client_envs)),
             (Source::KernelspecConfig, self.config_list(kernelspec)),
@@ -300,7 +405,7 @@ impl Policy {
     }
 
     /// The verdict on one name against the list sources of one kernelspec, looked up once.
-    fn verdict_in(&self, lists: &[(Source, Option<&BTreeSet<String>>)], name: &str) -> Verdict {
+    fn verdict_in(&self, lists: &[(Source, Option<&NameSet>)], name: &str) -> Verdict {
         if !valid_name(name) {
             return Verdict::Reject(Reason::InvalidName);
         }
@@ -366,7 +471,7 @@ impl Policy {
             all.extend(list.into_iter().flatten().map(String::as_str));
         }
         let mut names: Vec<String> =
-            all.into_iter().filter(|n| valid_name(n) && !self.deny_envs.contains(*n)).map(str::to_string).collect();
+            all.into_iter().filter(|n| valid_name(n) && !self.deny_envs.contains(n)).map(str::to_string).collect();
         if self.eg_config.as_ref().is_some_and(|e| e.all) {
             // Once, first, even when a list source also names `*`.
             names.retain(|n| n != "*");
@@ -419,7 +524,7 @@ impl fmt::Display for Policy {
         writeln!(f, "process_proxy_envs = {}", self.process_proxy_envs)?;
         writeln!(f, "inherit_eg_env_config = {}", self.eg_config.is_some())?;
         if let Some(e) = &self.eg_config {
-            let shown = if e.all { BTreeSet::from(["*".to_string()]) } else { e.names.clone() };
+            let shown = if e.all { BTreeSet::from(["*".to_string()]) } else { (*e.names).clone() };
             writeln!(f, "# inherited from EG_CLIENT_ENVS / EG_ENV_WHITELIST: {}", list(&shown))?;
         }
         writeln!(f, "kernel_path = {:?}", self.kernel_path.as_str())?;
@@ -448,7 +553,7 @@ impl fmt::Display for Policy {
 mod tests {
     use super::*;
 
-    fn set(v: &[&str]) -> BTreeSet<String> {
+    fn set(v: &[&str]) -> NameSet {
         v.iter().map(|s| s.to_string()).collect()
     }
 
@@ -466,6 +571,25 @@ mod tests {
 
     fn kp() -> Source {
         Source::Prefix("prefix:KERNEL_".into())
+    }
+
+    #[test]
+    fn a_name_set_looks_up_what_it_lists_in_sorted_order() {
+        let mut s: NameSet = ["B", "A", "KERNEL_X"].into_iter().collect();
+        assert!(s.insert("C".into()));
+        assert!(!s.insert("A".into()));
+        for n in ["A", "B", "C", "KERNEL_X"] {
+            assert!(s.contains(n), "{n}");
+        }
+        for n in ["", "a", "AB", "KERNEL_", "KERNEL_XY", "D"] {
+            assert!(!s.contains(n), "{n}");
+        }
+        assert_eq!(s.iter().collect::<Vec<_>>(), ["A", "B", "C", "KERNEL_X"]);
+        assert_eq!(format!("{s:?}"), r#"{"A", "B", "C", "KERNEL_X"}"#);
+        let from_sorted = NameSet::from(BTreeSet::from(["A", "B", "C", "KERNEL_X"].map(String::from)));
+        assert_eq!(s, from_sorted);
+        assert!(from_sorted.contains("KERNEL_X") && !from_sorted.contains("KERNEL"));
+        assert!(!NameSet::new().contains(""));
     }
 
     #[test]
@@ -635,7 +759,7 @@ mod tests {
     #[test]
     fn eg_star_allows_every_name_but_deny_still_wins() {
         let mut p = policy();
-        p.eg_config = Some(EgEnvs { all: true, names: BTreeSet::new() });
+        p.eg_config = Some(EgEnvs { all: true, names: NameSet::new() });
         assert_eq!(p.verdict(None, None, "ANYTHING"), Verdict::Keep(Source::EgConfig));
         assert_eq!(p.verdict(None, None, "PATH"), Verdict::Reject(Reason::Denied));
         assert_eq!(p.verdict(None, None, "A=B"), Verdict::Reject(Reason::InvalidName));

@@ -17,7 +17,7 @@ mod oracle;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
-use envgate::policy::{EgEnvs, Mode, Policy, PrefixRule, SpecFacts, DEFAULT_DENY_ENVS, KERNEL_PREFIX};
+use envgate::policy::{EgEnvs, Mode, NameSet, Policy, PrefixRule, SpecFacts, DEFAULT_DENY_ENVS, KERNEL_PREFIX};
 use envgate::rewrite::start;
 use envgate::routes::{Route, Routes};
 use envgate::values::{Forbidden, PathRule, Pattern, ValueRules};
@@ -445,7 +445,7 @@ fn mutate(mut bytes: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
 // Policies.
 
 /// Names the policies' lists are drawn from: the body's names plus some impossible ones.
-fn name_set() -> impl Strategy<Value = BTreeSet<String>> {
+fn name_set() -> impl Strategy<Value = NameSet> {
     subsequence(NAMES, 0..6).prop_map(|v| v.into_iter().map(str::to_string).collect())
 }
 
@@ -481,7 +481,7 @@ fn value_rules() -> impl Strategy<Value = ValueRules> {
 
 fn policy() -> impl Strategy<Value = Policy> {
     let deny = prop_oneof![
-        3 => Just(DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>()),
+        3 => Just(DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect::<NameSet>()),
         1 => name_set().prop_map(|mut s| {
             s.extend(DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()));
             s
@@ -499,7 +499,7 @@ fn policy() -> impl Strategy<Value = Policy> {
     let eg = prop_oneof![
         3 => Just(None),
         1 => name_set().prop_map(|names| Some(EgEnvs { all: false, names })),
-        1 => Just(Some(EgEnvs { all: true, names: BTreeSet::new() })),
+        1 => Just(Some(EgEnvs { all: true, names: NameSet::new() })),
     ];
     let mode = select(&[Mode::Drop, Mode::Reject, Mode::Report][..]);
     let path = select(&[PathRule::Keep, PathRule::RefuseEscape, PathRule::Strip][..]);

@@ -9,14 +9,14 @@
 #[path = "../../tests/oracle/mod.rs"]
 mod oracle;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use envgate::policy::{EgEnvs, Mode, Policy, PrefixRule, SpecFacts};
+use envgate::policy::{EgEnvs, Mode, NameSet, Policy, PrefixRule, SpecFacts};
 use envgate::values::PathRule;
 use libfuzzer_sys::fuzz_target;
 
-fn set(names: &[&str]) -> BTreeSet<String> {
+fn set(names: &[&str]) -> NameSet {
     names.iter().map(|s| s.to_string()).collect()
 }
 
@@ -43,14 +43,14 @@ fn policies() -> &'static [(Policy, Option<SpecFacts>)] {
             (
                 Policy {
                     prefixes: vec![PrefixRule::new("SPARK_")],
-                    eg_config: Some(EgEnvs { all: true, names: BTreeSet::new() }),
+                    eg_config: Some(EgEnvs { all: true, names: NameSet::new() }),
                     kernel_path: PathRule::Strip,
                     values: envgate::values::ValueRules { max_length: 64, ..base.values.clone() },
                     ..base.clone()
                 },
                 None,
             ),
-            (Policy { mode: Mode::Reject, deny_envs: BTreeSet::new(), ..base }, None),
+            (Policy { mode: Mode::Reject, deny_envs: NameSet::new(), ..base }, None),
         ]
     })
 }

@@ -9,13 +9,13 @@
 #[path = "../../tests/oracle/mod.rs"]
 mod oracle;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use envgate::policy::{EgEnvs, Policy};
+use envgate::policy::{EgEnvs, NameSet, Policy};
 use libfuzzer_sys::fuzz_target;
 
-fn set(names: &[&str]) -> BTreeSet<String> {
+fn set(names: &[&str]) -> NameSet {
     names.iter().map(|s| s.to_string()).collect()
 }
 
@@ -29,7 +29,7 @@ fn policies() -> &'static [Policy] {
                 kernelspec_metadata: false,
                 kernelspec_env: true,
                 process_proxy_envs: true,
-                eg_config: Some(EgEnvs { all: true, names: BTreeSet::new() }),
+                eg_config: Some(EgEnvs { all: true, names: NameSet::new() }),
                 deny_envs: set(&["FOO", "SPARK_HOME"]),
                 ..base
             },

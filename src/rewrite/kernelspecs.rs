@@ -5,12 +5,12 @@
 //! the formatting (whitespace) changes. A body that does not have the expected shape is an
 //! error, and the proxy then passes the upstream's bytes on unchanged.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::policy::{Policy, SpecFacts};
+use crate::policy::{NameSet, Policy, SpecFacts};
 
 /// Largest kernelspec document envgate reads (to rewrite it, or to learn the policy facts).
 pub const MAX_BODY: usize = 8 << 20;
@@ -50,7 +50,7 @@ impl fmt::Display for ShapeError {
 }
 
 /// The string items of the array at `pointer`, if there is one.
-fn strings_at(entry: &Value, pointer: &str) -> BTreeSet<String> {
+fn strings_at(entry: &Value, pointer: &str) -> NameSet {
     entry
         .pointer(pointer)
         .and_then(Value::as_array)
@@ -163,6 +163,7 @@ impl<T: Clone> Memo<T> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::collections::BTreeSet;
 
     const LIST: &str = include_str!("../../tests/fixtures/kernelspecs.json");
     const ONE: &str = include_str!("../../tests/fixtures/kernelspec_python3.json");
@@ -170,7 +171,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             client_envs: ["FOO", "PATH"].iter().map(|s| s.to_string()).collect(),
-            kernelspecs: HashMap::from([("python3".to_string(), BTreeSet::from(["PY_ONLY".to_string()]))]),
+            kernelspecs: HashMap::from([("python3".to_string(), NameSet::from(["PY_ONLY"]))]),
             ..Policy::default()
         }
     }

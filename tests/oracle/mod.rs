@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use envgate::decide::{self, Plan, Verdict, USERNAME};
-use envgate::policy::{self, Mode, Policy, SpecFacts};
+use envgate::policy::{self, Mode, NameSet, Policy, SpecFacts};
 use envgate::rewrite::kernelspecs;
 use envgate::rewrite::start::{self, BodyError, StartBody};
 use envgate::routes::{Route, Routes};
@@ -47,7 +47,7 @@ pub fn model_allows(p: &Policy, kernelspec: Option<&str>, facts: Option<&SpecFac
 
 /// Every name some enabled list source holds for `kernelspec`.
 fn model_union(p: &Policy, kernelspec: Option<&str>, facts: Option<&SpecFacts>) -> BTreeSet<String> {
-    let mut all: BTreeSet<String> = p.client_envs.clone();
+    let mut all: BTreeSet<String> = (*p.client_envs).clone();
     if let Some(k) = kernelspec {
         if let Some(l) = p.kernelspecs.get(k).or_else(|| p.kernelspecs.get(&k.to_ascii_lowercase())) {
             all.extend(l.iter().cloned());
@@ -371,12 +371,12 @@ pub fn model_facts(entry: &Value) -> SpecFacts {
     let mut pp = strings("/spec/metadata/process_proxy/config/forwarded_envs");
     pp.extend(strings("/spec/metadata/process_proxy/config/forward_env"));
     SpecFacts {
-        metadata_client_envs: strings("/spec/metadata/client_envs"),
+        metadata_client_envs: strings("/spec/metadata/client_envs").into(),
         env_keys: match entry.pointer("/spec/env") {
             Some(Value::Object(m)) => m.keys().cloned().collect(),
-            _ => BTreeSet::new(),
+            _ => NameSet::new(),
         },
-        process_proxy_envs: pp,
+        process_proxy_envs: pp.into(),
     }
 }
 
