@@ -328,7 +328,13 @@ impl AuditLog {
 
     /// Writes worker `i`'s pending records, in one `write` per turn.
     async fn flush(self, i: usize) {
-        let batch = &self.batches[i];
+        self.flush_now(i);
+    }
+
+    /// Writes worker `i`'s pending records now. A worker calls this when its event loop has
+    /// ended: a flush task still queued then (shutdown's grace period over) never runs.
+    pub fn flush_now(&self, i: usize) {
+        let Some(batch) = self.batches.get(i) else { return };
         let mut lines = Vec::new();
         loop {
             let (count, upto) = {

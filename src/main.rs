@@ -59,8 +59,8 @@ fn main() -> ExitCode {
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
             }
-            // The main thread accepts, handles signals, the admin listener and the audit writer;
-            // connections are served by the worker threads `server::run` starts.
+            // The main thread accepts, handles signals and the admin listener; connections are
+            // served (and their audit records written) by the worker threads `server::run` starts.
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

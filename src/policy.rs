@@ -165,8 +165,9 @@ impl EgEnvs {
 #[derive(Clone, Default)]
 pub struct NameSet {
     sorted: BTreeSet<String>,
-    /// The same names, for [`NameSet::contains`]. A lookup cannot be slowed down by the names
-    /// looked up (only inserts can collide on purpose, and only configuration inserts).
+    /// The same names, for [`NameSet::contains`]. A client's names are only looked up, which
+    /// cannot be slowed down on purpose; only the configuration and the upstream's kernelspecs
+    /// (which envgate trusts) insert.
     hashed: HashSet<String, foldhash::fast::RandomState>,
 }
 

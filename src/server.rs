@@ -73,6 +73,7 @@ fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
             .build()
             .map_err(|e| format!("cannot start worker {i}: {e}"))?;
         let sh = shared.clone();
+        let audit = shared.state.audit.clone();
         let thread = std::thread::Builder::new()
             .name(format!("envgate-worker-{i}"))
             .spawn(move || {
@@ -90,6 +91,7 @@ fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
                     // No more connections: keep driving this worker's until shutdown is over.
                     sh.finished.cancelled().await;
                 });
+                audit.flush_now(i);
             })
             .map_err(|e| format!("cannot start worker {i}: {e}"))?;
         senders.push(tx);
