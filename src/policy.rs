@@ -446,7 +446,11 @@ impl Policy {
         mut each: impl FnMut(bool),
     ) -> Decision<'a> {
         let lists = self.lists(kernelspec, facts);
-        let mut d = Decision::default();
+        let names = names.into_iter();
+        // Sized once for the request's names rather than grown name by name (the upper bound:
+        // callers filter; 1024 at most, the rest grow as they come).
+        let n = names.size_hint().1.unwrap_or(0).min(1024);
+        let mut d = Decision { kept: Vec::with_capacity(n), rejected: Vec::with_capacity(n) };
         for name in names {
             match self.verdict_in(&lists, name) {
                 Verdict::Keep(source) => {
