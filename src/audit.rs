@@ -111,11 +111,6 @@ impl Record<'_> {
     /// order, byte for byte what serde_json writes for the derived serialization.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         use std::io::Write as _;
-        fn key(out: &mut Vec<u8>, key: &str) {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":");
-        }
         // String members, `None` written as null.
         fn strings(out: &mut Vec<u8>, members: &[(&str, Option<&str>)]) {
             for (k, v) in members {
@@ -157,23 +152,33 @@ impl Record<'_> {
     }
 }
 
-/// Appends `items` as a JSON array of objects with the two string members `keys` (literal
-/// keys, written as they are: they need no escaping) valued by `values`.
+/// Appends `"key":`. Keys are envgate's own literals, which need no escaping.
+fn literal_key(out: &mut Vec<u8>, key: &str) {
+    debug_assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// Appends `,"key":` (a member after the first).
+fn key(out: &mut Vec<u8>, key: &str) {
+    out.push(b',');
+    literal_key(out, key);
+}
+
+/// Appends `items` as a JSON array of objects with the two string members `keys`, valued by
+/// `values`.
 fn list<T>(out: &mut Vec<u8>, items: &[T], keys: [&str; 2], values: impl Fn(&T) -> [&str; 2]) {
-    debug_assert!(keys.iter().all(|k| k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')));
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         let [v1, v2] = values(item);
-        out.extend_from_slice(b"{\"");
-        out.extend_from_slice(keys[0].as_bytes());
-        out.extend_from_slice(b"\":");
+        out.push(b'{');
+        literal_key(out, keys[0]);
         write_str(out, v1);
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(keys[1].as_bytes());
-        out.extend_from_slice(b"\":");
+        key(out, keys[1]);
         write_str(out, v2);
         out.push(b'}');
     }
@@ -318,7 +323,8 @@ impl AuditLog {
                 p.flushing = true;
                 // Queued behind the tasks this turn of the event loop has already woken: those
                 // that decide a record add it to this batch first.
-                tokio::spawn(self.clone().flush(i));
+                let log = self.clone();
+                tokio::spawn(async move { log.flush_now(i) });
             }
             p.appended
         };
@@ -326,13 +332,9 @@ impl AuditLog {
         let _ = written.wait_for(|&w| w >= mine).await;
     }
 
-    /// Writes worker `i`'s pending records, in one `write` per turn.
-    async fn flush(self, i: usize) {
-        self.flush_now(i);
-    }
-
-    /// Writes worker `i`'s pending records now. A worker calls this when its event loop has
-    /// ended: a flush task still queued then (shutdown's grace period over) never runs.
+    /// Writes worker `i`'s pending records, in one `write`. The flush task [`AuditLog::log`]
+    /// spawns calls this, and so does a worker whose event loop has ended: a flush task still
+    /// queued then (shutdown's grace period over) never runs.
     pub fn flush_now(&self, i: usize) {
         let Some(batch) = self.batches.get(i) else { return };
         let mut lines = Vec::new();

@@ -178,7 +178,7 @@ impl NameSet {
 
     /// Whether `name` is in the set.
     pub fn contains(&self, name: &str) -> bool {
-        !self.hashed.is_empty() && self.hashed.contains(name)
+        self.hashed.contains(name)
     }
 
     /// Adds `name`; whether it was new.
