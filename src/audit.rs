@@ -526,6 +526,25 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_whose_loop_has_ended_writes_what_its_flush_task_never_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&AuditTarget::File(path.clone()), 1).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let rec = Record::new("late", "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+            let mut logging = std::pin::pin!(log.log(&rec, Some(0)));
+            // One poll: the record is in the batch and its flush task is queued, not yet run.
+            assert!(futures_util::poll!(logging.as_mut()).is_pending());
+        });
+        // The event loop ends with the flush task still queued: dropping it never runs it.
+        drop(rt);
+        assert!(ids_in(&path).is_empty());
+        log.flush_now(0);
+        assert_eq!(ids_in(&path), ["late"]);
+    }
+
+    #[test]
     fn file_log_appends_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
