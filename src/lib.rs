@@ -26,6 +26,7 @@ pub mod explain;
 pub mod json;
 pub mod metrics;
 pub mod policy;
+pub mod pool;
 pub mod proxy;
 pub mod rewrite;
 pub mod routes;

@@ -1,7 +1,10 @@
-//! The upstream side: a pooled keep-alive HTTP/1.1 client, requests bounded by the configured
-//! timeouts (connect, response headers, then an idle timeout on the response body), failures
-//! turned into EG-style 502/504 answers, and the kernelspecs envgate fetches for itself (cached
-//! for `kernelspec_cache_ttl`).
+//! The upstream side: HTTP/1.1 keep-alive connections (pooled by [`crate::pool`]), requests
+//! bounded by the configured timeouts (connect, response headers, then an idle timeout on the
+//! response body), failures turned into EG-style 502/504 answers, and the kernelspecs envgate
+//! fetches for itself (cached for `kernelspec_cache_ttl`).
+//!
+//! envgate has one upstream, so it drives hyper's connection API directly rather than a generic
+//! client: no per-host pool key to hash, no URI rewriting per request.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,13 +14,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::body::{BodyError, ProxyBody, Streamed};
 use crate::config::{Config, UpstreamUrl};
+use crate::pool::{Pool, Sender};
 use crate::rewrite::kernelspecs::{self, SpecIndex};
 use crate::tls;
 use crate::wire;
@@ -80,10 +83,19 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
-/// The pooled client and where it points.
+/// Idle connections kept per pool, and how long one may sit idle.
+const MAX_IDLE: usize = 256;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the upstream is, how to connect to it, and the connections kept open to it.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    connector: HttpsConnector<HttpConnector>,
+    pool: Pool,
+    /// `scheme://authority/`, what the connector is asked to reach.
+    base: Uri,
+    /// The `Host` sent when the client sent none (an HTTP/1.0 client, or envgate's own requests).
+    host: HeaderValue,
     pub url: UpstreamUrl,
     pub response_timeout: Duration,
     /// How long a streamed body, either way, may yield nothing (never applied to WebSockets).
@@ -104,19 +116,22 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            // Keep the client's Host header: EG compares it with Origin.
-            .set_host(true)
-            .build(connector);
+        let base = Uri::builder()
+            .scheme(cfg.upstream.scheme.clone())
+            .authority(cfg.upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("bad upstream URL: {e}"))?;
         let auth = cfg.upstream_token.as_ref().map(|t| {
             let mut v = HeaderValue::from_str(&format!("token {}", t.0)).expect("validated in config");
             v.set_sensitive(true);
             v
         });
         Ok(Upstream {
-            client,
+            connector,
+            pool: Pool::new(MAX_IDLE, IDLE_TIMEOUT),
+            host: host_header(&cfg.upstream),
+            base,
             url: cfg.upstream.clone(),
             response_timeout: cfg.response_timeout,
             body_idle_timeout: cfg.body_idle_timeout,
@@ -124,27 +139,108 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a client's raw path and query, which are kept byte for byte.
+    /// The request target for a client's raw path and query, which are kept byte for byte
+    /// (origin form: the connection already says which host it is).
     pub fn uri(&self, path_and_query: Option<http::uri::PathAndQuery>) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.url.scheme.clone());
-        parts.authority = Some(self.url.authority.clone());
-        parts.path_and_query = Some(path_and_query.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-        Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+        path_and_query.map_or_else(|| Uri::from_static("/"), Uri::from)
     }
 
     /// Sends one request, bounded by the response timeout; the response body is bounded by the
     /// body idle timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Streamed>, UpstreamError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.response_timeout, self.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout),
-            Ok(Ok(r)) => Ok(r.map(|b| Streamed::new(b, self.body_idle_timeout))),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(source_chain(&e))),
-            Ok(Err(e)) => Err(match client_body_error(&e) {
-                Some(b) => UpstreamError::ClientBody { idle: matches!(b, BodyError::Idle(_)), detail: b.to_string() },
-                None => UpstreamError::Failed(source_chain(&e)),
-            }),
+            Ok(r) => r.map(|r| r.map(|b| Streamed::new(b, self.body_idle_timeout))),
         }
+    }
+
+    /// Sends one request on an idle connection, or on a new one. A request an idle connection
+    /// could not even start (the upstream had just closed it) is sent again on another: it never
+    /// reached the upstream, so that is safe for any method.
+    async fn request(&self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+        // EG compares Host with Origin: the client's own Host is kept.
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.host.clone());
+        }
+        loop {
+            let (mut tx, reused) = match self.pool.take() {
+                Some(tx) => (tx, true),
+                None => self.fresh_or_idle().await?,
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    // A 101 hands the connection over to the upgrade.
+                    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        self.pool.give_back(tx);
+                    }
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if reused => req = r,
+                    _ => return Err(send_error(&e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A new connection, or an idle one if a request in flight gives one back first. A burst
+    /// of requests then shares the connections that are freed meanwhile, and a connect that
+    /// stalls (a dropped SYN waits a second for its retransmit) fails nothing; the connect it
+    /// raced goes on in the background and its connection joins the pool.
+    async fn fresh_or_idle(&self) -> Result<(Sender, bool), UpstreamError> {
+        let mut connect = Box::pin(self.connect());
+        tokio::select! {
+            biased;
+            c = &mut connect => c.map(|tx| (tx, false)),
+            tx = self.pool.next_idle() => {
+                let pool = self.pool.clone();
+                tokio::spawn(async move {
+                    if let Ok(tx) = connect.await {
+                        pool.give_back(tx);
+                    }
+                });
+                Ok((tx, true))
+            }
+        }
+    }
+
+    /// A new connection (TLS included, for an https upstream), driven by its own task.
+    fn connect(&self) -> impl std::future::Future<Output = Result<Sender, UpstreamError>> + Send + 'static {
+        let mut connector = self.connector.clone();
+        let base = self.base.clone();
+        async move {
+            let io = tower_service::Service::call(&mut connector, base)
+                .await
+                .map_err(|e| UpstreamError::Connect(source_chain(&*e)))?;
+            let (tx, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(source_chain(&e)))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %source_chain(&e), "upstream connection ended with an error");
+                }
+            });
+            Ok(tx)
+        }
+    }
+}
+
+/// `Host` for requests that carry none: the upstream's host, and its port unless the default.
+fn host_header(url: &UpstreamUrl) -> HeaderValue {
+    let a = &url.authority;
+    let default = if url.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+    let v = match a.port_u16() {
+        Some(p) if p != default => format!("{}:{p}", a.host()),
+        _ => a.host().to_string(),
+    };
+    HeaderValue::from_str(&v).expect("an authority is a valid header value")
+}
+
+/// What a failed send means: the client's body broke, or the upstream did.
+fn send_error(e: &hyper::Error) -> UpstreamError {
+    match client_body_error(e) {
+        Some(b) => UpstreamError::ClientBody { idle: matches!(b, BodyError::Idle(_)), detail: b.to_string() },
+        None => UpstreamError::Failed(source_chain(e)),
     }
 }
 
@@ -153,10 +249,10 @@ impl Upstream {
     pub async fn probe(&self, path: &str) -> Result<(), String> {
         let mut req = Request::new(ProxyBody::empty());
         *req.uri_mut() = self.uri(Some(path.parse().map_err(|_| "bad probe path".to_string())?));
-        let resp = tokio::time::timeout(Duration::from_secs(2), self.client.request(req))
+        let resp = tokio::time::timeout(Duration::from_secs(2), self.request(req))
             .await
             .map_err(|_| "timeout".to_string())?
-            .map_err(|e| source_chain(&e))?;
+            .map_err(|e| e.to_string())?;
         if resp.status().is_server_error() {
             return Err(format!("status {}", resp.status().as_u16()));
         }
