@@ -96,6 +96,7 @@ pub struct Upstream {
     base: Uri,
     /// The `Host` sent when the client sent none (an HTTP/1.0 client, or envgate's own requests).
     host: HeaderValue,
+    connect_timeout: Duration,
     pub url: UpstreamUrl,
     pub response_timeout: Duration,
     /// How long a streamed body, either way, may yield nothing (never applied to WebSockets).
@@ -131,6 +132,7 @@ impl Upstream {
             connector,
             pool: Pool::new(MAX_IDLE, IDLE_TIMEOUT),
             host: host_header(&cfg.upstream),
+            connect_timeout: cfg.connect_timeout,
             base,
             url: cfg.upstream.clone(),
             response_timeout: cfg.response_timeout,
@@ -162,6 +164,11 @@ impl Upstream {
         if !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
+        // tornado ends the connection after answering an HTTP/1.0 request but says so only to
+        // HTTP/1.1 ones: without this, the closing connection would be pooled.
+        if req.version() == http::Version::HTTP_10 {
+            req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         loop {
             let (mut tx, reused) = match self.pool.take() {
                 Some(tx) => (tx, true),
@@ -177,7 +184,9 @@ impl Upstream {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => req = r,
-                    _ => return Err(send_error(&e.into_error())),
+                    // A new connection that closed before it could take the request.
+                    Some(_) => return Err(UpstreamError::Connect(source_chain(&e.into_error()))),
+                    None => return Err(send_error(&e.into_error())),
                 },
             }
         }
@@ -204,13 +213,16 @@ impl Upstream {
         }
     }
 
-    /// A new connection (TLS included, for an https upstream), driven by its own task.
+    /// A new connection (TLS included, for an https upstream, all within `connect_timeout`),
+    /// driven by its own task.
     fn connect(&self) -> impl std::future::Future<Output = Result<Sender, UpstreamError>> + Send + 'static {
         let mut connector = self.connector.clone();
         let base = self.base.clone();
+        let limit = self.connect_timeout;
         async move {
-            let io = tower_service::Service::call(&mut connector, base)
+            let io = tokio::time::timeout(limit, tower_service::Service::call(&mut connector, base))
                 .await
+                .map_err(|_| UpstreamError::Connect(format!("not connected within {limit:?}")))?
                 .map_err(|e| UpstreamError::Connect(source_chain(&*e)))?;
             let (tx, conn) = hyper::client::conn::http1::handshake(io)
                 .await
