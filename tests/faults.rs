@@ -234,11 +234,14 @@ impl FaultyUpstream {
     }
 }
 
-/// One request (its body read and dropped): method, path, whether it asks for an upgrade.
+/// One request (its body read and dropped): method, path, whether it asks for an upgrade, whether
+/// it is HTTP/1.0 and whether it says `Connection: close`.
 struct Head {
     method: String,
     path: String,
     upgrade: bool,
+    http10: bool,
+    close: bool,
 }
 
 async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Head> {
@@ -248,7 +251,8 @@ async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Head> {
     }
     let mut parts = first.split_whitespace();
     let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
-    let (mut length, mut upgrade) = (0, false);
+    let http10 = parts.next() == Some("HTTP/1.0");
+    let (mut length, mut upgrade, mut close) = (0, false, false);
     loop {
         let mut line = String::new();
         if r.read_line(&mut line).await.ok()? == 0 {
@@ -264,10 +268,13 @@ async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Head> {
         if lower.starts_with("upgrade:") {
             upgrade = true;
         }
+        if lower.starts_with("connection:") && lower.contains("close") {
+            close = true;
+        }
     }
     let mut body = vec![0u8; length];
     r.read_exact(&mut body).await.ok()?;
-    Some(Head { method, path, upgrade })
+    Some(Head { method, path, upgrade, http10, close })
 }
 
 /// Reads until envgate closes the connection (or 30 s, which no test waits for).
@@ -384,6 +391,71 @@ async fn serve_faulty(s: TcpStream, fault: Fault, closed: mpsc::UnboundedSender<
 
 async fn gate_for(up: &FaultyUpstream) -> Envgate {
     Envgate::start(&up.url(), &["--response-timeout", "1s", "--body-idle-timeout", "1s", "--connect-timeout", "1s"])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-alive to the upstream
+
+/// Counts what envgate does with its upstream connections: how many it opened, and how many
+/// HTTP/1.0 requests came without `Connection: close`. Answers every request with a 200 and, like
+/// tornado, ends the connection after answering an HTTP/1.0 request without saying so.
+struct CountingUpstream {
+    addr: SocketAddr,
+    accepted: std::sync::Arc<AtomicU64>,
+    http10_kept_alive: std::sync::Arc<AtomicU64>,
+}
+
+impl CountingUpstream {
+    async fn start() -> CountingUpstream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicU64::new(0));
+        let http10_kept_alive = std::sync::Arc::new(AtomicU64::new(0));
+        let (a, k) = (accepted.clone(), http10_kept_alive.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let k = k.clone();
+                tokio::spawn(async move {
+                    let mut r = BufReader::new(s);
+                    while let Some(head) = read_request(&mut r).await {
+                        if head.http10 && !head.close {
+                            k.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
+                        if r.get_mut().write_all(ok).await.is_err() || head.http10 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CountingUpstream { addr, accepted, http10_kept_alive }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_but_never_one_the_upstream_will_close() {
+    let up = CountingUpstream::start().await;
+    let gate = Envgate::start(&format!("http://{}", up.addr), &["--workers", "1"]);
+    // Twenty requests one after the other, each on its own client connection, share upstream
+    // connections (one, unless a connect raced a give-back).
+    for _ in 0..20 {
+        assert_eq!(exchange(&gate.addr, &get("/api/kernels")).await.status, 200);
+    }
+    let opened = up.accepted.load(Ordering::SeqCst);
+    assert!(opened <= 3, "{opened} upstream connections for 20 sequential requests");
+    // HTTP/1.0 clients: their requests say `Connection: close` upstream, so the connection tornado
+    // ends after answering is never pooled, and the requests after them find live connections.
+    for _ in 0..5 {
+        let a = exchange(&gate.addr, b"GET /api/kernels HTTP/1.0\r\nHost: x\r\n\r\n").await;
+        assert_eq!(a.status, 200, "{}", a.head);
+    }
+    assert_eq!(up.http10_kept_alive.load(Ordering::SeqCst), 0, "an HTTP/1.0 request went upstream without close");
+    for _ in 0..20 {
+        assert_eq!(exchange(&gate.addr, &get("/api/kernels")).await.status, 200);
+    }
+    assert_no_panic(&gate);
 }
 
 // ---------------------------------------------------------------------------------------------
