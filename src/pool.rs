@@ -4,8 +4,8 @@
 //! a plain stack of ready senders behind an uncontended lock: no per-host map, no hashing, no
 //! waiter queue. The most recently used connection is taken first (it is the least likely to
 //! have been closed by the upstream's idle timer); connections idle for longer than
-//! `idle_timeout` are dropped, on the next take or give-back and by a reaper task, so an idle
-//! envgate does not hold the upstream's sockets forever.
+//! `idle_timeout` are never handed out, and a reaper task drops them, so an idle envgate does
+//! not hold the upstream's sockets forever.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -97,17 +97,14 @@ impl Pool {
     }
 
     fn put(&self, tx: Sender) {
-        let now = Instant::now();
         let mut st = self.inner.lock();
-        let stale = st.idle.iter().take_while(|i| now.duration_since(i.since) >= self.inner.idle_timeout).count();
-        st.idle.drain(..stale);
         if st.idle.len() >= self.inner.max_idle {
             return;
         }
-        st.idle.push(Idle { tx, since: now });
+        st.idle.push(Idle { tx, since: Instant::now() });
         if !st.reaper {
             st.reaper = true;
-            tokio::spawn(reap(Arc::downgrade(&self.inner)));
+            tokio::spawn(reap(Arc::downgrade(&self.inner), self.inner.idle_timeout));
         }
         drop(st);
         self.inner.returned.notify_one();
@@ -129,8 +126,7 @@ impl Inner {
 
 /// Drops connections that have been idle too long or were closed by the upstream, until the
 /// pool itself is dropped.
-async fn reap(pool: Weak<Inner>) {
-    let period = pool.upgrade().map_or(Duration::ZERO, |p| p.idle_timeout);
+async fn reap(pool: Weak<Inner>, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
         let Some(p) = pool.upgrade() else { return };

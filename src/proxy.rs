@@ -174,7 +174,7 @@ fn upstream_failed(cx: &Ctx<'_>, e: &UpstreamError) -> Response<ProxyBody> {
 /// Points a request at the upstream and cleans its headers for the next hop.
 fn to_upstream(parts: &mut Parts, cx: &Ctx<'_>) {
     let pq = std::mem::take(&mut parts.uri).into_parts().path_and_query;
-    parts.uri = cx.rt.upstream().uri(pq);
+    parts.uri = Upstream::uri(pq);
     clean_for_upstream(&mut parts.headers, cx);
 }
 

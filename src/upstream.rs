@@ -97,7 +97,6 @@ pub struct Upstream {
     /// The `Host` sent when the client sent none (an HTTP/1.0 client, or envgate's own requests).
     host: HeaderValue,
     connect_timeout: Duration,
-    pub url: UpstreamUrl,
     pub response_timeout: Duration,
     /// How long a streamed body, either way, may yield nothing (never applied to WebSockets).
     pub body_idle_timeout: Duration,
@@ -134,7 +133,6 @@ impl Upstream {
             host: host_header(&cfg.upstream),
             connect_timeout: cfg.connect_timeout,
             base,
-            url: cfg.upstream.clone(),
             response_timeout: cfg.response_timeout,
             body_idle_timeout: cfg.body_idle_timeout,
             auth,
@@ -143,7 +141,7 @@ impl Upstream {
 
     /// The request target for a client's raw path and query, which are kept byte for byte
     /// (origin form: the connection already says which host it is).
-    pub fn uri(&self, path_and_query: Option<http::uri::PathAndQuery>) -> Uri {
+    pub fn uri(path_and_query: Option<http::uri::PathAndQuery>) -> Uri {
         path_and_query.map_or_else(|| Uri::from_static("/"), Uri::from)
     }
 
@@ -260,7 +258,7 @@ impl Upstream {
     /// Whether the upstream answers `GET path` with a status below 500 within two seconds.
     pub async fn probe(&self, path: &str) -> Result<(), String> {
         let mut req = Request::new(ProxyBody::empty());
-        *req.uri_mut() = self.uri(Some(path.parse().map_err(|_| "bad probe path".to_string())?));
+        *req.uri_mut() = Self::uri(Some(path.parse().map_err(|_| "bad probe path".to_string())?));
         let resp = tokio::time::timeout(Duration::from_secs(2), self.request(req))
             .await
             .map_err(|_| "timeout".to_string())?
@@ -392,7 +390,7 @@ impl SpecCache {
         let pq = pq.parse().map_err(|_| SpecsError::Body("bad kernelspecs path".into()))?;
         let mut req = Request::new(ProxyBody::empty());
         *req.method_mut() = Method::GET;
-        *req.uri_mut() = upstream.uri(Some(pq));
+        *req.uri_mut() = Upstream::uri(Some(pq));
         *req.headers_mut() = headers();
         for h in [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::CONTENT_ENCODING, header::EXPECT] {
             req.headers_mut().remove(h);
