@@ -235,13 +235,14 @@ impl FaultyUpstream {
 }
 
 /// One request (its body read and dropped): method, path, whether it asks for an upgrade, whether
-/// it is HTTP/1.0 and whether it says `Connection: close`.
+/// it is HTTP/1.0, whether it says `Connection: close`, and its `Host`.
 struct Head {
     method: String,
     path: String,
     upgrade: bool,
     http10: bool,
     close: bool,
+    host: Option<String>,
 }
 
 async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Head> {
@@ -252,7 +253,7 @@ async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Head> {
     let mut parts = first.split_whitespace();
     let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
     let http10 = parts.next() == Some("HTTP/1.0");
-    let (mut length, mut upgrade, mut close) = (0, false, false);
+    let (mut length, mut upgrade, mut close, mut host) = (0, false, false, None);
     loop {
         let mut line = String::new();
         if r.read_line(&mut line).await.ok()? == 0 {
@@ -271,10 +272,13 @@ async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Head> {
         if lower.starts_with("connection:") && lower.contains("close") {
             close = true;
         }
+        if let Some(v) = lower.strip_prefix("host:") {
+            host = Some(v.trim().to_string());
+        }
     }
     let mut body = vec![0u8; length];
     r.read_exact(&mut body).await.ok()?;
-    Some(Head { method, path, upgrade, http10, close })
+    Some(Head { method, path, upgrade, http10, close, host })
 }
 
 /// Reads until envgate closes the connection (or 30 s, which no test waits for).
@@ -396,13 +400,14 @@ async fn gate_for(up: &FaultyUpstream) -> Envgate {
 // ---------------------------------------------------------------------------------------------
 // Keep-alive to the upstream
 
-/// Counts what envgate does with its upstream connections: how many it opened, and how many
-/// HTTP/1.0 requests came without `Connection: close`. Answers every request with a 200 and, like
+/// Counts what envgate does with its upstream connections: how many it opened, how many HTTP/1.0
+/// requests came without `Connection: close`, and the `Host` of the last request. Answers every request with a 200 and, like
 /// tornado, ends the connection after answering an HTTP/1.0 request without saying so.
 struct CountingUpstream {
     addr: SocketAddr,
     accepted: std::sync::Arc<AtomicU64>,
     http10_kept_alive: std::sync::Arc<AtomicU64>,
+    last_host: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl CountingUpstream {
@@ -411,17 +416,19 @@ impl CountingUpstream {
         let addr = l.local_addr().unwrap();
         let accepted = std::sync::Arc::new(AtomicU64::new(0));
         let http10_kept_alive = std::sync::Arc::new(AtomicU64::new(0));
-        let (a, k) = (accepted.clone(), http10_kept_alive.clone());
+        let last_host = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (a, k, h) = (accepted.clone(), http10_kept_alive.clone(), last_host.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                let k = k.clone();
+                let (k, h) = (k.clone(), h.clone());
                 tokio::spawn(async move {
                     let mut r = BufReader::new(s);
                     while let Some(head) = read_request(&mut r).await {
                         if head.http10 && !head.close {
                             k.fetch_add(1, Ordering::SeqCst);
                         }
+                        *h.lock().unwrap() = head.host;
                         let ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
                         if r.get_mut().write_all(ok).await.is_err() || head.http10 {
                             return;
@@ -430,7 +437,7 @@ impl CountingUpstream {
                 });
             }
         });
-        CountingUpstream { addr, accepted, http10_kept_alive }
+        CountingUpstream { addr, accepted, http10_kept_alive, last_host }
     }
 }
 
@@ -452,6 +459,11 @@ async fn upstream_connections_are_reused_but_never_one_the_upstream_will_close()
         assert_eq!(a.status, 200, "{}", a.head);
     }
     assert_eq!(up.http10_kept_alive.load(Ordering::SeqCst), 0, "an HTTP/1.0 request went upstream without close");
+    assert_eq!(up.last_host.lock().unwrap().as_deref(), Some("x"), "the client's Host is kept");
+    // An HTTP/1.0 request may have no Host: the upstream gets its own (it needs one to compare with Origin).
+    let a = exchange(&gate.addr, b"GET /api/kernels HTTP/1.0\r\n\r\n").await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    assert_eq!(up.last_host.lock().unwrap().clone(), Some(up.addr.to_string()), "Host of a request without one");
     for _ in 0..20 {
         assert_eq!(exchange(&gate.addr, &get("/api/kernels")).await.status, 200);
     }
@@ -497,6 +509,25 @@ async fn upstream_garbage_is_a_json_502_and_envgate_closes_that_connection() {
         up.expect_closed(1, Duration::from_secs(5)).await;
     }
     assert_still_serving(&gate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_that_never_answers_the_tls_handshake_is_a_connect_502() {
+    // Accepts TCP, then says nothing: the TLS handshake stalls, as behind a wedged load balancer.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let gate = Envgate::start(&format!("https://{addr}"), &["--connect-timeout", "1s", "--response-timeout", "10s"]);
+    let a = exchange(&gate.addr, &get("/api/kernels")).await;
+    a.assert_json_error(502);
+    assert!(a.json()["message"].as_str().unwrap().contains("connect"), "{}", a.json());
+    assert!(a.took >= Duration::from_millis(950) && a.took < Duration::from_secs(5), "{:?}", a.took);
+    assert_no_panic(&gate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
