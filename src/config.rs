@@ -160,7 +160,7 @@ pub struct Opts {
     /// Largest kernel-start body accepted, in bytes [default: 1048576].
     #[arg(long, env = "ENVGATE_MAX_BODY_BYTES", global = true, value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
-    /// Upstream connect timeout [default: 5s].
+    /// Upstream connect timeout, TLS handshake included [default: 5s].
     #[arg(long, env = "ENVGATE_CONNECT_TIMEOUT", global = true, value_name = "DURATION")]
     pub connect_timeout: Option<String>,
     /// Upstream response-header timeout [default: 120s].
