@@ -3,7 +3,7 @@
 //! `benchtab table RAW.tsv` reads the raw lines the script wrote, one per round, cell and target:
 //! `round cell target rate p50_us p99_us cpu_us_per_op rss_kib rss_before_kib` ("-" for none),
 //! takes the median of each figure over the rounds, and prints the markdown table and the
-//! issue-5 targets with met/missed.
+//! performance targets (bench/README.md) with met/missed.
 //!
 //! `benchtab free-port` prints a free loopback TCP port.
 
@@ -180,8 +180,8 @@ fn table(path: &str) {
         }
     }
 
-    // The issue-5 targets.
-    println!("\nIssue-5 targets (envgate):\n");
+    // The performance targets, as bench/README.md lists them.
+    println!("\nPerformance targets (envgate):\n");
     println!("| target | measured | verdict |");
     println!("|---|---|---|");
     let r = |c: &str, t: &str| get(c, t).map(|m| m.rate);
