@@ -30,6 +30,7 @@ pub mod pool;
 pub mod proxy;
 pub mod rewrite;
 pub mod routes;
+pub mod runtime;
 pub mod server;
 pub mod splice;
 pub mod summary;

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use envgate::decide::{self, Plan, Verdict, USERNAME};
 use envgate::policy::{self, Mode, NameSet, Policy, SpecFacts};
 use envgate::rewrite::kernelspecs;
-use envgate::rewrite::start::{self, BodyError, StartBody};
+use envgate::rewrite::start::{self, ParseError, StartBody};
 use envgate::routes::{Route, Routes};
 use envgate::values::{self, PathRule};
 use http::Method;
@@ -129,7 +129,7 @@ fn members(v: &Value) -> Vec<(String, Value)> {
 
 /// Parses `input` strictly and checks what the parse promises: a body it accepts is JSON that a
 /// lenient parser (EG's) reads the same way: same `name`, same `env` in the same order.
-pub fn check_parse(input: &[u8]) -> Result<StartBody<'_>, BodyError> {
+pub fn check_parse(input: &[u8]) -> Result<StartBody<'_>, ParseError> {
     let body = start::parse(input)?;
     let v: Value = serde_json::from_slice(input)
         .unwrap_or_else(|e| panic!("strict parse accepted what serde_json refuses ({e}): {}", show(input)));
