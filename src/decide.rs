@@ -357,6 +357,46 @@ mod tests {
     }
 
     #[test]
+    fn the_trusted_header_must_name_someone() {
+        assert_eq!(trusted_user("x-user", Some(" alice\t")), Ok("alice"));
+        for v in [None, Some(""), Some("  ")] {
+            let r = trusted_user("x-user", v).unwrap_err();
+            assert_eq!(r.status, StatusCode::FORBIDDEN);
+            assert_eq!(r.message, "envgate requires the x-user header from the authenticating proxy");
+            assert_eq!(r.why, "missing trusted user header");
+        }
+    }
+
+    #[test]
+    fn the_trusted_user_is_the_kernels_user() {
+        let binding = |on_mismatch| Binding { header: "x-user", on_mismatch };
+        let env = |b: &StartBody<'_>| b.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+        for m in [Mismatch::Refuse, Mismatch::Overwrite] {
+            // the same user: kept as sent
+            let mut b = parse(br#"{"env":{"KERNEL_USERNAME":"alice","A":"1"}}"#).unwrap();
+            assert_eq!(bind_user(&mut b, "alice", binding(m)), Ok(()));
+            assert_eq!(env(&b), ["KERNEL_USERNAME=alice", "A=1"]);
+            // none: added last
+            let mut b = parse(br#"{"env":{"A":"1"}}"#).unwrap();
+            assert_eq!(bind_user(&mut b, "alice", binding(m)), Ok(()));
+            assert_eq!(env(&b), ["A=1", "KERNEL_USERNAME=alice"]);
+        }
+        // someone else: refused, or overwritten in its place
+        let mut b = parse(br#"{"env":{"KERNEL_USERNAME":"bob","A":"1"}}"#).unwrap();
+        let r = bind_user(&mut b, "alice", binding(Mismatch::Refuse)).unwrap_err();
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(r.message, "KERNEL_USERNAME in the request differs from the user named by x-user");
+        assert_eq!(r.why, "KERNEL_USERNAME differs from the trusted user");
+        assert_eq!(bind_user(&mut b, "alice", binding(Mismatch::Overwrite)), Ok(()));
+        assert_eq!(env(&b), ["KERNEL_USERNAME=alice", "A=1"]);
+        // who the record names
+        assert_eq!(user_of(&b, Some("alice")), Some(User { name: "alice", source: UserSource::TrustedHeader }));
+        let b = parse(br#"{"env":{"KERNEL_USERNAME":"bob"}}"#).unwrap();
+        assert_eq!(user_of(&b, None), Some(User { name: "bob", source: UserSource::Body }));
+        assert_eq!(user_of(&parse(b"{}").unwrap(), None), None);
+    }
+
+    #[test]
     fn no_env_gets_an_empty_env() {
         assert_eq!(forwarded(&run(&policy(Mode::Drop), r#"{"name":"python3"}"#)), json!({"name":"python3","env":{}}));
     }

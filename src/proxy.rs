@@ -679,6 +679,75 @@ mod tests {
         assert_eq!(kernel_id_of(&HeaderMap::new()), None);
     }
 
+    /// The record a route's result ends, as the audit log would have it.
+    fn ended(result: Result<Forwarded, Refusal>) -> (serde_json::Value, Response<ProxyBody>) {
+        let (ending, resp) = Ending::of(result);
+        let mut rec =
+            Record::new("id", Event::KernelStart, crate::policy::Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        ending.write_to(&mut rec);
+        let mut line = Vec::new();
+        rec.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let end = serde_json::json!({
+            "outcome": v["outcome"], "status": v["status"], "kernel_id": v["kernel_id"], "error": v["error"]
+        });
+        (end, resp)
+    }
+
+    #[test]
+    fn a_refusal_is_answered_and_audited_with_its_status_and_reason() {
+        use serde_json::json;
+        let policy = decide::Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: "not allowed: BAR".into(),
+            extra: json!({"rejected": [{"name": "BAR", "reason": "not_allowed"}]}),
+            why: "policy",
+        };
+        let parse_error = start::parse(b"[]").unwrap_err();
+        let cases = [
+            (Refusal::Decided(policy), 403, json!("policy")),
+            (Refusal::Body(BodyRefusal::Encoded), 415, json!("Unsupported Media Type")),
+            (Refusal::Body(BodyRefusal::TooLarge { max: 10 }), 413, json!("Payload Too Large")),
+            (Refusal::Body(BodyRefusal::Stalled(Duration::from_secs(1))), 408, json!("Request Timeout")),
+            (Refusal::Body(BodyRefusal::Broken), 400, json!("Bad Request")),
+            (Refusal::Parse(parse_error.clone()), 400, json!(parse_error.to_string())),
+            (
+                Refusal::Specs(SpecsError::Upstream(UpstreamError::Timeout)),
+                504,
+                json!("cannot learn the kernelspecs from the upstream"),
+            ),
+            (Refusal::Ambiguous("use POST /api/kernels".into()), 400, json!("ambiguous path")),
+            (Refusal::SessionsDenied, 403, json!("sessions denied")),
+        ];
+        for (refusal, status, why) in cases {
+            let (end, resp) = ended(Err(refusal));
+            assert_eq!(end, json!({"outcome": "refused", "status": status, "kernel_id": null, "error": why}));
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        }
+        let (_, resp) = ended(Err(Refusal::Body(BodyRefusal::TooLarge { max: 10 })));
+        let ProxyBody::Full(body) = resp.into_body() else { panic!("a buffered body") };
+        let body: serde_json::Value = serde_json::from_slice(body.as_ref().unwrap()).unwrap();
+        assert_eq!(body["message"], "the kernel start body is larger than the limit of 10 bytes");
+    }
+
+    #[test]
+    fn a_forwarded_request_is_audited_with_the_upstreams_status() {
+        use serde_json::json;
+        let answer = |status: u16| {
+            let mut r = Response::new(ProxyBody::empty());
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            r
+        };
+        let f = Forwarded { response: answer(201), failure: None, kernel_id: Some("k1".into()) };
+        let (end, resp) = ended(Ok(f));
+        assert_eq!(end, json!({"outcome": "forwarded", "status": 201, "kernel_id": "k1", "error": null}));
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let f = Forwarded { response: answer(502), failure: Some("upstream connect".into()), kernel_id: None };
+        let (end, _) = ended(Ok(f));
+        assert_eq!(end, json!({"outcome": "forwarded", "status": 502, "kernel_id": null, "error": "upstream connect"}));
+    }
+
     #[tokio::test]
     async fn a_stalled_streamed_body_is_read_as_a_408() {
         let inner =
