@@ -364,11 +364,12 @@ pub fn check_identity(
     let ctx = || format!("header {value:?}, {on_mismatch:?}, mode {:?}, input {}", p.mode, show(input));
     let mut body = start::parse(input).expect("checked by check_parse");
     let values: Vec<String> = body.env.iter().map(|(_, v)| v.to_string()).chain(value.map(str::to_string)).collect();
+    let names: Vec<String> = body.env.iter().map(|(n, _)| n.to_string()).collect();
     let no_value = |r: &decide::Refusal| {
         assert_eq!(r.status, http::StatusCode::FORBIDDEN, "{}", ctx());
         assert!(r.message.contains(TRUSTED_HEADER), "{}: {}", r.message, ctx());
         let text = format!("{} {} {}", r.message, r.extra, r.why);
-        let names: Vec<&str> = body.env.iter().map(|(n, _)| &**n).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         assert_no_value_in(&text, values.iter().map(String::as_str), &names, input);
     };
     let want_user = value.map(str::trim).filter(|u| !u.is_empty());
