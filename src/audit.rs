@@ -487,7 +487,13 @@ mod tests {
         full.status = Some(201);
         full.kernel_id = Some("k1");
         full.error = Some("upstream \"timeout\"");
-        for r in [&bare, &full] {
+        // The other value of each enum field.
+        let mut other = Record::new("id-2", Event::KernelStart, Mode::Reject, "127.0.0.1:1".parse().unwrap(), None);
+        other.user = Some("bob");
+        other.user_source = Some(UserSource::TrustedHeader);
+        other.path = Some(PathAction::Refused);
+        other.status = Some(400);
+        for r in [&bare, &full, &other] {
             let mut ours = Vec::new();
             r.write_json(&mut ours);
             assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(r).unwrap());
