@@ -8,7 +8,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use envgate::audit::{Record, ViolationName};
+use envgate::audit::{Event, Outcome, Record, ViolationName};
 use envgate::config::Config;
 use envgate::decide;
 use envgate::rewrite::{kernelspecs, start};
@@ -93,18 +93,18 @@ fn main() {
     println!("  (names {lookup:.0}, values {values:.0}, render {render:.0})");
     let mut line = Vec::new();
     let audit = time(|| {
-        let mut rec = Record::new("0000abcd-00000001", "kernel_start", policy.mode, client, None);
+        let mut rec = Record::new("0000abcd-00000001", Event::KernelStart, policy.mode, client, None);
         rec.kernelspec = kernelspec.as_deref();
         let mut rec = rec.with_decision(&plan.decision);
         rec.violations =
             plan.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
-        rec.outcome = "forwarded";
+        rec.outcome = Outcome::Forwarded;
         rec.status = Some(201);
         line.clear();
         rec.write_json(&mut line);
         black_box(&line);
     });
-    let mut rec = Record::new("0000abcd-00000001", "kernel_start", policy.mode, client, None);
+    let mut rec = Record::new("0000abcd-00000001", Event::KernelStart, policy.mode, client, None);
     rec.kernelspec = kernelspec.as_deref();
     let rec = rec.with_decision(&plan.decision);
     let write = time(|| {

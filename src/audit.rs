@@ -14,8 +14,46 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use crate::config::AuditTarget;
+use crate::decide::{PathAction, UserSource};
 use crate::json::{write_opt_str, write_str};
 use crate::policy::{Decision, Mode};
+
+/// What a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize), serde(rename_all = "snake_case"))]
+pub enum Event {
+    KernelStart,
+    SessionStart,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::KernelStart => "kernel_start",
+            Event::SessionStart => "session_start",
+        }
+    }
+}
+
+/// Whether envgate sent the request on to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize), serde(rename_all = "snake_case"))]
+pub enum Outcome {
+    /// Sent upstream; the record's `status` is the upstream's (or envgate's 502/504 when the
+    /// upstream gave no answer).
+    Forwarded,
+    /// Answered by envgate; the upstream never saw the request.
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Refused => "refused",
+        }
+    }
+}
 
 /// One audit record. See the README, "Audit log", for the format. [`Record::write_json`] writes
 /// it; in tests, serde's derived serialization is the reference it is held to.
@@ -26,16 +64,15 @@ pub struct Record<'a> {
     pub time: String,
     /// The decision id, also sent to the client as `X-Envgate-Decision`.
     pub id: &'a str,
-    /// `kernel_start` or `session_start`.
-    pub event: &'static str,
-    pub mode: &'static str,
+    pub event: Event,
+    pub mode: Mode,
     /// The peer address of the connection.
     pub client: SocketAddr,
     pub x_forwarded_for: Option<&'a str>,
     /// The `KERNEL_USERNAME` forwarded: a claim from the body, or the trusted header's user.
     pub user: Option<&'a str>,
     /// Where `user` came from: `body` (a claim, not verified) or `trusted_header`.
-    pub user_source: Option<&'static str>,
+    pub user_source: Option<UserSource>,
     pub kernelspec: Option<&'a str>,
     pub kept: Vec<KeptName<'a>>,
     pub rejected: Vec<RejectedName<'a>>,
@@ -44,9 +81,8 @@ pub struct Record<'a> {
     pub violations: Vec<ViolationName<'a>>,
     /// What the `kernel_path` rule did to the body's `path`: `refused` or `stripped` (in
     /// `report` mode: what it would have done); `null` when it let the path through.
-    pub path: Option<&'static str>,
-    /// `forwarded` or `refused`.
-    pub outcome: &'static str,
+    pub path: Option<PathAction>,
+    pub outcome: Outcome,
     /// The upstream's status when forwarded; envgate's own status when refused.
     pub status: Option<u16>,
     pub kernel_id: Option<&'a str>,
@@ -77,12 +113,12 @@ pub struct RejectedName<'a> {
 
 impl<'a> Record<'a> {
     /// A record with the request's identity filled in and everything else empty.
-    pub fn new(id: &'a str, event: &'static str, mode: Mode, client: SocketAddr, xff: Option<&'a str>) -> Self {
+    pub fn new(id: &'a str, event: Event, mode: Mode, client: SocketAddr, xff: Option<&'a str>) -> Self {
         Record {
             time: now_rfc3339(),
             id,
             event,
-            mode: mode.as_str(),
+            mode,
             client,
             x_forwarded_for: xff,
             user: None,
@@ -92,17 +128,23 @@ impl<'a> Record<'a> {
             rejected: Vec::new(),
             violations: Vec::new(),
             path: None,
-            outcome: "refused",
+            outcome: Outcome::Refused,
             status: None,
             kernel_id: None,
             error: None,
         }
     }
 
+    /// The record, naming what the policy kept and rejected.
     pub fn with_decision(mut self, d: &'a Decision<'_>) -> Self {
+        self.set_decision(d);
+        self
+    }
+
+    /// Names what the policy kept and rejected.
+    pub fn set_decision(&mut self, d: &'a Decision<'_>) {
         self.kept = d.kept.iter().map(|k| KeptName { name: k.name, source: k.source.as_str() }).collect();
         self.rejected = d.rejected.iter().map(|r| RejectedName { name: r.name, reason: r.reason.as_str() }).collect();
-        self
     }
 }
 
@@ -120,7 +162,10 @@ impl Record<'_> {
         }
         out.extend_from_slice(b"{\"time\":");
         write_str(out, &self.time);
-        strings(out, &[("id", Some(self.id)), ("event", Some(self.event)), ("mode", Some(self.mode))]);
+        strings(
+            out,
+            &[("id", Some(self.id)), ("event", Some(self.event.as_str())), ("mode", Some(self.mode.as_str()))],
+        );
         key(out, "client");
         // A socket address is digits, dots, colons, brackets, hex and a numeric scope id.
         let _ = write!(out, "\"{}\"", self.client);
@@ -129,7 +174,7 @@ impl Record<'_> {
             &[
                 ("x_forwarded_for", self.x_forwarded_for),
                 ("user", self.user),
-                ("user_source", self.user_source),
+                ("user_source", self.user_source.map(UserSource::as_str)),
                 ("kernelspec", self.kernelspec),
             ],
         );
@@ -139,7 +184,7 @@ impl Record<'_> {
         list(out, &self.rejected, ["name", "reason"], |r| [r.name, r.reason]);
         key(out, "violations");
         list(out, &self.violations, ["name", "rule"], |v| [v.name, v.rule]);
-        strings(out, &[("path", self.path), ("outcome", Some(self.outcome))]);
+        strings(out, &[("path", self.path.map(PathAction::as_str)), ("outcome", Some(self.outcome.as_str()))]);
         key(out, "status");
         match self.status {
             Some(s) => {
@@ -393,11 +438,11 @@ mod tests {
             rejected: vec![Rejected { name: "PATH", reason: Reason::Denied }],
         };
         let mut r =
-            Record::new("id-1", "kernel_start", Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("10.0.0.1"))
+            Record::new("id-1", Event::KernelStart, Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("10.0.0.1"))
                 .with_decision(&d);
         r.user = Some("alice");
         r.kernelspec = Some("python3");
-        r.outcome = "forwarded";
+        r.outcome = Outcome::Forwarded;
         r.status = Some(201);
         r.kernel_id = Some("k1");
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
@@ -429,19 +474,26 @@ mod tests {
             ],
         };
         let v6 = "[fe80::1%2]:8888".parse().unwrap();
-        let bare = Record::new("id-0", "session_start", Mode::Report, v6, None);
-        let mut full = Record::new("id-1", "kernel_start", Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("a, b"))
-            .with_decision(&d);
+        let bare = Record::new("id-0", Event::SessionStart, Mode::Report, v6, None);
+        let mut full =
+            Record::new("id-1", Event::KernelStart, Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("a, b"));
+        full.set_decision(&d);
         full.user = Some("al\u{e9}ice\t");
-        full.user_source = Some("body");
+        full.user_source = Some(UserSource::Body);
         full.kernelspec = Some("python3");
         full.violations = vec![ViolationName { name: "B", rule: "forbidden" }];
-        full.path = Some("stripped");
-        full.outcome = "forwarded";
+        full.path = Some(PathAction::Stripped);
+        full.outcome = Outcome::Forwarded;
         full.status = Some(201);
         full.kernel_id = Some("k1");
         full.error = Some("upstream \"timeout\"");
-        for r in [&bare, &full] {
+        // The other value of each enum field.
+        let mut other = Record::new("id-2", Event::KernelStart, Mode::Reject, "127.0.0.1:1".parse().unwrap(), None);
+        other.user = Some("bob");
+        other.user_source = Some(UserSource::TrustedHeader);
+        other.path = Some(PathAction::Refused);
+        other.status = Some(400);
+        for r in [&bare, &full, &other] {
             let mut ours = Vec::new();
             r.write_json(&mut ours);
             assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(r).unwrap());
@@ -462,7 +514,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&AuditTarget::File(path.clone()), 0).unwrap();
-        let rec = |id| Record::new(id, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        let rec = |id| Record::new(id, Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
         log.write(&rec("a"));
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
         log.reopen(&AuditTarget::File(path.clone()));
@@ -491,14 +543,14 @@ mod tests {
             let (log, path) = (log.clone(), path.clone());
             tasks.push(tokio::spawn(async move {
                 let id = format!("r{i}");
-                let rec = Record::new(&id, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+                let rec = Record::new(&id, Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
                 log.log(&rec, Some(0)).await;
                 // Written before log returns, i.e. before the response would be sent.
                 assert!(ids_in(&path).contains(&id), "{id} not written yet");
                 // A second record from the same request, in a later turn: its own write.
                 let later = format!("s{i}");
                 log.log(
-                    &Record::new(&later, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None),
+                    &Record::new(&later, Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None),
                     Some(0),
                 )
                 .await;
@@ -519,8 +571,8 @@ mod tests {
         assert!(writes < 10, "{writes} writes for 80 records");
         // Off the workers, or on a worker the log has no batch for: a write per record.
         let before = log.writes.load(Ordering::Relaxed);
-        log.log(&Record::new("x", "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None), None).await;
-        log.log(&Record::new("y", "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None), Some(2)).await;
+        log.log(&Record::new("x", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None), None).await;
+        log.log(&Record::new("y", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None), Some(2)).await;
         assert_eq!(log.writes.load(Ordering::Relaxed), before + 2);
         assert_eq!(ids_in(&path)[80..], ["x".to_string(), "y".to_string()]);
     }
@@ -532,7 +584,7 @@ mod tests {
         let log = AuditLog::open(&AuditTarget::File(path.clone()), 1).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(async {
-            let rec = Record::new("late", "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+            let rec = Record::new("late", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
             let mut logging = std::pin::pin!(log.log(&rec, Some(0)));
             // One poll: the record is in the batch and its flush task is queued, not yet run.
             assert!(futures_util::poll!(logging.as_mut()).is_pending());
@@ -557,7 +609,13 @@ mod tests {
                 s.spawn(move || {
                     for i in (t * 25)..(t * 25 + 25) {
                         let id = format!("{i}");
-                        log.write(&Record::new(&id, "kernel_start", Mode::Drop, "127.0.0.1:1".parse().unwrap(), None));
+                        log.write(&Record::new(
+                            &id,
+                            Event::KernelStart,
+                            Mode::Drop,
+                            "127.0.0.1:1".parse().unwrap(),
+                            None,
+                        ));
                     }
                 });
             }

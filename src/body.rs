@@ -18,32 +18,34 @@ use tokio::time::{Instant, Sleep};
 
 /// Why a streamed body ended early.
 #[derive(Debug)]
-pub enum BodyError {
+pub enum StreamError {
     /// The other side failed: reset, closed early, a malformed chunk.
     Hyper(hyper::Error),
     /// The other side sent nothing for this long.
     Idle(Duration),
 }
 
-impl fmt::Display for BodyError {
+impl fmt::Display for StreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BodyError::Hyper(e) => write!(f, "{e}"),
-            BodyError::Idle(d) => write!(f, "no body data for {}", humantime::format_duration(*d)),
+            StreamError::Hyper(e) => write!(f, "{e}"),
+            StreamError::Idle(d) => write!(f, "no body data for {}", humantime::format_duration(*d)),
         }
     }
 }
 
-impl std::error::Error for BodyError {
+/// `Hyper` is transparent: it shows hyper's message and gives hyper's cause, so that an error
+/// shown with its causes says each once.
+impl std::error::Error for StreamError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            BodyError::Hyper(e) => Some(e),
-            BodyError::Idle(_) => None,
+            StreamError::Hyper(e) => e.source(),
+            StreamError::Idle(_) => None,
         }
     }
 }
 
-/// A hyper body streamed from the other side, which ends with [`BodyError::Idle`] when it yields no
+/// A hyper body streamed from the other side, which ends with [`StreamError::Idle`] when it yields no
 /// frame for `idle` while envgate waits for one (time spent while the receiving side is not asking
 /// for more, e.g. a slow reader, does not count).
 ///
@@ -67,14 +69,14 @@ impl Streamed {
 
 impl Body for Streamed {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = StreamError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
-                Poll::Ready(frame.map(|f| f.map_err(BodyError::Hyper)))
+                Poll::Ready(frame.map(|f| f.map_err(StreamError::Hyper)))
             }
             Poll::Pending => {
                 if !this.waiting {
@@ -86,7 +88,7 @@ impl Body for Streamed {
                     }
                 }
                 match this.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(BodyError::Idle(this.idle)))),
+                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(StreamError::Idle(this.idle)))),
                     _ => Poll::Pending,
                 }
             }
@@ -130,9 +132,9 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = StreamError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
         match self.get_mut() {
             ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -209,7 +211,7 @@ pub(crate) mod tests {
         let started = std::time::Instant::now();
         let e =
             tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("no hang").unwrap().unwrap_err();
-        assert!(matches!(e, BodyError::Idle(_)), "{e}");
+        assert!(matches!(e, StreamError::Idle(_)), "{e}");
         assert_eq!(e.to_string(), "no body data for 300ms");
         assert!(started.elapsed() >= Duration::from_millis(290), "{:?}", started.elapsed());
     }

@@ -5,10 +5,17 @@
 //! needs. Keeping this out of the I/O shell is what lets the tests and the fuzzers check the
 //! promise directly: whatever a client sends, what is forwarded re-parses, holds only names the
 //! policy allows, and only values the value rules accept.
+//!
+//! Identity binding is decided here too, from the trusted header's value as the proxy read it:
+//! [`trusted_user`] (before the body is read), then [`bind_user`] and [`user_of`] on the parsed
+//! body, so that the same checks cover who the kernel runs as.
+
+use std::borrow::Cow;
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
+use crate::config::Mismatch;
 use crate::policy::{Decision, Kept, Mode, Policy, Source, SpecFacts};
 use crate::rewrite::start::StartBody;
 use crate::values::{self, PathRule, Violation};
@@ -34,6 +41,105 @@ pub enum Verdict {
     Refuse(Refusal),
 }
 
+/// What the `kernel_path` rule did to the body's `path` (in `report` mode: would have done).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize), serde(rename_all = "snake_case"))]
+pub enum PathAction {
+    Refused,
+    Stripped,
+}
+
+impl PathAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathAction::Refused => "refused",
+            PathAction::Stripped => "stripped",
+        }
+    }
+}
+
+/// Where the kernel's user (its `KERNEL_USERNAME`) came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize), serde(rename_all = "snake_case"))]
+pub enum UserSource {
+    /// The client's own claim, not verified.
+    Body,
+    /// The header a trusted authenticating proxy set (identity binding).
+    TrustedHeader,
+}
+
+impl UserSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserSource::Body => "body",
+            UserSource::TrustedHeader => "trusted_header",
+        }
+    }
+}
+
+/// The kernel's user, as the audit record names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct User<'a> {
+    pub name: &'a str,
+    pub source: UserSource,
+}
+
+/// Identity binding's settings, as the decision needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding<'a> {
+    /// The trusted header's name, for messages.
+    pub header: &'a str,
+    /// What to do when the body's `KERNEL_USERNAME` names someone else.
+    pub on_mismatch: Mismatch,
+}
+
+/// The user a trusted authenticating proxy named in the header `header`, from its value as
+/// received (`None`: absent, or not text), surrounding whitespace trimmed. Without one, a
+/// refusal (403): with identity binding on, no request goes on unnamed.
+pub fn trusted_user<'v>(header: &str, value: Option<&'v str>) -> Result<&'v str, Refusal> {
+    match value.map(str::trim) {
+        Some(u) if !u.is_empty() => Ok(u),
+        _ => Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: format!("envgate requires the {header} header from the authenticating proxy"),
+            extra: json!({}),
+            why: "missing trusted user header",
+        }),
+    }
+}
+
+/// Makes `user` (the trusted header's) the body's `KERNEL_USERNAME`, whatever the body says: kept
+/// when the body names the same user, added when it names none, and, when it names someone else,
+/// overwritten or refused (403) as `binding.on_mismatch` says.
+pub fn bind_user(body: &mut StartBody<'_>, user: &str, binding: Binding<'_>) -> Result<(), Refusal> {
+    match body.env.iter_mut().find(|(k, _)| k == USERNAME) {
+        Some((_, claimed)) if claimed == user => Ok(()),
+        Some(_) if binding.on_mismatch == Mismatch::Refuse => Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: format!("{USERNAME} in the request differs from the user named by {}", binding.header),
+            extra: json!({}),
+            why: "KERNEL_USERNAME differs from the trusted user",
+        }),
+        Some((_, claimed)) => {
+            *claimed = Cow::Owned(user.to_string());
+            Ok(())
+        }
+        None => {
+            body.env.push((USERNAME.into(), Cow::Owned(user.to_string())));
+            Ok(())
+        }
+    }
+}
+
+/// The user a kernel start names: the trusted header's (`trusted`) when identity binding is on,
+/// else the body's `KERNEL_USERNAME` claim, if any.
+pub fn user_of<'a>(body: &'a StartBody<'_>, trusted: Option<&'a str>) -> Option<User<'a>> {
+    match trusted {
+        Some(name) => Some(User { name, source: UserSource::TrustedHeader }),
+        None => body.env.iter().find(|(k, _)| k == USERNAME).map(|(_, v)| User { name: v, source: UserSource::Body }),
+    }
+}
+
 /// The outcome of one kernel start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan<'a> {
@@ -41,9 +147,8 @@ pub struct Plan<'a> {
     pub decision: Decision<'a>,
     /// Kept values (in `report` mode: values `drop` would forward) that broke a value rule.
     pub violations: Vec<Violation>,
-    /// What the `kernel_path` rule did to the body's `path`: `refused` or `stripped` (in
-    /// `report` mode: would have); `None` when it let the path through.
-    pub path: Option<&'static str>,
+    /// What the `kernel_path` rule did to the body's `path`; `None` when it let the path through.
+    pub path: Option<PathAction>,
     pub verdict: Verdict,
 }
 
@@ -72,7 +177,11 @@ pub fn decide<'b>(
         policy.values.check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v)));
     let path_escapes =
         policy.kernel_path != PathRule::Keep && body.path().is_some_and(|p| values::path_escapes(p.as_deref()));
-    let path = path_escapes.then_some(if policy.kernel_path == PathRule::Strip { "stripped" } else { "refused" });
+    let path = path_escapes.then_some(if policy.kernel_path == PathRule::Strip {
+        PathAction::Stripped
+    } else {
+        PathAction::Refused
+    });
 
     let refusal = if policy.mode == Mode::Report {
         None
@@ -102,7 +211,7 @@ pub fn decide<'b>(
             }),
             why: "value rules",
         })
-    } else if path == Some("refused") {
+    } else if path == Some(PathAction::Refused) {
         Some(Refusal {
             status: StatusCode::BAD_REQUEST,
             message: "envgate refused the kernel start: \"path\" must be a relative path inside the gateway's root \
@@ -182,7 +291,7 @@ mod tests {
         let plan = run(&policy(Mode::Report), body);
         assert_eq!(forwarded(&plan), json!({"env":{"FOO":"$(id)","BAR":"2"},"path":"../x"}));
         assert_eq!(plan.violations.len(), 1);
-        assert_eq!(plan.path, Some("refused"));
+        assert_eq!(plan.path, Some(PathAction::Refused));
         assert_eq!(plan.decision.rejected.len(), 1);
     }
 
@@ -214,11 +323,11 @@ mod tests {
         let body = r#"{"name":"python3","path":"../../tmp","env":{}}"#;
         let plan = run(&p, body);
         assert_eq!(refusal(&plan).status, StatusCode::BAD_REQUEST);
-        assert_eq!(plan.path, Some("refused"));
+        assert_eq!(plan.path, Some(PathAction::Refused));
         p.kernel_path = PathRule::Strip;
         let plan = run(&p, body);
         assert_eq!(forwarded(&plan), json!({"name":"python3","env":{}}));
-        assert_eq!(plan.path, Some("stripped"));
+        assert_eq!(plan.path, Some(PathAction::Stripped));
         p.kernel_path = PathRule::Keep;
         let plan = run(&p, body);
         assert_eq!(forwarded(&plan)["path"], "../../tmp");
@@ -230,7 +339,7 @@ mod tests {
             assert_eq!(run(&p, r#"{"path":null}"#).path, None);
             assert_eq!(
                 run(&p, r#"{"path":{"a":1}}"#).path,
-                Some(if rule == PathRule::Strip { "stripped" } else { "refused" })
+                Some(if rule == PathRule::Strip { PathAction::Stripped } else { PathAction::Refused })
             );
         }
     }
@@ -245,6 +354,46 @@ mod tests {
         assert_eq!(plan.decision.kept[0].source, Source::TrustedHeader);
         let b = parse(br#"{"env":{"KERNEL_USERNAME":"a;id"}}"#).unwrap();
         assert_eq!(refusal(&decide(&p, None, None, &b, true)).status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn the_trusted_header_must_name_someone() {
+        assert_eq!(trusted_user("x-user", Some(" alice\t")), Ok("alice"));
+        for v in [None, Some(""), Some("  ")] {
+            let r = trusted_user("x-user", v).unwrap_err();
+            assert_eq!(r.status, StatusCode::FORBIDDEN);
+            assert_eq!(r.message, "envgate requires the x-user header from the authenticating proxy");
+            assert_eq!(r.why, "missing trusted user header");
+        }
+    }
+
+    #[test]
+    fn the_trusted_user_is_the_kernels_user() {
+        let binding = |on_mismatch| Binding { header: "x-user", on_mismatch };
+        let env = |b: &StartBody<'_>| b.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+        for m in [Mismatch::Refuse, Mismatch::Overwrite] {
+            // the same user: kept as sent
+            let mut b = parse(br#"{"env":{"KERNEL_USERNAME":"alice","A":"1"}}"#).unwrap();
+            assert_eq!(bind_user(&mut b, "alice", binding(m)), Ok(()));
+            assert_eq!(env(&b), ["KERNEL_USERNAME=alice", "A=1"]);
+            // none: added last
+            let mut b = parse(br#"{"env":{"A":"1"}}"#).unwrap();
+            assert_eq!(bind_user(&mut b, "alice", binding(m)), Ok(()));
+            assert_eq!(env(&b), ["A=1", "KERNEL_USERNAME=alice"]);
+        }
+        // someone else: refused, or overwritten in its place
+        let mut b = parse(br#"{"env":{"KERNEL_USERNAME":"bob","A":"1"}}"#).unwrap();
+        let r = bind_user(&mut b, "alice", binding(Mismatch::Refuse)).unwrap_err();
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(r.message, "KERNEL_USERNAME in the request differs from the user named by x-user");
+        assert_eq!(r.why, "KERNEL_USERNAME differs from the trusted user");
+        assert_eq!(bind_user(&mut b, "alice", binding(Mismatch::Overwrite)), Ok(()));
+        assert_eq!(env(&b), ["KERNEL_USERNAME=alice", "A=1"]);
+        // who the record names
+        assert_eq!(user_of(&b, Some("alice")), Some(User { name: "alice", source: UserSource::TrustedHeader }));
+        let b = parse(br#"{"env":{"KERNEL_USERNAME":"bob"}}"#).unwrap();
+        assert_eq!(user_of(&b, None), Some(User { name: "bob", source: UserSource::Body }));
+        assert_eq!(user_of(&parse(b"{}").unwrap(), None), None);
     }
 
     #[test]

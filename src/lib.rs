@@ -5,18 +5,24 @@
 //! - [`policy`]: the decision per name (pure);
 //! - [`values`]: what a forwarded value and the body's `path` may hold (pure);
 //! - [`rewrite`]: kernel-start and kernelspec bodies, bytes to bytes (pure);
-//! - [`decide`]: one kernel start, parsed body to forwarded bytes or refusal (pure);
+//! - [`decide`]: one kernel start, parsed body to forwarded bytes or refusal, and identity
+//!   binding's trusted user (pure);
 //! - [`routes`]: which route a raw request is (pure);
 //! - [`config`]: file + environment + flags -> one validated [`config::Config`];
 //! - [`wire`]: header hygiene, JSON errors, ETags;
 //! - [`json`]: JSON strings written fast, for the forwarded `env` and the audit record;
-//! - [`proxy`]: the hyper service, one function per route class;
+//! - [`proxy`]: the hyper service, one function per route class; the policy routes' one exit;
+//! - [`runtime`]: what the service runs on, built and handed down by the shell: the runtime a
+//!   reload replaces, the shared state, the worker serving a request, start-up errors;
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
 //! - [`server`]: listener, workers, connections, signals;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names;
 //! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
+//!
+//! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules; [`runtime`] is
+//! read by both [`server`] and [`proxy`] and imports neither.
 
 pub mod audit;
 pub mod body;
@@ -30,6 +36,7 @@ pub mod pool;
 pub mod proxy;
 pub mod rewrite;
 pub mod routes;
+pub mod runtime;
 pub mod server;
 pub mod splice;
 pub mod summary;

@@ -2,19 +2,23 @@
 //! (classify the request, filter it, send it upstream, filter the response).
 //!
 //! - pass-through: headers cleaned, bodies streamed both ways, upgrades spliced;
-//! - kernel start: body read (bounded), parsed strictly, decided by [`crate::policy`],
+//! - kernel start: body read (bounded), parsed strictly, decided by [`crate::decide`],
 //!   re-serialized by [`crate::rewrite::start`], audited;
 //! - session start: refused unless allowed, audited;
 //! - kernelspecs: response rewritten by [`crate::rewrite::kernelspecs`], with its own ETag.
+//!
+//! The policy routes (kernel start, session start, ambiguous paths) have one exit: their steps
+//! return a [`Forwarded`] or a [`Refusal`], and [`finish`] alone turns that into the response,
+//! the metrics and the audit record, so no step can answer without being audited.
+//!
+//! The service is handed what it runs on ([`State`], the request's [`Worker`]) by the shell; it
+//! knows nothing of threads or listeners.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
-
-use arc_swap::ArcSwap;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -25,106 +29,27 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::audit::{AuditLog, Ids, Record, ViolationName};
-use crate::body::{BodyError, ProxyBody, Streamed};
-use crate::config::{Config, Mismatch};
-use crate::decide::{self, Verdict, USERNAME};
-use crate::metrics::{DecisionLabel, KindLabel, Metrics, ReasonLabel, RouteLabel, RouteStatus, RuleLabel};
-use crate::policy::Sessions;
-use crate::rewrite::{kernelspecs, start};
-use crate::routes::{Route, Routes};
-use crate::upstream::{SpecCache, SpecsError, Upstream, UpstreamError};
+use crate::audit::{Event, Outcome, Record, ViolationName};
+use crate::body::{ProxyBody, StreamError, Streamed};
+use crate::decide::{self, Binding, UserSource, Verdict};
+use crate::metrics::{DecisionLabel, KindLabel, ReasonLabel, RouteLabel, RouteStatus, RuleLabel};
+use crate::policy::{Decision, Sessions};
+use crate::rewrite::kernelspecs;
+use crate::rewrite::start::{self, StartBody};
+use crate::routes::Route;
+use crate::runtime::{Runtime, State, Worker};
+use crate::upstream::{SpecsError, Upstream, UpstreamError};
+use crate::values::Violation;
 use crate::wire;
-
-/// Everything that a reload (SIGHUP) replaces: built from one [`Config`].
-pub struct Runtime {
-    pub config: Config,
-    pub routes: Routes,
-    /// One pooled upstream client per worker thread, and one for the main thread (last): an
-    /// upstream connection is only ever used on the thread whose runtime drives it, so a request
-    /// never wakes another core.
-    upstreams: Arc<[Upstream]>,
-    pub specs: SpecCache,
-    /// Kernelspec bodies already rewritten under this policy: (body, its ETag) by the upstream's bytes.
-    pub rewrites: kernelspecs::Memo<(Bytes, HeaderValue)>,
-    /// A short hash of the effective policy, for logs and the `envgate_policy_info` metric.
-    pub policy_hash: String,
-}
-
-impl Runtime {
-    /// Builds the runtime with `workers` worker threads; reuses `previous`'s connection pools
-    /// when the upstream is unchanged.
-    pub fn new(config: Config, previous: Option<&Runtime>, workers: usize) -> Result<Runtime, String> {
-        let upstreams = match previous {
-            Some(p)
-                if p.upstreams.len() == workers + 1
-                    && p.config.upstream == config.upstream
-                    && p.config.upstream_tls == config.upstream_tls
-                    && p.config.upstream_token == config.upstream_token
-                    && p.config.connect_timeout == config.connect_timeout
-                    && p.config.response_timeout == config.response_timeout
-                    && p.config.body_idle_timeout == config.body_idle_timeout =>
-            {
-                p.upstreams.clone()
-            }
-            _ => (0..=workers).map(|_| Upstream::new(&config)).collect::<Result<Vec<_>, _>>()?.into(),
-        };
-        Ok(Runtime {
-            routes: Routes::new(&config.upstream.base),
-            specs: SpecCache::new(config.kernelspec_cache_ttl),
-            rewrites: kernelspecs::Memo::default(),
-            policy_hash: policy_hash(&config),
-            upstreams,
-            config,
-        })
-    }
-
-    /// The upstream client of the calling thread.
-    pub fn upstream(&self) -> &Upstream {
-        let i = crate::server::worker_index().unwrap_or(self.upstreams.len() - 1);
-        &self.upstreams[i % self.upstreams.len()]
-    }
-}
-
-fn policy_hash(config: &Config) -> String {
-    use std::hash::{Hash, Hasher};
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    config.policy.to_string().hash(&mut h);
-    format!("{:016x}", h.finish())
-}
-
-/// Everything a request needs, shared by all connections.
-pub struct State {
-    /// The current runtime; requests take a snapshot, so a reload never changes a request midway.
-    pub runtime: ArcSwap<Runtime>,
-    pub audit: AuditLog,
-    pub ids: Ids,
-    pub metrics: Metrics,
-    /// Spliced (upgraded) connections, tracked so that shutdown can wait for them, then end them.
-    pub splices: TaskTracker,
-    pub stop_splices: CancellationToken,
-}
-
-impl State {
-    pub fn new(runtime: Runtime, audit: AuditLog) -> State {
-        let metrics = Metrics::default();
-        metrics.set_policy(&runtime.policy_hash);
-        State {
-            runtime: ArcSwap::from_pointee(runtime),
-            audit,
-            ids: Ids::default(),
-            metrics,
-            splices: TaskTracker::new(),
-            stop_splices: CancellationToken::new(),
-        }
-    }
-}
 
 /// One request's view: the shared state, the runtime snapshot, and where the request came from.
 struct Ctx<'a> {
     st: &'a State,
     rt: &'a Runtime,
+    /// The upstream client of the worker serving the request, from `rt`.
+    upstream: &'a Upstream,
+    /// The worker serving the request, whose audit batch its record joins.
+    worker: Worker,
     peer: SocketAddr,
     /// `peer`'s address as an `X-Forwarded-For` item.
     forwarded_for: &'a HeaderValue,
@@ -132,18 +57,20 @@ struct Ctx<'a> {
     proto: &'static str,
 }
 
-/// Serves one request. `forwarded_for`: `peer`'s IP as a header value
+/// Serves one request, on `worker`. `forwarded_for`: `peer`'s IP as a header value
 /// ([`wire::forwarded_for`]), made once per connection.
 pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     forwarded_for: HeaderValue,
     proto: &'static str,
+    worker: Worker,
     st: Arc<State>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let rt = st.runtime.load_full();
-    let cx = Ctx { st: &st, rt: &rt, peer, forwarded_for: &forwarded_for, proto };
+    let cx =
+        Ctx { st: &st, rt: &rt, upstream: rt.upstream(worker), worker, peer, forwarded_for: &forwarded_for, proto };
     let route = rt.routes.classify_target(req.method(), req.uri());
     let resp = if req.method() == Method::CONNECT {
         wire::json_error(StatusCode::METHOD_NOT_ALLOWED, "envgate is a reverse proxy; CONNECT is not supported")
@@ -182,7 +109,7 @@ fn to_upstream(parts: &mut Parts, cx: &Ctx<'_>) {
 fn clean_for_upstream(headers: &mut HeaderMap, cx: &Ctx<'_>) {
     wire::strip_hop_by_hop(headers);
     wire::add_forwarded(headers, cx.forwarded_for, cx.proto);
-    if let Some(auth) = &cx.rt.upstream().auth {
+    if let Some(auth) = &cx.upstream.auth {
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
 }
@@ -210,8 +137,8 @@ async fn pass(mut req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
-    let body = ProxyBody::stream(body, cx.rt.upstream().body_idle_timeout);
-    let resp = match cx.rt.upstream().send(Request::from_parts(parts, body)).await {
+    let body = ProxyBody::stream(body, cx.upstream.body_idle_timeout);
+    let resp = match cx.upstream.send(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
     };
@@ -256,6 +183,154 @@ fn splice(st: &State, client: hyper::upgrade::OnUpgrade, mut resp: Response<Stre
     Response::from_parts(parts, ProxyBody::empty())
 }
 
+// ---------------------------------------------------------------------------------------------
+// The policy routes: steps that end in a `Forwarded` or a `Refusal`, and their one exit.
+
+/// A policy route's request, sent upstream.
+#[derive(Debug)]
+struct Forwarded {
+    /// The upstream's answer, or envgate's 502/504 when it gave none.
+    response: Response<ProxyBody>,
+    /// Why the upstream gave no answer of its own, for the audit record.
+    failure: Option<Cow<'static, str>>,
+    /// The new kernel's id (kernel starts only).
+    kernel_id: Option<String>,
+}
+
+/// Why envgate answered a policy route's request itself, never sending it upstream.
+#[derive(Debug)]
+enum Refusal {
+    /// The pure decision refused: identity binding or the policy.
+    Decided(decide::Refusal),
+    /// The body could not be read.
+    Body(BodyRefusal),
+    /// The body did not pass the strict parse.
+    Parse(start::ParseError),
+    /// The kernelspecs the policy needs could not be learnt from the upstream.
+    Specs(SpecsError),
+    /// A `POST` whose path could reach a kernel start after normalization (the message).
+    Ambiguous(String),
+    /// A session start under `sessions = "deny"`.
+    SessionsDenied,
+}
+
+impl From<decide::Refusal> for Refusal {
+    fn from(r: decide::Refusal) -> Refusal {
+        Refusal::Decided(r)
+    }
+}
+
+impl From<BodyRefusal> for Refusal {
+    fn from(r: BodyRefusal) -> Refusal {
+        Refusal::Body(r)
+    }
+}
+
+impl From<start::ParseError> for Refusal {
+    fn from(e: start::ParseError) -> Refusal {
+        Refusal::Parse(e)
+    }
+}
+
+impl Refusal {
+    /// The audit record's `error`: a short reason, never a value.
+    fn why(&self) -> Cow<'static, str> {
+        match self {
+            Refusal::Decided(r) => r.why.into(),
+            Refusal::Body(b) => b.status().canonical_reason().unwrap_or("refused").into(),
+            Refusal::Parse(e) => e.to_string().into(),
+            Refusal::Specs(_) => "cannot learn the kernelspecs from the upstream".into(),
+            Refusal::Ambiguous(_) => "ambiguous path".into(),
+            Refusal::SessionsDenied => "sessions denied".into(),
+        }
+    }
+
+    /// The answer to the client.
+    fn into_response(self) -> Response<ProxyBody> {
+        match self {
+            Refusal::Decided(r) => {
+                let extra = r.extra.as_object().filter(|o| !o.is_empty()).cloned();
+                wire::json_error_with(r.status, &r.message, extra)
+            }
+            Refusal::Body(b) => wire::json_error(b.status(), &b.message()),
+            Refusal::Parse(e) => wire::json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+            Refusal::Specs(e) => e.response(),
+            Refusal::Ambiguous(msg) => wire::json_error(StatusCode::BAD_REQUEST, &msg),
+            Refusal::SessionsDenied => wire::json_error(
+                StatusCode::FORBIDDEN,
+                "envgate refuses POST /api/sessions: a session starts its kernel with the gateway's whole \
+                 environment, outside the env policy. Start kernels with POST /api/kernels, or set sessions = \"allow\".",
+            ),
+        }
+    }
+}
+
+/// How a policy route ended, as its audit record says.
+#[derive(Debug, PartialEq)]
+struct Ending {
+    outcome: Outcome,
+    status: u16,
+    error: Option<Cow<'static, str>>,
+    kernel_id: Option<String>,
+}
+
+impl Ending {
+    /// The route's result as its response and its ending.
+    fn of(result: Result<Forwarded, Refusal>) -> (Ending, Response<ProxyBody>) {
+        match result {
+            Ok(f) => {
+                let status = f.response.status().as_u16();
+                (Ending { outcome: Outcome::Forwarded, status, error: f.failure, kernel_id: f.kernel_id }, f.response)
+            }
+            Err(r) => {
+                let error = Some(r.why());
+                let resp = r.into_response();
+                let status = resp.status().as_u16();
+                (Ending { outcome: Outcome::Refused, status, error, kernel_id: None }, resp)
+            }
+        }
+    }
+
+    fn write_to<'a>(&'a self, rec: &mut Record<'a>) {
+        rec.outcome = self.outcome;
+        rec.status = Some(self.status);
+        rec.error = self.error.as_deref();
+        rec.kernel_id = self.kernel_id.as_deref();
+    }
+}
+
+/// The one exit of the policy routes: ends the record as `result` says, counts the decision,
+/// writes the record (before the response goes out), and tags the response with the decision id.
+async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, result: Result<Forwarded, Refusal>) -> Response<ProxyBody> {
+    let (ending, mut resp) = Ending::of(result);
+    let mut rec = rec;
+    ending.write_to(&mut rec);
+    let m = &cx.st.metrics;
+    let label = DecisionLabel { event: rec.event.as_str(), outcome: rec.outcome.as_str(), mode: rec.mode.as_str() };
+    m.decisions.get_or_create(&label).inc();
+    // One counter update per reason, not per name: a request from an old client rejects dozens.
+    let mut by_reason: Vec<(&str, u64)> = Vec::new();
+    for r in &rec.rejected {
+        match by_reason.iter_mut().find(|(reason, _)| *reason == r.reason) {
+            Some((_, n)) => *n += 1,
+            None => by_reason.push((r.reason, 1)),
+        }
+    }
+    for (reason, n) in by_reason {
+        m.rejected.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+    cx.st.audit.log(&rec, cx.worker.index()).await;
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert("x-envgate-decision", v);
+    }
+    resp
+}
+
+/// A policy route's audit record, with the request's identity filled in.
+fn record<'a>(cx: &Ctx<'_>, id: &'a str, event: Event, xff: Option<&'a str>) -> Record<'a> {
+    Record::new(id, event, cx.rt.config.policy.mode, cx.peer, xff)
+}
+
 /// The client's `X-Forwarded-For`, as received (every line, joined), for the audit record.
 fn xff(headers: &HeaderMap) -> Option<String> {
     let lines: Vec<String> =
@@ -270,80 +345,68 @@ fn token_pair(query: &str) -> Option<&str> {
 }
 
 /// The user a trusted authenticating proxy named, when identity binding is on: `Ok(None)` when
-/// it is off, `Err(message)` (for a 403) when it is on and the header is missing or unusable.
-fn trusted_user<'h>(cx: &Ctx<'_>, headers: &'h HeaderMap) -> Result<Option<&'h str>, String> {
+/// it is off; refused when it is on and the header is missing or unusable.
+fn trusted_user(cx: &Ctx<'_>, headers: &HeaderMap) -> Result<Option<String>, decide::Refusal> {
     let Some(identity) = &cx.rt.config.identity else { return Ok(None) };
-    match headers.get(&identity.header).and_then(|v| v.to_str().ok()).map(str::trim) {
-        Some(u) if !u.is_empty() => Ok(Some(u)),
-        _ => Err(format!("envgate requires the {} header from the authenticating proxy", identity.header)),
-    }
+    let value = headers.get(&identity.header).and_then(|v| v.to_str().ok());
+    decide::trusted_user(identity.header.as_str(), value).map(|u| Some(u.to_string()))
+}
+
+/// What a kernel start's audit record borrows: owned by [`kernel_start`], so that the record
+/// outlives the steps that fill it in.
+#[derive(Default)]
+struct Held<'a> {
+    /// The trusted header's user, when identity binding is on.
+    user: Option<String>,
+    bytes: Bytes,
+    body: Option<StartBody<'a>>,
+    kernelspec: Option<String>,
+    decision: Option<Decision<'a>>,
+    violations: Vec<Violation>,
 }
 
 /// `POST {base}api/kernels`: the env policy.
 async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
-    let (st, rt) = (cx.st, cx.rt);
-    let id = st.ids.next();
-    let policy = &rt.config.policy;
-    let (mut parts, body) = req.into_parts();
+    let id = cx.st.ids.next();
+    let (parts, body) = req.into_parts();
     let xff = xff(&parts.headers);
-    let mut rec = Record::new(&id, "kernel_start", policy.mode, cx.peer, xff.as_deref());
+    let mut rec = record(cx, &id, Event::KernelStart, xff.as_deref());
+    let mut held = Held::default();
+    let result = kernel_start_steps(parts, body, cx, &mut held, &mut rec).await;
+    finish(cx, rec, &id, result).await
+}
 
-    let bound_user = match trusted_user(cx, &parts.headers) {
-        Ok(u) => u.map(str::to_string),
-        Err(msg) => {
-            let resp = wire::json_error(StatusCode::FORBIDDEN, &msg);
-            let (rec, resp) = refused(rec, resp, "missing trusted user header");
-            return finish(cx, rec, &id, resp).await;
-        }
-    };
-    // Read the body, bounded, refusing what cannot be read.
-    let bytes = match read_body(
-        &parts.headers,
-        ProxyBody::stream(body, rt.upstream().body_idle_timeout),
-        rt.config.max_body_bytes,
-    )
-    .await
-    {
-        Ok(b) => b,
-        Err(resp) => {
-            let why = resp.status().canonical_reason().unwrap_or("refused").to_string();
-            let (rec, resp) = refused(rec, resp, &why);
-            return finish(cx, rec, &id, resp).await;
-        }
-    };
-    let mut parsed = match start::parse(&bytes) {
-        Ok(p) => p,
-        Err(e) => {
-            let msg = e.to_string();
-            let resp = wire::json_error(StatusCode::BAD_REQUEST, &msg);
-            let (rec, resp) = refused(rec, resp, &msg);
-            return finish(cx, rec, &id, resp).await;
-        }
-    };
+/// A kernel start, up to the upstream's answer, filling in `rec` on the way.
+async fn kernel_start_steps<'a>(
+    mut parts: Parts,
+    body: Incoming,
+    cx: &Ctx<'_>,
+    held: &'a mut Held<'a>,
+    rec: &mut Record<'a>,
+) -> Result<Forwarded, Refusal> {
+    let Held { user, bytes, body: parsed, kernelspec, decision, violations } = held;
+    let rt = cx.rt;
+    let policy = &rt.config.policy;
+    // With identity binding on, a request without the trusted user is refused unread.
+    *user = trusted_user(cx, &parts.headers)?;
+    let user: &'a Option<String> = user;
+    *bytes =
+        read_body(&parts.headers, ProxyBody::stream(body, cx.upstream.body_idle_timeout), rt.config.max_body_bytes)
+            .await?;
+    let bytes: &'a Bytes = bytes;
+    let parsed = parsed.insert(start::parse(bytes)?);
     // Identity binding: the trusted user is the kernel's KERNEL_USERNAME, whatever the body says.
-    if let (Some(user), Some(identity)) = (&bound_user, &rt.config.identity) {
-        match parsed.env.iter_mut().find(|(k, _)| k == USERNAME) {
-            Some((_, claimed)) if claimed == user => {}
-            Some(_) if identity.on_mismatch == Mismatch::Refuse => {
-                let resp = wire::json_error(
-                    StatusCode::FORBIDDEN,
-                    &format!("{USERNAME} in the request differs from the user named by {}", identity.header),
-                );
-                rec.user = bound_user.as_deref();
-                rec.user_source = Some("trusted_header");
-                let (rec, resp) = refused(rec, resp, "KERNEL_USERNAME differs from the trusted user");
-                return finish(cx, rec, &id, resp).await;
-            }
-            Some((_, claimed)) => *claimed = user.clone().into(),
-            None => parsed.env.push((USERNAME.into(), user.clone().into())),
+    let bound = match (user.as_deref(), &rt.config.identity) {
+        (Some(u), Some(i)) => {
+            decide::bind_user(parsed, u, Binding { header: i.header.as_str(), on_mismatch: i.on_mismatch })
         }
-    }
-    rec.user = parsed.env.iter().find(|(k, _)| k == USERNAME).map(|(_, v)| &**v);
-    rec.user_source = match (&bound_user, rec.user) {
-        (Some(_), _) => Some("trusted_header"),
-        (None, Some(_)) => Some("body"),
-        (None, None) => None,
+        _ => Ok(()),
     };
+    let parsed: &'a StartBody<'a> = parsed;
+    let who = decide::user_of(parsed, user.as_deref());
+    rec.user = who.map(|u| u.name);
+    rec.user_source = who.map(|u| u.source);
+    bound?;
 
     // Learn the kernelspec's own facts (and the default kernelspec) from the upstream.
     let token = parts.uri.query().and_then(token_pair);
@@ -352,38 +415,31 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
         clean_for_upstream(&mut h, cx);
         h
     };
-    let index = match rt.specs.get(rt.upstream(), rt.routes.kernelspecs_path(), token, fetch_headers).await {
-        Ok(i) => i,
-        Err(e) => {
-            if let SpecsError::Upstream(u) = &e {
-                st.metrics.upstream_errors.get_or_create(&KindLabel { kind: u.kind() }).inc();
-            }
-            tracing::warn!(error = %e.describe(), "cannot learn the kernelspecs");
-            let resp = e.response();
-            let (rec, resp) = refused(rec, resp, "cannot learn the kernelspecs from the upstream");
-            return finish(cx, rec, &id, resp).await;
-        }
-    };
-    let (kernelspec, facts) = index.resolve(parsed.name.as_deref());
-    let plan = decide::decide(policy, kernelspec.as_deref(), facts, &parsed, bound_user.is_some());
+    let index = rt
+        .specs
+        .get(cx.upstream, rt.routes.kernelspecs_path(), token, fetch_headers)
+        .await
+        .map_err(|e| specs_failed(cx, e))?;
+    let (name, facts) = index.resolve(parsed.name.as_deref());
+    *kernelspec = name;
+    let kernelspec: &'a Option<String> = kernelspec;
+    let plan = decide::decide(policy, kernelspec.as_deref(), facts, parsed, user.is_some());
     rec.kernelspec = kernelspec.as_deref();
-    let mut rec = rec.with_decision(&plan.decision);
-    rec.violations = plan.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
+    rec.set_decision(decision.insert(plan.decision));
+    *violations = plan.violations;
+    let violations: &'a Vec<Violation> = violations;
+    rec.violations = violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
     rec.path = plan.path;
-    for v in &plan.violations {
-        st.metrics.value_violations.get_or_create(&RuleLabel { rule: v.rule.as_str() }).inc();
+    let metrics = &cx.st.metrics;
+    for v in violations {
+        metrics.value_violations.get_or_create(&RuleLabel { rule: v.rule.as_str() }).inc();
     }
     if plan.path.is_some() {
-        st.metrics.value_violations.get_or_create(&RuleLabel { rule: "path" }).inc();
+        metrics.value_violations.get_or_create(&RuleLabel { rule: "path" }).inc();
     }
     let forwarded = match plan.verdict {
         Verdict::Forward(bytes) => bytes,
-        Verdict::Refuse(r) => {
-            let extra = r.extra.as_object().filter(|o| !o.is_empty()).cloned();
-            let resp = wire::json_error_with(r.status, &r.message, extra);
-            let (rec, resp) = refused(rec, resp, r.why);
-            return finish(cx, rec, &id, resp).await;
-        }
+        Verdict::Refuse(r) => return Err(r.into()),
     };
 
     to_upstream(&mut parts, cx);
@@ -392,50 +448,25 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
     }
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
-    rec.outcome = "forwarded";
-    let resp = match rt.upstream().send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
-        Ok(r) => r,
-        Err(e) => {
-            let resp = upstream_failed(cx, &e);
-            rec.status = Some(resp.status().as_u16());
-            let why = format!("upstream {}", e.kind());
-            rec.error = Some(&why);
-            return finish(cx, rec, &id, resp).await;
+    match cx.upstream.send(Request::from_parts(parts, ProxyBody::full(forwarded))).await {
+        Ok(resp) => {
+            Ok(Forwarded { kernel_id: kernel_id_of(resp.headers()), response: from_upstream(resp), failure: None })
         }
-    };
-    rec.status = Some(resp.status().as_u16());
-    let kernel_id = kernel_id_of(resp.headers());
-    rec.kernel_id = kernel_id.as_deref();
-    finish(cx, rec, &id, from_upstream(resp)).await
+        Err(e) => Ok(Forwarded {
+            response: upstream_failed(cx, &e),
+            failure: Some(format!("upstream {}", e.kind()).into()),
+            kernel_id: None,
+        }),
+    }
 }
 
-/// Marks a record as refused with `resp`'s status and the reason `why`.
-fn refused<'a>(mut rec: Record<'a>, resp: Response<ProxyBody>, why: &'a str) -> (Record<'a>, Response<ProxyBody>) {
-    rec.status = Some(resp.status().as_u16());
-    rec.error = Some(why);
-    (rec, resp)
-}
-
-/// Writes the audit record, counts the decision, and tags the response with the decision id.
-async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let m = &cx.st.metrics;
-    m.decisions.get_or_create(&DecisionLabel { event: rec.event, outcome: rec.outcome, mode: rec.mode }).inc();
-    // One counter update per reason, not per name: a request from an old client rejects dozens.
-    let mut by_reason: Vec<(&str, u64)> = Vec::new();
-    for r in &rec.rejected {
-        match by_reason.iter_mut().find(|(reason, _)| *reason == r.reason) {
-            Some((_, n)) => *n += 1,
-            None => by_reason.push((r.reason, 1)),
-        }
+/// A kernel start whose kernelspecs cannot be learnt: counted, logged, refused.
+fn specs_failed(cx: &Ctx<'_>, e: SpecsError) -> Refusal {
+    if let SpecsError::Upstream(u) = &e {
+        cx.st.metrics.upstream_errors.get_or_create(&KindLabel { kind: u.kind() }).inc();
     }
-    for (reason, n) in by_reason {
-        m.rejected.get_or_create(&ReasonLabel { reason }).inc_by(n);
-    }
-    cx.st.audit.log(&rec, crate::server::worker_index()).await;
-    if let Ok(v) = HeaderValue::from_str(id) {
-        resp.headers_mut().insert("x-envgate-decision", v);
-    }
-    resp
+    tracing::warn!(error = %e.describe(), "cannot learn the kernelspecs");
+    Refusal::Specs(e)
 }
 
 /// The new kernel's id, from EG's `Location: {base}api/kernels/<id>`.
@@ -446,102 +477,116 @@ fn kernel_id_of(headers: &HeaderMap) -> Option<String> {
         .then(|| id.to_string())
 }
 
+/// Why a policy route's body was not read. Never holds any of the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyRefusal {
+    /// A `Content-Encoding` other than identity (415).
+    Encoded,
+    /// Larger than `max_body_bytes` (413).
+    TooLarge { max: usize },
+    /// The client sent nothing for this long (408).
+    Stalled(Duration),
+    /// The client's connection broke mid-body (400).
+    Broken,
+}
+
+impl BodyRefusal {
+    fn status(self) -> StatusCode {
+        match self {
+            BodyRefusal::Encoded => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            BodyRefusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyRefusal::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyRefusal::Broken => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn message(self) -> String {
+        match self {
+            BodyRefusal::Encoded => {
+                "envgate cannot read a kernel start body with a Content-Encoding; send it uncompressed".into()
+            }
+            BodyRefusal::TooLarge { max } => format!("the kernel start body is larger than the limit of {max} bytes"),
+            BodyRefusal::Stalled(d) => format!("the kernel start body stalled: {}", StreamError::Idle(d)),
+            BodyRefusal::Broken => "the kernel start body could not be read".into(),
+        }
+    }
+}
+
 /// Reads a policy route's body: identity encoding only, at most `max` bytes. Given a
-/// [`ProxyBody::stream`], a body that stalls for `body_idle_timeout` is answered 408.
-async fn read_body<B>(headers: &HeaderMap, body: B, max: usize) -> Result<Bytes, Response<ProxyBody>>
+/// [`ProxyBody::stream`], a body that stalls for `body_idle_timeout` is refused as stalled.
+async fn read_body<B>(headers: &HeaderMap, body: B, max: usize) -> Result<Bytes, BodyRefusal>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     for v in headers.get_all(header::CONTENT_ENCODING) {
         if !v.to_str().is_ok_and(|v| v.split(',').all(|e| e.trim().eq_ignore_ascii_case("identity"))) {
-            return Err(wire::json_error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "envgate cannot read a kernel start body with a Content-Encoding; send it uncompressed",
-            ));
+            return Err(BodyRefusal::Encoded);
         }
     }
-    let too_large = || {
-        wire::json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the kernel start body is larger than the limit of {max} bytes"),
-        )
-    };
     if body.size_hint().lower() > max as u64 {
-        return Err(too_large());
+        return Err(BodyRefusal::TooLarge { max });
     }
     match http_body_util::Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) if matches!(e.downcast_ref::<BodyError>(), Some(BodyError::Idle(_))) => {
-            Err(wire::json_error(StatusCode::REQUEST_TIMEOUT, &format!("the kernel start body stalled: {e}")))
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "reading a kernel start body failed");
-            Err(wire::json_error(StatusCode::BAD_REQUEST, "the kernel start body could not be read"))
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyRefusal::TooLarge { max }),
+        Err(e) => match e.downcast_ref::<StreamError>() {
+            Some(StreamError::Idle(d)) => Err(BodyRefusal::Stalled(*d)),
+            _ => {
+                tracing::debug!(error = %e, "reading a kernel start body failed");
+                Err(BodyRefusal::Broken)
+            }
+        },
     }
 }
 
 /// A `POST` that is not exactly a kernel-starting route but could reach one after some
-/// normalization: refused (400) and audited, never forwarded.
+/// normalization: refused (400) and audited before its body is read, never forwarded.
 async fn ambiguous(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Response<ProxyBody> {
+    let base = cx.rt.routes.base();
     let msg = format!(
-        "envgate refuses this request: its path is not exactly a route under {} but could reach a kernel start \
-         after normalization; send POST {}api/kernels",
-        cx.rt.routes.base(),
-        cx.rt.routes.base()
+        "envgate refuses this request: its path is not exactly a route under {base} but could reach a kernel start \
+         after normalization; send POST {base}api/kernels"
     );
     tracing::warn!(path = %req.uri().path(), "refused an ambiguous kernel-start path");
-    refuse_start(req, route, cx, &msg, "ambiguous path").await
-}
-
-/// Refuses (400) and audits a request on a kernel-starting route before reading its body.
-async fn refuse_start(req: Request<Incoming>, route: Route, cx: &Ctx<'_>, msg: &str, why: &str) -> Response<ProxyBody> {
     let id = cx.st.ids.next();
     let xff = xff(req.headers());
     let event = match route {
-        Route::SessionStart | Route::AmbiguousSessionStart => "session_start",
-        _ => "kernel_start",
+        Route::SessionStart | Route::AmbiguousSessionStart => Event::SessionStart,
+        _ => Event::KernelStart,
     };
-    let rec = Record::new(&id, event, cx.rt.config.policy.mode, cx.peer, xff.as_deref());
-    let (rec, resp) = refused(rec, wire::json_error(StatusCode::BAD_REQUEST, msg), why);
-    finish(cx, rec, &id, resp).await
+    let rec = record(cx, &id, event, xff.as_deref());
+    finish(cx, rec, &id, Err(Refusal::Ambiguous(msg))).await
 }
 
 /// `POST {base}api/sessions`: refused by default, passed (and audited) when allowed.
 async fn session_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
-    let policy = &cx.rt.config.policy;
     let id = cx.st.ids.next();
     let xff = xff(req.headers());
-    let mut rec = Record::new(&id, "session_start", policy.mode, cx.peer, xff.as_deref());
-    if policy.sessions == Sessions::Deny {
-        let resp = wire::json_error(
-            StatusCode::FORBIDDEN,
-            "envgate refuses POST /api/sessions: a session starts its kernel with the gateway's whole \
-             environment, outside the env policy. Start kernels with POST /api/kernels, or set sessions = \"allow\".",
-        );
-        let (rec, resp) = refused(rec, resp, "sessions denied");
-        return finish(cx, rec, &id, resp).await;
+    let mut rec = record(cx, &id, Event::SessionStart, xff.as_deref());
+    let mut user = None;
+    let result = session_start_steps(req, cx, &mut user, &mut rec).await;
+    finish(cx, rec, &id, result).await
+}
+
+/// A session start, up to the upstream's answer; `user`: where the trusted user is kept for `rec`.
+async fn session_start_steps<'a>(
+    req: Request<Incoming>,
+    cx: &Ctx<'_>,
+    user: &'a mut Option<String>,
+    rec: &mut Record<'a>,
+) -> Result<Forwarded, Refusal> {
+    if cx.rt.config.policy.sessions == Sessions::Deny {
+        return Err(Refusal::SessionsDenied);
     }
-    let user = match trusted_user(cx, req.headers()) {
-        Ok(u) => u.map(str::to_string),
-        Err(msg) => {
-            let resp = wire::json_error(StatusCode::FORBIDDEN, &msg);
-            let (rec, resp) = refused(rec, resp, "missing trusted user header");
-            return finish(cx, rec, &id, resp).await;
-        }
-    };
+    *user = trusted_user(cx, req.headers())?;
+    let user: &'a Option<String> = user;
     rec.user = user.as_deref();
-    rec.user_source = user.as_ref().map(|_| "trusted_header");
-    rec.outcome = "forwarded";
-    let resp = pass(req, cx).await;
-    rec.status = Some(resp.status().as_u16());
+    rec.user_source = user.as_ref().map(|_| UserSource::TrustedHeader);
+    let response = pass(req, cx).await;
     // pass() answers 502/504 itself when the upstream fails; EG's own errors carry its JSON.
-    if resp.status() == StatusCode::BAD_GATEWAY || resp.status() == StatusCode::GATEWAY_TIMEOUT {
-        rec.error = Some("upstream failed");
-    }
-    finish(cx, rec, &id, resp).await
+    let failed = response.status() == StatusCode::BAD_GATEWAY || response.status() == StatusCode::GATEWAY_TIMEOUT;
+    Ok(Forwarded { failure: failed.then_some("upstream failed".into()), kernel_id: None, response })
 }
 
 /// `GET {base}api/kernelspecs[/{name}]`: inject `client_envs`, with an ETag of the new body.
@@ -550,8 +595,8 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
     let if_none_match: Vec<HeaderValue> = parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     to_upstream(&mut parts, cx);
     wire::ask_for_kernelspecs(&mut parts.headers);
-    let body = ProxyBody::stream(body, cx.rt.upstream().body_idle_timeout);
-    let resp = match cx.rt.upstream().send(Request::from_parts(parts, body)).await {
+    let body = ProxyBody::stream(body, cx.upstream.body_idle_timeout);
+    let resp = match cx.upstream.send(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
     };
@@ -576,8 +621,7 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
                 }
             }
             Err(e) => {
-                let e = UpstreamError::Failed(e.to_string());
-                return upstream_failed(cx, &e);
+                return upstream_failed(cx, &UpstreamError::Failed(e.into()));
             }
         }
         if buf.len() > kernelspecs::MAX_BODY {
@@ -635,12 +679,82 @@ mod tests {
         assert_eq!(kernel_id_of(&HeaderMap::new()), None);
     }
 
+    /// The record a route's result ends, as the audit log would have it.
+    fn ended(result: Result<Forwarded, Refusal>) -> (serde_json::Value, Response<ProxyBody>) {
+        let (ending, resp) = Ending::of(result);
+        let mut rec =
+            Record::new("id", Event::KernelStart, crate::policy::Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        ending.write_to(&mut rec);
+        let mut line = Vec::new();
+        rec.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let end = serde_json::json!({
+            "outcome": v["outcome"], "status": v["status"], "kernel_id": v["kernel_id"], "error": v["error"]
+        });
+        (end, resp)
+    }
+
+    #[test]
+    fn a_refusal_is_answered_and_audited_with_its_status_and_reason() {
+        use serde_json::json;
+        let policy = decide::Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: "not allowed: BAR".into(),
+            extra: json!({"rejected": [{"name": "BAR", "reason": "not_allowed"}]}),
+            why: "policy",
+        };
+        let parse_error = start::parse(b"[]").unwrap_err();
+        let cases = [
+            (Refusal::Decided(policy), 403, json!("policy")),
+            (Refusal::Body(BodyRefusal::Encoded), 415, json!("Unsupported Media Type")),
+            (Refusal::Body(BodyRefusal::TooLarge { max: 10 }), 413, json!("Payload Too Large")),
+            (Refusal::Body(BodyRefusal::Stalled(Duration::from_secs(1))), 408, json!("Request Timeout")),
+            (Refusal::Body(BodyRefusal::Broken), 400, json!("Bad Request")),
+            (Refusal::Parse(parse_error.clone()), 400, json!(parse_error.to_string())),
+            (
+                Refusal::Specs(SpecsError::Upstream(UpstreamError::Timeout)),
+                504,
+                json!("cannot learn the kernelspecs from the upstream"),
+            ),
+            (Refusal::Ambiguous("use POST /api/kernels".into()), 400, json!("ambiguous path")),
+            (Refusal::SessionsDenied, 403, json!("sessions denied")),
+        ];
+        for (refusal, status, why) in cases {
+            let (end, resp) = ended(Err(refusal));
+            assert_eq!(end, json!({"outcome": "refused", "status": status, "kernel_id": null, "error": why}));
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        }
+        let (_, resp) = ended(Err(Refusal::Body(BodyRefusal::TooLarge { max: 10 })));
+        let ProxyBody::Full(body) = resp.into_body() else { panic!("a buffered body") };
+        let body: serde_json::Value = serde_json::from_slice(body.as_ref().unwrap()).unwrap();
+        assert_eq!(body["message"], "the kernel start body is larger than the limit of 10 bytes");
+    }
+
+    #[test]
+    fn a_forwarded_request_is_audited_with_the_upstreams_status() {
+        use serde_json::json;
+        let answer = |status: u16| {
+            let mut r = Response::new(ProxyBody::empty());
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            r
+        };
+        let f = Forwarded { response: answer(201), failure: None, kernel_id: Some("k1".into()) };
+        let (end, resp) = ended(Ok(f));
+        assert_eq!(end, json!({"outcome": "forwarded", "status": 201, "kernel_id": "k1", "error": null}));
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let f = Forwarded { response: answer(502), failure: Some("upstream connect".into()), kernel_id: None };
+        let (end, _) = ended(Ok(f));
+        assert_eq!(end, json!({"outcome": "forwarded", "status": 502, "kernel_id": null, "error": "upstream connect"}));
+    }
+
     #[tokio::test]
     async fn a_stalled_streamed_body_is_read_as_a_408() {
         let inner =
             crate::body::tests::response("HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n{\"name\":", vec![]).await;
         let body = ProxyBody::stream(inner, std::time::Duration::from_millis(200));
-        let resp = read_body(&HeaderMap::new(), body, 1000).await.unwrap_err();
-        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        let refusal = read_body(&HeaderMap::new(), body, 1000).await.unwrap_err();
+        assert_eq!(refusal, BodyRefusal::Stalled(std::time::Duration::from_millis(200)));
+        assert_eq!(refusal.status(), StatusCode::REQUEST_TIMEOUT);
     }
 }

@@ -25,20 +25,12 @@ use crate::audit::AuditLog;
 use crate::body::ProxyBody;
 use crate::config::{Config, Opts};
 use crate::metrics::ResultLabel;
-use crate::proxy::{self, Runtime, State};
+use crate::proxy;
+use crate::runtime::{Runtime, StartError, State, Worker};
 use crate::{tls, wire};
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-thread_local! {
-    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
-/// The index of the worker thread the caller runs on; `None` off the workers (the main thread).
-pub fn worker_index() -> Option<usize> {
-    WORKER.with(|w| w.get())
-}
 
 /// What the accept loop shares with the workers.
 struct Shared {
@@ -62,8 +54,9 @@ struct Workers {
 /// Starts `n` worker threads, each with its own single-threaded event loop, like nginx's worker
 /// processes: a connection, its upstream connections and its spliced WebSocket all live on one
 /// thread, so serving a request never wakes another core. The accept loop hands each new
-/// connection to the next worker.
-fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
+/// connection to the next worker, and each connection its [`Worker`]: which upstream pool and
+/// audit batch its requests use.
+fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, StartError> {
     let mut senders = Vec::with_capacity(n);
     let mut threads = Vec::with_capacity(n);
     for i in 0..n {
@@ -71,19 +64,19 @@ fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+            .map_err(|source| StartError::Worker { index: i, source })?;
         let sh = shared.clone();
         let audit = shared.state.audit.clone();
         let thread = std::thread::Builder::new()
             .name(format!("envgate-worker-{i}"))
             .spawn(move || {
-                WORKER.with(|w| w.set(Some(i)));
+                let worker = Worker::new(i);
                 rt.block_on(async move {
                     tokio::spawn(timer_anchor());
                     while let Some((stream, peer)) = rx.recv().await {
                         match tokio::net::TcpStream::from_std(stream) {
                             Ok(stream) => {
-                                sh.conns.spawn(connection(stream, peer, sh.clone()));
+                                sh.conns.spawn(connection(stream, peer, worker, sh.clone()));
                             }
                             Err(e) => tracing::warn!(error = %e, "cannot register a connection"),
                         }
@@ -93,7 +86,7 @@ fn start_workers(n: usize, shared: &Arc<Shared>) -> Result<Workers, String> {
                 });
                 audit.flush_now(i);
             })
-            .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+            .map_err(|source| StartError::Worker { index: i, source })?;
         senders.push(tx);
         threads.push(thread);
     }
@@ -115,16 +108,16 @@ async fn timer_anchor() {
     }
 }
 
-/// One client connection, on a worker: the TLS handshake if any, then HTTP.
-async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, sh: Arc<Shared>) {
+/// One client connection, on `worker`: the TLS handshake if any, then HTTP.
+async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, worker: Worker, sh: Arc<Shared>) {
     let st = sh.state.clone();
     let stop = sh.stop.clone();
     match sh.tls.load_full() {
-        None => serve_conn(stream, peer, "http", st, stop).await,
+        None => serve_conn(stream, peer, "http", worker, st, stop).await,
         Some(acceptor) => {
             let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
             match handshake.await {
-                Ok(Ok(s)) => serve_conn(s, peer, "https", st, stop).await,
+                Ok(Ok(s)) => serve_conn(s, peer, "https", worker, st, stop).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -132,10 +125,12 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, sh: Arc<Sha
     }
 }
 
-fn acceptor(config: &Config) -> Result<Option<TlsAcceptor>, String> {
+fn acceptor(config: &Config) -> Result<Option<TlsAcceptor>, StartError> {
     match &config.tls {
         None => Ok(None),
-        Some((cert, key)) => Ok(Some(TlsAcceptor::from(tls::server_config(cert, key)?))),
+        Some((cert, key)) => {
+            Ok(Some(TlsAcceptor::from(tls::server_config(cert, key).map_err(StartError::ListenerTls)?)))
+        }
     }
 }
 
@@ -163,23 +158,24 @@ pub fn raise_fd_limit() -> Result<Option<(libc::rlim_t, libc::rlim_t)>, String> 
 
 /// Loads every file the configuration names (listener certificate and key, upstream CA and
 /// client certificate), as start-up and reload do; `envgate check` runs it too.
-pub fn preflight(config: &Config) -> Result<(), String> {
-    acceptor(config).map_err(|e| format!("invalid `tls_cert`/`tls_key`: {e}"))?;
-    crate::upstream::Upstream::new(config).map_err(|e| format!("invalid upstream TLS settings: {e}"))?;
+pub fn preflight(config: &Config) -> Result<(), StartError> {
+    acceptor(config)?;
+    crate::upstream::Upstream::new(config).map_err(StartError::UpstreamTls)?;
     Ok(())
 }
 
 /// Runs envgate until SIGTERM or SIGINT. `opts` are kept to reload the configuration on SIGHUP.
-pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
+    let bind = |addr: SocketAddr, admin: bool| async move {
+        TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, admin, source })
+    };
+    let listener = bind(config.listen, false).await?;
     let admin = match config.admin_listen {
-        Some(a) => Some(TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (admin): {e}"))?),
+        Some(a) => Some(bind(a, true).await?),
         None => None,
     };
     let tls = ArcSwapOption::from(acceptor(&config)?.map(Arc::new));
-    let audit =
-        AuditLog::open(&config.audit_log, config.workers).map_err(|e| format!("cannot open the audit log: {e}"))?;
+    let audit = AuditLog::open(&config.audit_log, config.workers).map_err(StartError::AuditLog)?;
     if config.upstream_tls.insecure {
         tracing::warn!(
             "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only"
@@ -191,7 +187,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
         );
     }
     let grace = config.shutdown_grace;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(StartError::System)?;
     let workers = config.workers;
     let state = Arc::new(State::new(Runtime::new(config, None, workers)?, audit));
     {
@@ -216,13 +212,13 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
     let Workers { senders, threads } = start_workers(workers, &shared)?;
     let stop = shared.stop.clone();
     if let Some(admin) = admin {
-        tracing::info!(admin = %admin.local_addr().map_err(|e| e.to_string())?, "admin listener (/healthz, /readyz, /metrics)");
+        tracing::info!(admin = %admin.local_addr().map_err(StartError::System)?, "admin listener (/healthz, /readyz, /metrics)");
         tokio::spawn(serve_admin(admin, state.clone(), stop.clone()));
     }
 
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::System)?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::System)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::System)?;
     let mut next = 0usize;
     loop {
         let (stream, peer) = tokio::select! {
@@ -281,12 +277,18 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), String> {
 
 /// Serves one client connection until it closes, or until shutdown asks it to finish its
 /// current request and close.
-async fn serve_conn<S>(io: S, peer: SocketAddr, proto: &'static str, st: Arc<State>, stop: CancellationToken)
-where
+async fn serve_conn<S>(
+    io: S,
+    peer: SocketAddr,
+    proto: &'static str,
+    worker: Worker,
+    st: Arc<State>,
+    stop: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let forwarded_for = crate::wire::forwarded_for(peer.ip());
-    let svc = service_fn(move |req| proxy::handle(req, peer, forwarded_for.clone(), proto, st.clone()));
+    let svc = service_fn(move |req| proxy::handle(req, peer, forwarded_for.clone(), proto, worker, st.clone()));
     let mut builder = http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
@@ -309,15 +311,21 @@ where
 /// audit log. A configuration that fails keeps the old one running. Requests in flight keep the
 /// runtime they started with; open WebSockets are not touched.
 async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>, workers: usize) {
-    let counter = |result: &'static str| state.metrics.reloads.get_or_create(&ResultLabel { result }).inc();
+    let counter = |result: &'static str| {
+        state.metrics.reloads.get_or_create(&ResultLabel { result }).inc();
+    };
     let old = state.runtime.load_full();
-    let loaded = Config::load(opts).map_err(|e| e.to_string()).and_then(|config| {
-        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
-            tracing::warn!("listen and admin_listen cannot change on reload; restart envgate to move them");
+    let config = match Config::load(opts) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
+            return counter("error");
         }
-        let acceptor = acceptor(&config)?;
-        Ok((Runtime::new(config, Some(&old), workers)?, acceptor))
-    });
+    };
+    if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+        tracing::warn!("listen and admin_listen cannot change on reload; restart envgate to move them");
+    }
+    let loaded = acceptor(&config).and_then(|a| Ok((Runtime::new(config, Some(&old), workers)?, a)));
     match loaded {
         Ok((runtime, acceptor)) => {
             if old.config.tls.is_some() != acceptor.is_some() {
@@ -371,7 +379,7 @@ async fn admin(req: Request<Incoming>, st: Arc<State>) -> Result<Response<ProxyB
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/readyz" => {
             let rt = st.runtime.load_full();
-            match rt.upstream().probe(&rt.routes.api_path()).await {
+            match rt.upstream(Worker::MAIN).probe(&rt.routes.api_path()).await {
                 Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("upstream not ready: {e}\n"), "text/plain"),
             }

@@ -18,56 +18,84 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::body::{BodyError, ProxyBody, Streamed};
+use crate::body::{ProxyBody, StreamError, Streamed};
 use crate::config::{Config, UpstreamUrl};
 use crate::pool::{Pool, Sender};
 use crate::rewrite::kernelspecs::{self, SpecIndex};
 use crate::tls;
 use crate::wire;
 
-/// Why the upstream gave no usable answer.
+/// An error from below (hyper, the connector, a body), kept as it is.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the upstream gave no usable answer. Each keeps the error that caused it; messages show
+/// it with its causes ([`source_chain`]).
 #[derive(Debug)]
 pub enum UpstreamError {
-    /// No connection could be made (refused, unreachable, connect timeout).
-    Connect(String),
+    /// No connection could be made within `connect_timeout` (TLS handshake included).
+    ConnectTimeout(Duration),
+    /// No connection could be made (refused, unreachable, a failed handshake).
+    Connect(BoxError),
     /// No response headers within `response_timeout`.
     Timeout,
-    /// The connection failed after it was made (reset, garbage, closed early).
-    Failed(String),
-    /// The client's request body, streamed upstream, stalled for `body_idle_timeout` (`idle`) or
-    /// broke (the client went away): not the upstream's fault.
-    ClientBody { idle: bool, detail: String },
+    /// The connection failed after it was made (reset, garbage, closed early), or the response
+    /// body did.
+    Failed(BoxError),
+    /// The client's request body, streamed upstream, stalled for `body_idle_timeout` or broke
+    /// (the client went away): not the upstream's fault. hyper's error for the request, which
+    /// has the body's [`StreamError`] among its causes.
+    ClientBody(hyper::Error),
 }
 
 impl UpstreamError {
     /// The answer envgate gives its client.
     pub fn response(&self) -> Response<ProxyBody> {
-        match self {
-            UpstreamError::Connect(e) => {
-                wire::json_error(StatusCode::BAD_GATEWAY, &format!("cannot connect to the upstream gateway: {e}"))
+        let (status, message) = match self {
+            UpstreamError::ConnectTimeout(_) | UpstreamError::Connect(_) => {
+                (StatusCode::BAD_GATEWAY, format!("cannot connect to the upstream gateway: {}", self.cause()))
             }
             UpstreamError::Timeout => {
-                wire::json_error(StatusCode::GATEWAY_TIMEOUT, "the upstream gateway did not answer in time")
+                (StatusCode::GATEWAY_TIMEOUT, "the upstream gateway did not answer in time".to_string())
             }
-            UpstreamError::Failed(e) => {
-                wire::json_error(StatusCode::BAD_GATEWAY, &format!("the upstream gateway failed: {e}"))
+            UpstreamError::Failed(_) => {
+                (StatusCode::BAD_GATEWAY, format!("the upstream gateway failed: {}", self.cause()))
             }
-            UpstreamError::ClientBody { idle: true, detail } => {
-                wire::json_error(StatusCode::REQUEST_TIMEOUT, &format!("the request body stalled: {detail}"))
+            UpstreamError::ClientBody(_) if self.client_body_idle() => {
+                (StatusCode::REQUEST_TIMEOUT, format!("the request body stalled: {}", self.cause()))
             }
-            UpstreamError::ClientBody { idle: false, detail } => {
-                wire::json_error(StatusCode::BAD_REQUEST, &format!("the request body could not be read: {detail}"))
+            UpstreamError::ClientBody(_) => {
+                (StatusCode::BAD_REQUEST, format!("the request body could not be read: {}", self.cause()))
             }
-        }
+        };
+        wire::json_error(status, &message)
     }
 
     /// A short, bounded label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            UpstreamError::Connect(_) => "connect",
+            UpstreamError::ConnectTimeout(_) | UpstreamError::Connect(_) => "connect",
             UpstreamError::Timeout => "timeout",
             UpstreamError::Failed(_) => "failed",
-            UpstreamError::ClientBody { .. } => "client_body",
+            UpstreamError::ClientBody(_) => "client_body",
+        }
+    }
+
+    /// Whether the client's body stalled (rather than broke).
+    fn client_body_idle(&self) -> bool {
+        match self {
+            UpstreamError::ClientBody(e) => matches!(client_body_error(e), Some(StreamError::Idle(_))),
+            _ => false,
+        }
+    }
+
+    /// What went wrong underneath, on one line.
+    fn cause(&self) -> String {
+        match self {
+            UpstreamError::ConnectTimeout(d) => format!("not connected within {d:?}"),
+            UpstreamError::Connect(e) | UpstreamError::Failed(e) => source_chain(&**e),
+            UpstreamError::Timeout => "timeout".to_string(),
+            // The body's own error: hyper's message for the request adds nothing.
+            UpstreamError::ClientBody(e) => client_body_error(e).map_or_else(|| source_chain(e), |b| b.to_string()),
         }
     }
 }
@@ -75,13 +103,15 @@ impl UpstreamError {
 impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UpstreamError::Connect(e) => write!(f, "connect: {e}"),
+            UpstreamError::ConnectTimeout(_) | UpstreamError::Connect(_) => write!(f, "connect: {}", self.cause()),
             UpstreamError::Timeout => write!(f, "timeout"),
-            UpstreamError::Failed(e) => write!(f, "failed: {e}"),
-            UpstreamError::ClientBody { detail, .. } => write!(f, "client body: {detail}"),
+            UpstreamError::Failed(_) => write!(f, "failed: {}", self.cause()),
+            UpstreamError::ClientBody(_) => write!(f, "client body: {}", self.cause()),
         }
     }
 }
+
+impl std::error::Error for UpstreamError {}
 
 /// Idle connections kept per pool, and how long one may sit idle.
 const MAX_IDLE: usize = 256;
@@ -183,8 +213,8 @@ impl Upstream {
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => req = r,
                     // A new connection that closed before it could take the request.
-                    Some(_) => return Err(UpstreamError::Connect(source_chain(&e.into_error()))),
-                    None => return Err(send_error(&e.into_error())),
+                    Some(_) => return Err(UpstreamError::Connect(e.into_error().into())),
+                    None => return Err(send_error(e.into_error())),
                 },
             }
         }
@@ -220,11 +250,10 @@ impl Upstream {
         async move {
             let io = tokio::time::timeout(limit, tower_service::Service::call(&mut connector, base))
                 .await
-                .map_err(|_| UpstreamError::Connect(format!("not connected within {limit:?}")))?
-                .map_err(|e| UpstreamError::Connect(source_chain(&*e)))?;
-            let (tx, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| UpstreamError::Connect(source_chain(&e)))?;
+                .map_err(|_| UpstreamError::ConnectTimeout(limit))?
+                .map_err(UpstreamError::Connect)?;
+            let (tx, conn) =
+                hyper::client::conn::http1::handshake(io).await.map_err(|e| UpstreamError::Connect(e.into()))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %source_chain(&e), "upstream connection ended with an error");
@@ -247,10 +276,10 @@ fn host_header(url: &UpstreamUrl) -> HeaderValue {
 }
 
 /// What a failed send means: the client's body broke, or the upstream did.
-fn send_error(e: &hyper::Error) -> UpstreamError {
-    match client_body_error(e) {
-        Some(b) => UpstreamError::ClientBody { idle: matches!(b, BodyError::Idle(_)), detail: b.to_string() },
-        None => UpstreamError::Failed(source_chain(e)),
+fn send_error(e: hyper::Error) -> UpstreamError {
+    match client_body_error(&e) {
+        Some(_) => UpstreamError::ClientBody(e),
+        None => UpstreamError::Failed(e.into()),
     }
 }
 
@@ -271,10 +300,10 @@ impl Upstream {
 }
 
 /// The request body's own error, when that is what failed the request.
-fn client_body_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e BodyError> {
+fn client_body_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e StreamError> {
     let mut cur = Some(e);
     while let Some(c) = cur {
-        if let Some(b) = c.downcast_ref::<BodyError>() {
+        if let Some(b) = c.downcast_ref::<StreamError>() {
             return Some(b);
         }
         cur = c.source();
@@ -406,7 +435,7 @@ impl SpecCache {
         let body = tokio::time::timeout(upstream.response_timeout, collect)
             .await
             .map_err(|_| SpecsError::Upstream(UpstreamError::Timeout))?
-            .map_err(|e| SpecsError::Upstream(UpstreamError::Failed(e.to_string())))?
+            .map_err(|e| SpecsError::Upstream(UpstreamError::Failed(e)))?
             .to_bytes();
         if parts.status != StatusCode::OK {
             return Err(SpecsError::Status(parts.status, parts.headers, body));

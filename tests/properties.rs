@@ -8,6 +8,9 @@
 //!   random policies: never a panic, the forwarded body re-parses, every forwarded name is allowed
 //!   and every forwarded value passes the value rules (report mode: the env as sent), and a refusal
 //!   never holds a value;
+//! - identity binding: trusted header values (absent, blank, padded, the body's own claim, someone
+//!   else's) under `refuse` and `overwrite`: a header naming no one is a 403, a mismatch under
+//!   `refuse` is a 403, otherwise the kernel's `KERNEL_USERNAME` is the trusted user, once;
 //! - kernelspecs: generated and mutated documents: never a panic, the output is the input with
 //!   `client_envs` injected as the policy computes it, nothing else changed;
 //! - routes: a POST that normalizes to a kernel-starting route is ambiguous, never `Other`.
@@ -17,6 +20,7 @@ mod oracle;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
+use envgate::config::Mismatch;
 use envgate::policy::{EgEnvs, Mode, NameSet, Policy, PrefixRule, SpecFacts, DEFAULT_DENY_ENVS, KERNEL_PREFIX};
 use envgate::rewrite::start;
 use envgate::routes::{Route, Routes};
@@ -570,6 +574,34 @@ proptest! {
     fn kernel_start_bytes(input in prop::collection::vec(any::<u8>(), 0..64), p in policy()) {
         run_start(&p, &None, None, &input);
     }
+
+    /// Identity binding, with any header value: the body's own claim (as sent or padded with
+    /// whitespace), or a generated one (blank, a marked value, any text).
+    #[test]
+    fn kernel_start_identity(members in body_members(), seed in any::<u64>(), p in policy(), f in facts(),
+                             header in prop_oneof![2 => Just(None), 4 => header_value().prop_map(Some)],
+                             claim in 0..3u8, overwrite in any::<bool>()) {
+        let input = render(&members, seed);
+        let Ok(body) = start::parse(&input) else { return Ok(()) };
+        let claimed = body.env.iter().find(|(k, _)| k == "KERNEL_USERNAME").map(|(_, v)| v.to_string());
+        let value = match (claim, claimed) {
+            (0, Some(c)) => Some(c),
+            (1, Some(c)) => Some(format!("\t{c} ")),
+            _ => header,
+        };
+        let on_mismatch = if overwrite { Mismatch::Overwrite } else { Mismatch::Refuse };
+        oracle::check_identity(&p, body.name.as_deref(), f.as_ref(), &input, value.as_deref(), on_mismatch);
+    }
+}
+
+/// A trusted header's value: blank, padded, marked, or any text.
+fn header_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        1 => "[ \t]{0,3}",
+        2 => "[ \t]{0,2}[a-z0-9._@-]{1,8}[ \t]{0,2}",
+        2 => marked(),
+        1 => "\\PC{0,8}",
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 //! Bytes as a kernel-start body: the strict parse, then the decision under policies of every
-//! mode and `path` rule, with and without a trusted `KERNEL_USERNAME`. Checks (in
+//! mode and `path` rule, without identity binding and with it (trusted header absent, blank,
+//! naming the body's own user or another, under `refuse` and `overwrite`). Checks (in
 //! `tests/oracle/`): no panic; an accepted body reads the same to a lenient parser; the forwarded
 //! body re-parses, keeps every other member, holds only names the policy allows and values the
-//! value rules accept (report mode: the env as sent); a refusal names no value.
+//! value rules accept (report mode: the env as sent); under identity binding, the kernel's
+//! `KERNEL_USERNAME` is the trusted user or the request is refused; a refusal names no value.
 
 #![no_main]
 

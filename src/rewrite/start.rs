@@ -33,7 +33,7 @@ pub struct StartBody<'a> {
 
 /// Why a body was refused. Never holds a value, only names and positions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BodyError {
+pub enum ParseError {
     Empty,
     NotUtf8,
     NotObject,
@@ -45,22 +45,22 @@ pub enum BodyError {
     NameNotString,
 }
 
-impl fmt::Display for BodyError {
+impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BodyError::Empty => write!(f, "the kernel start body is empty; a JSON object is required"),
-            BodyError::NotUtf8 => write!(f, "the kernel start body is not valid UTF-8"),
-            BodyError::NotObject => write!(f, "the kernel start body must be a JSON object"),
-            BodyError::Syntax(e) => write!(f, "the kernel start body is not valid JSON: {e}"),
-            BodyError::DuplicateKey(k) => {
+            ParseError::Empty => write!(f, "the kernel start body is empty; a JSON object is required"),
+            ParseError::NotUtf8 => write!(f, "the kernel start body is not valid UTF-8"),
+            ParseError::NotObject => write!(f, "the kernel start body must be a JSON object"),
+            ParseError::Syntax(e) => write!(f, "the kernel start body is not valid JSON: {e}"),
+            ParseError::DuplicateKey(k) => {
                 write!(f, "duplicate key {:?} in the kernel start body", short(k))
             }
-            BodyError::DuplicateEnvName(k) => write!(f, "duplicate name {:?} in \"env\"", short(k)),
-            BodyError::EnvNotObject => write!(f, "\"env\" must be a JSON object of strings"),
-            BodyError::NonStringValue(k) => {
+            ParseError::DuplicateEnvName(k) => write!(f, "duplicate name {:?} in \"env\"", short(k)),
+            ParseError::EnvNotObject => write!(f, "\"env\" must be a JSON object of strings"),
+            ParseError::NonStringValue(k) => {
                 write!(f, "the value of {:?} in \"env\" must be a string", short(k))
             }
-            BodyError::NameNotString => write!(f, "\"name\" must be a string or null"),
+            ParseError::NameNotString => write!(f, "\"name\" must be a string or null"),
         }
     }
 }
@@ -77,17 +77,17 @@ fn short(s: &str) -> String {
 }
 
 /// Parses a kernel-start body strictly.
-pub fn parse(body: &[u8]) -> Result<StartBody<'_>, BodyError> {
-    let text = std::str::from_utf8(body).map_err(|_| BodyError::NotUtf8)?;
+pub fn parse(body: &[u8]) -> Result<StartBody<'_>, ParseError> {
+    let text = std::str::from_utf8(body).map_err(|_| ParseError::NotUtf8)?;
     let first = text.trim_start_matches([' ', '\t', '\n', '\r']).as_bytes().first();
     match first {
-        None => return Err(BodyError::Empty),
+        None => return Err(ParseError::Empty),
         Some(b'{') => {}
         // Anything else is either not an object or not JSON; say "not an object" only when it is JSON.
         Some(_) => {
             return match serde_json::from_str::<IgnoredAny>(text) {
-                Ok(_) => Err(BodyError::NotObject),
-                Err(e) => Err(BodyError::Syntax(syntax_message(&e))),
+                Ok(_) => Err(ParseError::NotObject),
+                Err(e) => Err(ParseError::Syntax(syntax_message(&e))),
             }
         }
     }
@@ -96,7 +96,7 @@ pub fn parse(body: &[u8]) -> Result<StartBody<'_>, BodyError> {
     let parsed = TopSeed { failure: &failure }.deserialize(&mut de).and_then(|b| de.end().map(|_| b));
     match parsed {
         Ok(b) => Ok(b),
-        Err(e) => Err(failure.into_inner().unwrap_or_else(|| BodyError::Syntax(syntax_message(&e)))),
+        Err(e) => Err(failure.into_inner().unwrap_or_else(|| ParseError::Syntax(syntax_message(&e)))),
     }
 }
 
@@ -187,9 +187,9 @@ impl StartBody<'_> {
     }
 }
 
-type Failure<'f> = &'f RefCell<Option<BodyError>>;
+type Failure<'f> = &'f RefCell<Option<ParseError>>;
 
-fn fail<E: de::Error>(failure: Failure<'_>, e: BodyError) -> E {
+fn fail<E: de::Error>(failure: Failure<'_>, e: ParseError) -> E {
     *failure.borrow_mut() = Some(e);
     E::custom("refused")
 }
@@ -215,7 +215,7 @@ impl<'de, 'f> Visitor<'de> for TopSeed<'f> {
         while let Some(key) = map.next_key::<String>()? {
             if key == "env" {
                 if body.env_at.is_some() {
-                    return Err(fail(self.failure, BodyError::DuplicateKey(key)));
+                    return Err(fail(self.failure, ParseError::DuplicateKey(key)));
                 }
                 body.env_at = Some(body.members.len());
                 body.env = map.next_value_seed(EnvSeed { failure: self.failure })?;
@@ -227,19 +227,19 @@ impl<'de, 'f> Visitor<'de> for TopSeed<'f> {
             if let Err(e) = serde_json::from_str::<serde_json::Value>(raw.get()) {
                 return Err(fail(
                     self.failure,
-                    BodyError::Syntax(format!("in {:?}: {}", short(&key), syntax_message(&e))),
+                    ParseError::Syntax(format!("in {:?}: {}", short(&key), syntax_message(&e))),
                 ));
             }
             if key == "name" {
                 body.name = match serde_json::from_str::<Option<String>>(raw.get()) {
                     Ok(n) => n,
-                    Err(_) => return Err(fail(self.failure, BodyError::NameNotString)),
+                    Err(_) => return Err(fail(self.failure, ParseError::NameNotString)),
                 };
             }
             body.members.push((key, raw));
         }
         if let Some(dup) = first_duplicate(body.members.iter().map(|(k, _)| k.as_str())) {
-            return Err(fail(self.failure, BodyError::DuplicateKey(dup.to_string())));
+            return Err(fail(self.failure, ParseError::DuplicateKey(dup.to_string())));
         }
         Ok(body)
     }
@@ -275,35 +275,35 @@ impl<'de, 'f> Visitor<'de> for EnvSeed<'f> {
         while let Some(name) = map.next_key_seed(BorrowedStr)? {
             match map.next_value::<MaybeString<'de>>()?.0 {
                 Some(v) => env.push((name, v)),
-                None => return Err(fail(self.failure, BodyError::NonStringValue(name.into_owned()))),
+                None => return Err(fail(self.failure, ParseError::NonStringValue(name.into_owned()))),
             }
         }
         if let Some(dup) = first_duplicate(env.iter().map(|(k, _)| &**k)) {
-            return Err(fail(self.failure, BodyError::DuplicateEnvName(dup.to_string())));
+            return Err(fail(self.failure, ParseError::DuplicateEnvName(dup.to_string())));
         }
         Ok(env)
     }
     // Every other JSON type: refuse without echoing it.
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Err(fail(self.failure, BodyError::EnvNotObject))
+        Err(fail(self.failure, ParseError::EnvNotObject))
     }
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Err(fail(self.failure, BodyError::EnvNotObject))
+        Err(fail(self.failure, ParseError::EnvNotObject))
     }
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Err(fail(self.failure, BodyError::EnvNotObject))
+        Err(fail(self.failure, ParseError::EnvNotObject))
     }
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Err(fail(self.failure, BodyError::EnvNotObject))
+        Err(fail(self.failure, ParseError::EnvNotObject))
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Err(fail(self.failure, BodyError::EnvNotObject))
+        Err(fail(self.failure, ParseError::EnvNotObject))
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Err(fail(self.failure, BodyError::EnvNotObject))
+        Err(fail(self.failure, ParseError::EnvNotObject))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        Err(fail(self.failure, BodyError::EnvNotObject))
+        Err(fail(self.failure, ParseError::EnvNotObject))
     }
 }
 
@@ -392,7 +392,7 @@ mod tests {
         parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"))
     }
 
-    fn err(body: &[u8]) -> BodyError {
+    fn err(body: &[u8]) -> ParseError {
         parse(body)
             .err()
             .unwrap_or_else(|| panic!("accepted: {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
@@ -418,7 +418,7 @@ mod tests {
         assert!(matches!(b.env[0], (Cow::Borrowed(_), Cow::Borrowed(_))));
         assert!(matches!(b.env[1], (Cow::Owned(_), Cow::Owned(_))));
         // a duplicate spelled once plainly and once escaped is still a duplicate
-        assert_eq!(err(br#"{"env": {"AB": "1", "A\u0042": "2"}}"#), BodyError::DuplicateEnvName("AB".into()));
+        assert_eq!(err(br#"{"env": {"AB": "1", "A\u0042": "2"}}"#), ParseError::DuplicateEnvName("AB".into()));
     }
 
     #[test]
@@ -447,7 +447,7 @@ mod tests {
         assert_eq!(ok(r#"{"name":null}"#).name, None);
         assert_eq!(ok(r#"{"name":"\u0070y"}"#).name.as_deref(), Some("py"));
         for b in [r#"{"name":1}"#, r#"{"name":["a"]}"#, r#"{"name":{}}"#, r#"{"name":true}"#] {
-            assert_eq!(err(b.as_bytes()), BodyError::NameNotString, "{b}");
+            assert_eq!(err(b.as_bytes()), ParseError::NameNotString, "{b}");
         }
     }
 
@@ -460,17 +460,17 @@ mod tests {
 
     #[test]
     fn duplicate_keys_are_refused_even_when_spelled_differently() {
-        assert_eq!(err(br#"{"env":{},"env":{"A":"1"}}"#), BodyError::DuplicateKey("env".into()));
-        assert_eq!(err(br#"{"env":{},"\u0065nv":{"A":"1"}}"#), BodyError::DuplicateKey("env".into()));
-        assert_eq!(err(br#"{"name":"a","name":"b"}"#), BodyError::DuplicateKey("name".into()));
-        assert_eq!(err(br#"{"env":{"A":"1","A":"2"}}"#), BodyError::DuplicateEnvName("A".into()));
-        assert_eq!(err(br#"{"env":{"FOO":"1","\u0046OO":"2"}}"#), BodyError::DuplicateEnvName("FOO".into()));
+        assert_eq!(err(br#"{"env":{},"env":{"A":"1"}}"#), ParseError::DuplicateKey("env".into()));
+        assert_eq!(err(br#"{"env":{},"\u0065nv":{"A":"1"}}"#), ParseError::DuplicateKey("env".into()));
+        assert_eq!(err(br#"{"name":"a","name":"b"}"#), ParseError::DuplicateKey("name".into()));
+        assert_eq!(err(br#"{"env":{"A":"1","A":"2"}}"#), ParseError::DuplicateEnvName("A".into()));
+        assert_eq!(err(br#"{"env":{"FOO":"1","\u0046OO":"2"}}"#), ParseError::DuplicateEnvName("FOO".into()));
     }
 
     #[test]
     fn env_must_be_an_object_of_strings() {
         for b in [r#"{"env":null}"#, r#"{"env":[]}"#, r#"{"env":"A=1"}"#, r#"{"env":1}"#, r#"{"env":true}"#] {
-            assert_eq!(err(b.as_bytes()), BodyError::EnvNotObject, "{b}");
+            assert_eq!(err(b.as_bytes()), ParseError::EnvNotObject, "{b}");
         }
         for b in [
             r#"{"env":{"A":1}}"#,
@@ -479,17 +479,17 @@ mod tests {
             r#"{"env":{"A":{"x":"y"}}}"#,
             r#"{"env":{"A":false}}"#,
         ] {
-            assert_eq!(err(b.as_bytes()), BodyError::NonStringValue("A".into()), "{b}");
+            assert_eq!(err(b.as_bytes()), ParseError::NonStringValue("A".into()), "{b}");
         }
     }
 
     #[test]
     fn not_objects_and_not_json_are_refused() {
-        assert_eq!(err(b""), BodyError::Empty);
-        assert_eq!(err(b"  \n"), BodyError::Empty);
-        assert_eq!(err(b"null"), BodyError::NotObject);
-        assert_eq!(err(b"[]"), BodyError::NotObject);
-        assert_eq!(err(b"\"{}\""), BodyError::NotObject);
+        assert_eq!(err(b""), ParseError::Empty);
+        assert_eq!(err(b"  \n"), ParseError::Empty);
+        assert_eq!(err(b"null"), ParseError::NotObject);
+        assert_eq!(err(b"[]"), ParseError::NotObject);
+        assert_eq!(err(b"\"{}\""), ParseError::NotObject);
         for b in [
             &b"{"[..],
             b"{\"env\":{}} {}",
@@ -502,21 +502,21 @@ mod tests {
             b"{\"env\":{},}",
             b"name=python3&token=x",
         ] {
-            assert!(matches!(err(b), BodyError::Syntax(_)), "{}", String::from_utf8_lossy(b));
+            assert!(matches!(err(b), ParseError::Syntax(_)), "{}", String::from_utf8_lossy(b));
         }
-        assert_eq!(err(b"{\"env\":{\"A\":\"\xff\"}}"), BodyError::NotUtf8);
+        assert_eq!(err(b"{\"env\":{\"A\":\"\xff\"}}"), ParseError::NotUtf8);
     }
 
     #[test]
     fn lone_surrogates_and_deep_nesting_are_refused() {
-        assert!(matches!(err(br#"{"env":{"A":"\ud800"}}"#), BodyError::Syntax(_)));
-        assert!(matches!(err(br#"{"env":{"\udc00":"x"}}"#), BodyError::Syntax(_)));
+        assert!(matches!(err(br#"{"env":{"A":"\ud800"}}"#), ParseError::Syntax(_)));
+        assert!(matches!(err(br#"{"env":{"\udc00":"x"}}"#), ParseError::Syntax(_)));
         let deep = format!("{{\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert!(matches!(err(deep.as_bytes()), BodyError::Syntax(_)));
+        assert!(matches!(err(deep.as_bytes()), ParseError::Syntax(_)));
         let deep = format!("{{\"env\":{{\"A\":{}{}}}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(err(deep.as_bytes()), BodyError::NonStringValue("A".into()));
-        assert!(matches!(err(br#"{"path":"\udc00"}"#), BodyError::Syntax(_)));
-        assert!(matches!(err(br#"{"path":{"a":"\ud800x"}}"#), BodyError::Syntax(_)));
+        assert_eq!(err(deep.as_bytes()), ParseError::NonStringValue("A".into()));
+        assert!(matches!(err(br#"{"path":"\udc00"}"#), ParseError::Syntax(_)));
+        assert!(matches!(err(br#"{"path":{"a":"\ud800x"}}"#), ParseError::Syntax(_)));
     }
 
     #[test]

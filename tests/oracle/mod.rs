@@ -11,10 +11,11 @@
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 
-use envgate::decide::{self, Plan, Verdict, USERNAME};
+use envgate::config::Mismatch;
+use envgate::decide::{self, Binding, PathAction, Plan, User, UserSource, Verdict, USERNAME};
 use envgate::policy::{self, Mode, NameSet, Policy, SpecFacts};
 use envgate::rewrite::kernelspecs;
-use envgate::rewrite::start::{self, BodyError, StartBody};
+use envgate::rewrite::start::{self, ParseError, StartBody};
 use envgate::routes::{Route, Routes};
 use envgate::values::{self, PathRule};
 use http::Method;
@@ -129,7 +130,7 @@ fn members(v: &Value) -> Vec<(String, Value)> {
 
 /// Parses `input` strictly and checks what the parse promises: a body it accepts is JSON that a
 /// lenient parser (EG's) reads the same way: same `name`, same `env` in the same order.
-pub fn check_parse(input: &[u8]) -> Result<StartBody<'_>, BodyError> {
+pub fn check_parse(input: &[u8]) -> Result<StartBody<'_>, ParseError> {
     let body = start::parse(input)?;
     let v: Value = serde_json::from_slice(input)
         .unwrap_or_else(|e| panic!("strict parse accepted what serde_json refuses ({e}): {}", show(input)));
@@ -221,9 +222,9 @@ pub fn check_start<'b>(
         assert!(!allowed(r.name), "{} rejected: {}", r.name, ctx());
     }
     let want_path = (p.kernel_path != PathRule::Keep && path_escapes).then_some(if p.kernel_path == PathRule::Strip {
-        "stripped"
+        PathAction::Stripped
     } else {
-        "refused"
+        PathAction::Refused
     });
     assert_eq!(plan.path, want_path, "{}", ctx());
 
@@ -319,10 +320,91 @@ pub fn check_start_input(policies: &[(Policy, Option<SpecFacts>)], default_spec:
         }
     };
     let kernelspec = body.name.as_deref().or(default_spec);
-    for (p, facts) in policies {
-        for trusted in [false, true] {
-            check_start(p, kernelspec, facts.as_ref(), input, &body, trusted);
+    // Without identity binding, the user is the body's claim, if any.
+    let claimed = body.env.iter().find(|(k, _)| k == USERNAME).map(|(_, v)| v.to_string());
+    let want = claimed.as_deref().map(|name| User { name, source: UserSource::Body });
+    assert_eq!(decide::user_of(&body, None), want, "{}", show(input));
+    // With it, a header that names no one refuses the request before any of the body matters.
+    if let Some((p, _)) = policies.first() {
+        for value in [None, Some(""), Some(" \t ")] {
+            check_identity(p, kernelspec, None, input, value, Mismatch::Refuse);
         }
+    }
+    // A user named by the header: the body's own claim (as sent, and padded), someone else.
+    let padded = claimed.as_ref().map(|c| format!(" {c}\t"));
+    let values = [claimed.as_deref(), padded.as_deref(), Some(" alice "), Some("s3cr3tuser")];
+    for (p, facts) in policies {
+        check_start(p, kernelspec, facts.as_ref(), input, &body, false);
+        for value in values.iter().flatten() {
+            for on_mismatch in [Mismatch::Refuse, Mismatch::Overwrite] {
+                check_identity(p, kernelspec, facts.as_ref(), input, Some(value), on_mismatch);
+            }
+        }
+    }
+}
+
+/// The trusted header's name in the identity checks.
+pub const TRUSTED_HEADER: &str = "x-auth-request-user";
+
+/// Decides one kernel start under identity binding, the trusted header holding `value` (`None`:
+/// absent), and checks: a header that names no one is a 403 naming the header; a body whose
+/// `KERNEL_USERNAME` names someone else is a 403 under `refuse`; otherwise the body's env is
+/// the one sent with `KERNEL_USERNAME` set to the trusted user (in its place, or added last),
+/// the record names that user from the trusted header, and what is decided then keeps every
+/// promise of [`check_start`], a forwarded body holding that user exactly once. No refusal
+/// holds a value or the header's value. `input` must have passed [`check_parse`].
+pub fn check_identity(
+    p: &Policy,
+    kernelspec: Option<&str>,
+    facts: Option<&SpecFacts>,
+    input: &[u8],
+    value: Option<&str>,
+    on_mismatch: Mismatch,
+) {
+    let ctx = || format!("header {value:?}, {on_mismatch:?}, mode {:?}, input {}", p.mode, show(input));
+    let mut body = start::parse(input).expect("checked by check_parse");
+    let values: Vec<String> = body.env.iter().map(|(_, v)| v.to_string()).chain(value.map(str::to_string)).collect();
+    let names: Vec<String> = body.env.iter().map(|(n, _)| n.to_string()).collect();
+    let no_value = |r: &decide::Refusal| {
+        assert_eq!(r.status, http::StatusCode::FORBIDDEN, "{}", ctx());
+        assert!(r.message.contains(TRUSTED_HEADER), "{}: {}", r.message, ctx());
+        let text = format!("{} {} {}", r.message, r.extra, r.why);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert_no_value_in(&text, values.iter().map(String::as_str), &names, input);
+    };
+    let want_user = value.map(str::trim).filter(|u| !u.is_empty());
+    let user = match decide::trusted_user(TRUSTED_HEADER, value) {
+        Ok(u) => u,
+        Err(r) => {
+            assert_eq!(want_user, None, "refused a header naming a user: {}", ctx());
+            assert_eq!(r.why, "missing trusted user header", "{}", ctx());
+            return no_value(&r);
+        }
+    };
+    assert_eq!(Some(user), want_user, "{}", ctx());
+    let sent: Vec<(String, String)> = body.env.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    let claimed = sent.iter().find(|(n, _)| n == USERNAME).map(|(_, v)| v.clone());
+    let bound = decide::bind_user(&mut body, user, Binding { header: TRUSTED_HEADER, on_mismatch });
+    assert_eq!(decide::user_of(&body, Some(user)), Some(User { name: user, source: UserSource::TrustedHeader }));
+    let mismatch = claimed.as_deref().is_some_and(|c| c != user);
+    if let Err(r) = bound {
+        assert!(mismatch && on_mismatch == Mismatch::Refuse, "refused ({}): {}", r.message, ctx());
+        assert_eq!(r.why, "KERNEL_USERNAME differs from the trusted user", "{}", ctx());
+        return no_value(&r);
+    }
+    assert!(!(mismatch && on_mismatch == Mismatch::Refuse), "a mismatch under refuse went on: {}", ctx());
+    let mut want = sent.clone();
+    match want.iter_mut().find(|(n, _)| n == USERNAME) {
+        Some((_, v)) => *v = user.to_string(),
+        None => want.push((USERNAME.to_string(), user.to_string())),
+    }
+    let got: Vec<(String, String)> = body.env.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    assert_eq!(got, want, "the bound env: {}", ctx());
+    let plan = check_start(p, kernelspec, facts, input, &body, true);
+    if let Verdict::Forward(out) = &plan.verdict {
+        let fwd = start::parse(out).expect("checked by check_start");
+        let users: Vec<&str> = fwd.env.iter().filter(|(n, _)| n == USERNAME).map(|(_, v)| &**v).collect();
+        assert_eq!(users, [user], "forwarded {}: {}", show(out), ctx());
     }
 }
 

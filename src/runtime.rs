@@ -1,0 +1,169 @@
+//! What the service runs on, shared by the I/O shell ([`crate::server`]) and the service
+//! ([`crate::proxy`]): the [`Runtime`] a reload replaces, the [`State`] every connection shares,
+//! the [`Worker`] a request is served on, and why start-up or a reload failed ([`StartError`]).
+//!
+//! It lives apart from both so that the shell builds and hands these down and the service only
+//! reads them: neither imports the other's internals, and the service never asks which thread
+//! it is on.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::HeaderValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{AuditLog, Ids};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::rewrite::kernelspecs;
+use crate::routes::Routes;
+use crate::upstream::{SpecCache, Upstream};
+
+/// The thread a connection is served on: one of the worker threads, which owns an upstream
+/// connection pool and an audit batch of its own, or the main thread (the admin listener).
+/// Handed by the worker to every connection it serves, and by the connection to each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Worker(Option<usize>);
+
+impl Worker {
+    /// Off the workers: the main thread.
+    pub const MAIN: Worker = Worker(None);
+
+    /// Worker thread `i`.
+    pub fn new(i: usize) -> Worker {
+        Worker(Some(i))
+    }
+
+    /// The worker's index; `None` for the main thread.
+    pub fn index(self) -> Option<usize> {
+        self.0
+    }
+}
+
+/// Everything that a reload (SIGHUP) replaces: built from one [`Config`].
+pub struct Runtime {
+    pub config: Config,
+    pub routes: Routes,
+    /// One pooled upstream client per worker thread, and one for the main thread (last): an
+    /// upstream connection is only ever used on the thread whose runtime drives it, so a request
+    /// never wakes another core.
+    upstreams: Arc<[Upstream]>,
+    pub specs: SpecCache,
+    /// Kernelspec bodies already rewritten under this policy: (body, its ETag) by the upstream's bytes.
+    pub rewrites: kernelspecs::Memo<(Bytes, HeaderValue)>,
+    /// A short hash of the effective policy, for logs and the `envgate_policy_info` metric.
+    pub policy_hash: String,
+}
+
+impl Runtime {
+    /// Builds the runtime with `workers` worker threads; reuses `previous`'s connection pools
+    /// when the upstream is unchanged.
+    pub fn new(config: Config, previous: Option<&Runtime>, workers: usize) -> Result<Runtime, StartError> {
+        let upstreams = match previous {
+            Some(p)
+                if p.upstreams.len() == workers + 1
+                    && p.config.upstream == config.upstream
+                    && p.config.upstream_tls == config.upstream_tls
+                    && p.config.upstream_token == config.upstream_token
+                    && p.config.connect_timeout == config.connect_timeout
+                    && p.config.response_timeout == config.response_timeout
+                    && p.config.body_idle_timeout == config.body_idle_timeout =>
+            {
+                p.upstreams.clone()
+            }
+            _ => (0..=workers)
+                .map(|_| Upstream::new(&config))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(StartError::UpstreamTls)?
+                .into(),
+        };
+        Ok(Runtime {
+            routes: Routes::new(&config.upstream.base),
+            specs: SpecCache::new(config.kernelspec_cache_ttl),
+            rewrites: kernelspecs::Memo::default(),
+            policy_hash: policy_hash(&config),
+            upstreams,
+            config,
+        })
+    }
+
+    /// The upstream client that `worker` owns.
+    pub fn upstream(&self, worker: Worker) -> &Upstream {
+        let i = worker.index().unwrap_or(self.upstreams.len() - 1);
+        &self.upstreams[i % self.upstreams.len()]
+    }
+}
+
+fn policy_hash(config: &Config) -> String {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    config.policy.to_string().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct State {
+    /// The current runtime; requests take a snapshot, so a reload never changes a request midway.
+    pub runtime: ArcSwap<Runtime>,
+    pub audit: AuditLog,
+    pub ids: Ids,
+    pub metrics: Metrics,
+    /// Spliced (upgraded) connections, tracked so that shutdown can wait for them, then end them.
+    pub splices: TaskTracker,
+    pub stop_splices: CancellationToken,
+}
+
+impl State {
+    pub fn new(runtime: Runtime, audit: AuditLog) -> State {
+        let metrics = Metrics::default();
+        metrics.set_policy(&runtime.policy_hash);
+        State {
+            runtime: ArcSwap::from_pointee(runtime),
+            audit,
+            ids: Ids::default(),
+            metrics,
+            splices: TaskTracker::new(),
+            stop_splices: CancellationToken::new(),
+        }
+    }
+}
+
+/// Why envgate cannot start, or why a reload keeps the previous configuration.
+#[derive(Debug)]
+pub enum StartError {
+    /// `tls_cert` or `tls_key` cannot be loaded (the message names the file).
+    ListenerTls(String),
+    /// The upstream client cannot be built: its CA or client certificate cannot be loaded.
+    UpstreamTls(String),
+    /// A listening socket cannot be bound.
+    Listen { addr: SocketAddr, admin: bool, source: io::Error },
+    /// The audit log cannot be opened.
+    AuditLog(io::Error),
+    /// A worker thread or its event loop cannot be started.
+    Worker { index: usize, source: io::Error },
+    /// The system refused something else start-up needs (a signal handler, the listener's address).
+    System(io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::ListenerTls(e) => write!(f, "invalid `tls_cert`/`tls_key`: {e}"),
+            StartError::UpstreamTls(e) => write!(f, "invalid upstream TLS settings: {e}"),
+            StartError::Listen { addr, admin: false, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::Listen { addr, admin: true, source } => write!(f, "cannot listen on {addr} (admin): {source}"),
+            StartError::AuditLog(e) => write!(f, "cannot open the audit log: {e}"),
+            StartError::Worker { index, source } => write!(f, "cannot start worker {index}: {source}"),
+            StartError::System(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The messages hold their causes, so no `source` (a chain would say them twice).
+impl std::error::Error for StartError {}
