@@ -7,7 +7,9 @@
 //! - [`rewrite`]: kernel-start and kernelspec bodies, bytes to bytes (pure);
 //! - [`decide`]: one kernel start, parsed body to forwarded bytes or refusal (pure);
 //! - [`routes`]: which route a raw request is (pure);
-//! - [`config`]: file + environment + flags -> one validated [`config::Config`];
+//! - [`cli`]: the command line and its subcommands;
+//! - [`config`]: file + environment + flags -> one validated [`config::Config`], every setting
+//!   declared once;
 //! - [`wire`]: header hygiene, JSON errors, ETags;
 //! - [`json`]: JSON strings written fast, for the forwarded `env` and the audit record;
 //! - [`proxy`]: the hyper service, one function per route class;
@@ -20,6 +22,7 @@
 
 pub mod audit;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod explain;
