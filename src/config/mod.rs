@@ -587,6 +587,98 @@ mod tests {
     }
 
     #[test]
+    fn unknown_keys_name_the_nearest_known_one() {
+        let e = Raw::from_toml("modee = \"drop\"", Path::new("f.toml")).unwrap_err().to_string();
+        assert_eq!(e, "unknown key `modee` in f.toml; did you mean `mode`?");
+        let e = load_toml("[kernelspecs.py]\nclient_env = []").unwrap_err().to_string();
+        assert!(e.ends_with("did you mean `kernelspecs.py.client_envs`?"), "{e}");
+        let e = load_toml("colour = 1").unwrap_err().to_string();
+        assert!(e.contains("`colour`") && e.contains("known keys: listen, upstream, mode"), "{e}");
+    }
+
+    /// Each setting from the file, from its variable and from its flag: each alone sets it, the
+    /// variable wins over the file, and the flag over both. One sample per setting, in the table's
+    /// order: a file value (TOML), a variable's and a flag's, all different.
+    #[test]
+    fn every_setting_from_file_environment_and_flag_in_that_order() {
+        use clap::{Args, FromArgMatches};
+        let samples: &[(&str, &str, &str, &str)] = &[
+            ("listen", "\"127.0.0.1:1\"", "127.0.0.1:2", "127.0.0.1:3"),
+            ("upstream", "\"http://a:1\"", "http://b:1", "http://c:1/gw"),
+            ("mode", "\"reject\"", "report", "drop"),
+            ("client_envs", "[\"A\"]", "B", "C,D"),
+            ("deny_envs", "[\"A\"]", "B", "C"),
+            ("kernel_prefix", "false", "on", "no"),
+            ("allow_prefixes", "[\"A_\"]", "B_", "C_"),
+            ("kernelspec_metadata", "false", "yes", "0"),
+            ("kernelspec_env", "true", "off", "1"),
+            ("process_proxy_envs", "true", "false", "true"),
+            ("inherit_eg_env_config", "true", "false", "true"),
+            ("kernelspecs", "{ a = { client_envs = [\"A\"] } }", "b=B", "c=C;d="),
+            ("sessions", "\"allow\"", "deny", "allow"),
+            ("kernelspec_cache_ttl", "\"1s\"", "2s", "0s"),
+            ("value_max_length", "1", "2", "3"),
+            ("value_forbidden", "[\"a\"]", "b", " c "),
+            ("value_patterns", "{ A = \"a\" }", "B=b", "KERNEL_UID="),
+            ("kernel_path", "\"strip\"", "keep", "refuse_escape"),
+            ("max_body_bytes", "1", "2", "3"),
+            ("connect_timeout", "\"1s\"", "2s", "3s"),
+            ("response_timeout", "\"1s\"", "2s", "3s"),
+            ("body_idle_timeout", "\"1s\"", "2s", "3s"),
+            ("audit_log", "\"/a\"", "/b", "-"),
+            ("log_format", "\"json\"", "text", "json"),
+            ("tls_cert", "\"/a\"", "/b", "/c"),
+            ("tls_key", "\"/a\"", "/b", "/c"),
+            ("upstream_ca", "\"/a\"", "/b", "/c"),
+            ("upstream_client_cert", "\"/a\"", "/b", "/c"),
+            ("upstream_client_key", "\"/a\"", "/b", "/c"),
+            ("upstream_insecure", "true", "false", "yes"),
+            ("upstream_token", "\"a\"", "b", "c"),
+            ("upstream_token_file", "\"/a\"", "/b", "/c"),
+            ("trusted_user_header", "\"X-A\"", "X-B", "X-C"),
+            ("user_mismatch", "\"overwrite\"", "refuse", "overwrite"),
+            ("admin_listen", "\"127.0.0.1:1\"", "127.0.0.1:2", "127.0.0.1:3"),
+            ("shutdown_grace", "\"1s\"", "2s", "3s"),
+            ("workers", "1", "2", "3"),
+        ];
+        assert_eq!(samples.iter().map(|s| s.0).collect::<Vec<_>>(), FILE_KEYS, "one sample per setting");
+        // clap reads a flag's variable when the flag is declared: a new command for each parse.
+        let cmd = || Opts::augment_args(clap::Command::new("envgate"));
+        let parse = |args: &[&str]| {
+            let m = cmd().try_get_matches_from(std::iter::once("envgate").chain(args.iter().copied()));
+            Opts::from_arg_matches(&m.unwrap()).unwrap()
+        };
+        let settings = |file: &str, opts: &Opts| {
+            let mut raw = Raw::from_toml(file, Path::new("f")).unwrap();
+            raw.overlay(opts).unwrap();
+            raw.resolve().unwrap()
+        };
+        // No other test reads ENVGATE_* variables (only clap does, and only here).
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ENVGATE_")) {
+            std::env::remove_var(k);
+        }
+        let none = settings("", &Opts::default());
+        for (key, file, env, flag) in samples {
+            let c = cmd();
+            let arg = c.get_arguments().find(|a| a.get_id() == key).unwrap();
+            let long = format!("--{}", arg.get_long().unwrap());
+            let var = arg.get_env().unwrap().to_str().unwrap().to_string();
+            let file = format!("{key} = {file}");
+            assert_ne!(settings(&file, &Opts::default()), none, "{key} from a file");
+            std::env::set_var(&var, env);
+            let from_env = settings("", &parse(&[]));
+            let file_and_env = settings(&file, &parse(&[]));
+            let all_three = settings(&file, &parse(&[&long, flag]));
+            std::env::remove_var(&var);
+            let from_flag = settings("", &parse(&[&long, flag]));
+            assert_ne!(from_env, none, "{key} from {var}");
+            assert_eq!(file_and_env, from_env, "{var} wins over the file");
+            assert_ne!(from_flag, from_env, "{long} {flag} and {var}={env} differ");
+            assert_eq!(all_three, from_flag, "{long} wins over {var} and the file");
+        }
+    }
+
+    #[test]
     fn upstream_base_paths() {
         assert_eq!(parse_upstream("http://h:1").unwrap().base, "/");
         assert_eq!(parse_upstream("http://h:1/").unwrap().base, "/");

@@ -268,9 +268,13 @@ settings! {
     workers: Int<0, 256> = 0, "workers", "ENVGATE_WORKERS", "N";
 }
 
-/// A flag's help: its doc lines, and the declared default.
+/// A flag's help: its doc lines (without the final full stop, as clap's derive has it), and the
+/// declared default.
 fn help(doc: &[&str], default: Option<&str>) -> String {
     let mut help = doc.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ");
+    if help.ends_with('.') {
+        help.pop();
+    }
     if let Some(d) = default {
         help.push_str(&format!(" [default: {}]", d.trim_matches('"')));
     }
