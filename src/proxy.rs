@@ -56,11 +56,7 @@ impl Runtime {
     /// when the upstream is unchanged.
     pub fn new(config: Config, previous: Option<&Runtime>, workers: usize) -> Result<Runtime, String> {
         let upstreams = match previous {
-            Some(p)
-                if p.upstreams.len() == workers + 1 && p.config.upstream == config.upstream =>
-            {
-                p.upstreams.clone()
-            }
+            Some(p) if p.upstreams.len() == workers + 1 && p.config.upstream == config.upstream => p.upstreams.clone(),
             _ => (0..=workers).map(|_| Upstream::new(&config)).collect::<Result<Vec<_>, _>>()?.into(),
         };
         Ok(Runtime {

@@ -112,7 +112,8 @@ fn bad_files_and_flags_give_one_line_naming_the_key_and_exit_2() {
         assert!(err.contains(key), "{args:?}: {err}");
     }
     // What clap refuses, it says in full (see clap_errors_are_printed_whole); still exit 2.
-    for (args, key) in [(&["check", "--mode", "loud"][..], "mode"), (&["check", "--no-such-flag"][..], "--no-such-flag")]
+    for (args, key) in
+        [(&["check", "--mode", "loud"][..], "mode"), (&["check", "--no-such-flag"][..], "--no-such-flag")]
     {
         let o = envgate(args, &[]);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
@@ -187,10 +188,8 @@ fn bools_take_what_they_took() {
 #[test]
 fn audit_takes_no_proxy_flags() {
     let top = stdout(&envgate(&["--help"], &[]));
-    let proxy_flags: Vec<&str> = top
-        .split_whitespace()
-        .filter(|w| w.starts_with("--") && !["--help", "--version"].contains(w))
-        .collect();
+    let proxy_flags: Vec<&str> =
+        top.split_whitespace().filter(|w| w.starts_with("--") && !["--help", "--version"].contains(w)).collect();
     assert!(proxy_flags.len() > 30, "{proxy_flags:?}");
     let help = stdout(&envgate(&["audit", "summarize", "--help"], &[]));
     assert!(help.contains("--format"), "{help}");

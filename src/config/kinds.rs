@@ -48,186 +48,115 @@ pub trait Kind {
     }
     fn from_toml(v: toml::Value, at: &At) -> Result<Self::Value, ConfigError>;
     fn from_flag(f: Self::Flag, at: &At) -> Result<Self::Value, ConfigError>;
-    /// The value as TOML.
+}
+
+/// How `envgate check` writes a value back as TOML (the policy's settings `Policy` prints itself,
+/// with the built-in values it merges in).
+pub trait Render: Kind {
     fn render(v: &Self::Value) -> String;
-    /// The setting's line in `envgate check`'s output.
     fn line(key: &str, v: &Self::Value) -> String {
         format!("{key} = {}", Self::render(v))
     }
 }
 
-/// A setting written as one string, in the file as on the command line.
-pub trait Text {
-    type Value: Clone + fmt::Debug + PartialEq + Eq;
-    /// Shown in the error when a file gives something else than a string.
-    const EXPECTED: &'static str;
-    /// Parses the trimmed text.
-    fn parse(s: &str) -> Result<Self::Value, String>;
-    fn render(v: &Self::Value) -> String;
-    fn line(key: &str, v: &Self::Value) -> String {
-        format!("{key} = {}", Self::render(v))
-    }
-    fn arg(a: Arg) -> Arg {
-        a
-    }
+fn quoted(v: impl fmt::Display) -> String {
+    format!("{:?}", v.to_string())
 }
 
+/// Kinds written as one string, in a file as on the command line; `parse` gets it trimmed.
 macro_rules! text_kinds {
-    ($($t:ty),*) => {$(
+    ($($(#[doc = $doc:literal])+ $t:ident: $v:ty, $expected:literal, |$s:ident| $parse:expr, |$r:ident| $render:expr;)*) => {$(
+        $(#[doc = $doc])+
+        pub struct $t;
+
         impl Kind for $t {
             type Flag = String;
-            type Value = <$t as Text>::Value;
+            type Value = $v;
             fn arg(a: Arg) -> Arg {
-                <$t as Text>::arg(a.value_parser(clap::value_parser!(String)))
+                a.value_parser(clap::value_parser!(String))
             }
-            fn from_toml(v: toml::Value, at: &At) -> Result<Self::Value, ConfigError> {
+            fn from_toml(v: toml::Value, at: &At) -> Result<$v, ConfigError> {
                 match v {
                     toml::Value::String(s) => Self::from_flag(s, at),
-                    _ => Err(at.err(format!("expected {}", <$t as Text>::EXPECTED))),
+                    _ => Err(at.err(concat!("expected ", $expected))),
                 }
             }
-            fn from_flag(s: String, at: &At) -> Result<Self::Value, ConfigError> {
-                <$t as Text>::parse(s.trim()).map_err(|m| at.err(m))
+            fn from_flag(s: String, at: &At) -> Result<$v, ConfigError> {
+                let $s = s.trim();
+                let parsed: Result<$v, String> = $parse;
+                parsed.map_err(|m| at.err(m))
             }
-            fn render(v: &Self::Value) -> String {
-                <$t as Text>::render(v)
-            }
-            fn line(key: &str, v: &Self::Value) -> String {
-                <$t as Text>::line(key, v)
+        }
+
+        impl Render for $t {
+            fn render($r: &$v) -> String {
+                $render
             }
         }
     )*};
 }
 
-text_kinds!(Addr, Url, Duration, NonZeroDuration, FilePath, AuditLog, Token, Header);
-
-/// A socket address, `127.0.0.1:8889`.
-pub struct Addr;
-
-impl Text for Addr {
-    type Value = SocketAddr;
-    const EXPECTED: &'static str = "a string like \"127.0.0.1:8889\"";
-    fn parse(s: &str) -> Result<SocketAddr, String> {
-        s.parse().map_err(|_| format!("expected an address like 127.0.0.1:8889, got {s:?}"))
-    }
-    fn render(v: &SocketAddr) -> String {
-        format!("{:?}", v.to_string())
-    }
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("expected a duration like \"10s\", got {s:?} ({e})"))
 }
 
-/// The upstream's URL, see [`parse_upstream`].
-pub struct Url;
-
-impl Text for Url {
-    type Value = UpstreamUrl;
-    const EXPECTED: &'static str = "a URL string";
-    fn parse(s: &str) -> Result<UpstreamUrl, String> {
-        parse_upstream(s)
-    }
-    fn render(v: &UpstreamUrl) -> String {
-        format!("{:?}", v.to_string())
-    }
-}
-
-/// A duration, `10s`, `1m 30s` (zero allowed).
-impl Text for Duration {
-    type Value = Duration;
-    const EXPECTED: &'static str = "a duration string like \"10s\"";
-    fn parse(s: &str) -> Result<Duration, String> {
-        humantime::parse_duration(s).map_err(|e| format!("expected a duration like \"10s\", got {s:?} ({e})"))
-    }
-    fn render(v: &Duration) -> String {
-        format!("{:?}", humantime::format_duration(*v).to_string())
-    }
-}
-
-/// A duration greater than zero: a timeout of zero would fail every request.
-pub struct NonZeroDuration;
-
-impl Text for NonZeroDuration {
-    type Value = Duration;
-    const EXPECTED: &'static str = <Duration as Text>::EXPECTED;
-    fn parse(s: &str) -> Result<Duration, String> {
-        match <Duration as Text>::parse(s)? {
-            d if d.is_zero() => Err("must be greater than zero".to_string()),
-            d => Ok(d),
-        }
-    }
-    fn render(v: &Duration) -> String {
-        <Duration as Text>::render(v)
-    }
-}
-
-/// A file's path, not empty.
-pub struct FilePath;
-
-impl Text for FilePath {
-    type Value = PathBuf;
-    const EXPECTED: &'static str = "a file path";
-    fn parse(s: &str) -> Result<PathBuf, String> {
-        if s.is_empty() {
-            return Err("expected a file path".to_string());
-        }
-        Ok(PathBuf::from(s))
-    }
-    fn render(v: &PathBuf) -> String {
-        format!("{:?}", v.display().to_string())
-    }
-}
-
-/// `-` for standard output, or a file.
-pub struct AuditLog;
-
-impl Text for AuditLog {
-    type Value = AuditTarget;
-    const EXPECTED: &'static str = "\"-\" or a file path";
-    fn parse(s: &str) -> Result<AuditTarget, String> {
-        match s {
+text_kinds! {
+    /// A socket address, `127.0.0.1:8889`.
+    Addr: SocketAddr, "a string like \"127.0.0.1:8889\"",
+        |s| s.parse().map_err(|_| format!("expected an address like 127.0.0.1:8889, got {s:?}")), |v| quoted(v);
+    /// The upstream's URL, see [`parse_upstream`].
+    Url: UpstreamUrl, "a URL string", |s| parse_upstream(s), |v| quoted(v);
+    /// A duration, `10s` or `1m 30s`.
+    Span: Duration, "a duration string like \"10s\"", |s| duration(s), |v| quoted(humantime::format_duration(*v));
+    /// A duration greater than zero: a timeout of zero would fail every request.
+    Timeout: Duration, "a duration string like \"10s\"",
+        |s| duration(s).and_then(|d| if d.is_zero() { Err("must be greater than zero".to_string()) } else { Ok(d) }),
+        |v| quoted(humantime::format_duration(*v));
+    /// A file's path.
+    FilePath: PathBuf, "a file path",
+        |s| if s.is_empty() { Err("expected a file path".to_string()) } else { Ok(PathBuf::from(s)) },
+        |v| quoted(v.display());
+    /// `-` for standard output, or a file.
+    AuditLog: AuditTarget, "\"-\" or a file path",
+        |s| match s {
             "-" => Ok(AuditTarget::Stdout),
             "" => Err("expected \"-\" or a file path".to_string()),
             f => Ok(AuditTarget::File(PathBuf::from(f))),
-        }
-    }
-    fn render(v: &AuditTarget) -> String {
-        match v {
-            AuditTarget::Stdout => "\"-\"".to_string(),
-            AuditTarget::File(f) => <FilePath as Text>::render(f),
-        }
-    }
+        },
+        |v| match v {
+            AuditTarget::Stdout => quoted("-"),
+            AuditTarget::File(f) => quoted(f.display()),
+        };
+    /// An HTTP header name.
+    Header: http::HeaderName, "a header name",
+        |s| http::HeaderName::from_bytes(s.as_bytes()).map_err(|_| format!("{s:?} is not a header name")),
+        |v| quoted(v);
 }
 
-/// A secret: never shown, in `--help` (from the environment) or `envgate check`.
+/// A secret: its variable's value is not shown in `--help`, nor the value by `envgate check`.
 pub struct Token;
 
-impl Text for Token {
+impl Kind for Token {
+    type Flag = String;
     type Value = Secret;
-    const EXPECTED: &'static str = "a string";
-    fn parse(s: &str) -> Result<Secret, String> {
-        Ok(Secret(s.to_string()))
-    }
-    fn render(_: &Secret) -> String {
-        "\"(not shown)\"".to_string()
-    }
-    /// A comment: the output of `envgate check` is a config file, and must not set a wrong token.
-    fn line(key: &str, _: &Secret) -> String {
-        format!("# {key}: set (not shown)")
-    }
     fn arg(a: Arg) -> Arg {
-        a.hide_env_values(true)
+        a.value_parser(clap::value_parser!(String)).hide_env_values(true)
+    }
+    fn from_toml(v: toml::Value, at: &At) -> Result<Secret, ConfigError> {
+        Ok(Secret(v.as_str().ok_or_else(|| at.err("expected a string"))?.trim().to_string()))
+    }
+    fn from_flag(s: String, _: &At) -> Result<Secret, ConfigError> {
+        Ok(Secret(s.trim().to_string()))
     }
 }
 
-/// An HTTP header name.
-pub struct Header;
-
-impl Text for Header {
-    type Value = http::HeaderName;
-    const EXPECTED: &'static str = "a header name";
-    fn parse(s: &str) -> Result<http::HeaderName, String> {
-        http::HeaderName::from_bytes(s.as_bytes()).map_err(|_| format!("{s:?} is not a header name"))
+impl Render for Token {
+    fn render(_: &Secret) -> String {
+        String::new()
     }
-    fn render(v: &http::HeaderName) -> String {
-        format!("{:?}", v.as_str())
+    /// A comment: what `envgate check` prints is a config file, and must not set a wrong token.
+    fn line(key: &str, _: &Secret) -> String {
+        format!("# {key}: set (not shown)")
     }
 }
 
@@ -253,20 +182,31 @@ impl<const MIN: u64, const MAX: u64> Kind for Int<MIN, MAX> {
     fn from_flag(s: String, at: &At) -> Result<u64, ConfigError> {
         Self::check(s.trim().parse().ok(), at).map_err(|e| ConfigError(format!("{e}, got {s:?}")))
     }
+}
+
+impl<const MIN: u64, const MAX: u64> Render for Int<MIN, MAX> {
     fn render(v: &u64) -> String {
         v.to_string()
     }
 }
 
 /// true or false; the flag takes what clap's [`BoolishValueParser`] does (true/false, yes/no,
-/// on/off, 1/0, ...).
-pub struct Bool;
+/// on/off, 1/0, ...). `BARE`: the flag alone means true (`--upstream-insecure`).
+pub struct Bool<const BARE: bool = false>;
 
-impl Kind for Bool {
+/// A [`Bool`] whose flag alone means true.
+pub type Switch = Bool<true>;
+
+impl<const BARE: bool> Kind for Bool<BARE> {
     type Flag = bool;
     type Value = bool;
     fn arg(a: Arg) -> Arg {
-        a.value_parser(Tip(BoolishValueParser::new()))
+        let a = a.value_parser(Tip(BoolishValueParser::new()));
+        if BARE {
+            a.num_args(0..=1).default_missing_value("true")
+        } else {
+            a
+        }
     }
     fn from_toml(v: toml::Value, at: &At) -> Result<bool, ConfigError> {
         v.as_bool().ok_or_else(|| at.err("expected true or false"))
@@ -274,28 +214,11 @@ impl Kind for Bool {
     fn from_flag(f: bool, _: &At) -> Result<bool, ConfigError> {
         Ok(f)
     }
-    fn render(v: &bool) -> String {
-        v.to_string()
-    }
 }
 
-/// A [`Bool`] whose flag alone means true (`--upstream-insecure`).
-pub struct Switch;
-
-impl Kind for Switch {
-    type Flag = bool;
-    type Value = bool;
-    fn arg(a: Arg) -> Arg {
-        Bool::arg(a).num_args(0..=1).default_missing_value("true")
-    }
-    fn from_toml(v: toml::Value, at: &At) -> Result<bool, ConfigError> {
-        Bool::from_toml(v, at)
-    }
-    fn from_flag(f: bool, at: &At) -> Result<bool, ConfigError> {
-        Bool::from_flag(f, at)
-    }
+impl<const BARE: bool> Render for Bool<BARE> {
     fn render(v: &bool) -> String {
-        Bool::render(v)
+        v.to_string()
     }
 }
 
@@ -318,6 +241,9 @@ impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Kind for Choice<T> 
     fn from_flag(f: T, _: &At) -> Result<T, ConfigError> {
         Ok(f)
     }
+}
+
+impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Render for Choice<T> {
     fn render(v: &T) -> String {
         v.to_possible_value().map_or_else(String::new, |p| format!("{:?}", p.get_name()))
     }
@@ -345,62 +271,91 @@ choices! {
     Mismatch: Mismatch::Refuse, Mismatch::Overwrite;
 }
 
-/// A list of strings: a TOML array, or the flag repeated or its values separated by `SEP`.
+/// A list of strings: a TOML array, or the flag repeated or its values separated by commas.
 pub trait List {
-    type Value: Clone + fmt::Debug + PartialEq + Eq;
-    const SEP: char;
-    /// What a file's array holds.
-    const EXPECTED: &'static str = "an array of strings";
-    /// From the file's items, as written.
-    fn check(items: Vec<String>, at: &At) -> Result<Self::Value, ConfigError>;
-    /// From the flag's items (trimmed, empty ones dropped, unless said otherwise).
-    fn from_items(items: Vec<String>, at: &At) -> Result<Self::Value, ConfigError> {
-        Self::check(items.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(), at)
-    }
-    /// From a file's value that is not an array of strings (`None`: not accepted).
-    fn from_other(_: toml::Value, at: &At) -> Result<Self::Value, ConfigError> {
-        Err(at.err(format!("expected {}", Self::EXPECTED)))
-    }
-    fn render(v: &Self::Value) -> String;
+    /// Whether the flag's items are trimmed and empty ones dropped.
+    const TRIM: bool = true;
+    fn check(items: &[String]) -> Result<(), String>;
 }
 
-macro_rules! list_kinds {
-    ($($t:ty),*) => {$(
+/// Named entries: a TOML table `NAME = ...` in a file, `NAME=...` items on the command line
+/// (the flag repeated, or items separated by `SEP`); in the order given.
+pub trait Entries {
+    type Entry: Clone + fmt::Debug + PartialEq + Eq;
+    const SEP: char;
+    /// What the file's value must be, and what a flag's item.
+    const EXPECTED: &'static str;
+    const ITEM: &'static str;
+    fn entry(name: &str, given: Given, at: &At) -> Result<Self::Entry, ConfigError>;
+}
+
+/// An entry's value: the file's TOML, or the text after a flag item's `=`.
+pub enum Given<'a> {
+    File(&'a toml::Value),
+    Flag(&'a str),
+}
+
+macro_rules! many_kinds {
+    ($($t:ty: $value:ty, $sep:expr, |$v:ident, $at:ident| $from_toml:expr, |$f:ident, $at2:ident| $from_flag:expr;)*) => {$(
         impl Kind for $t {
             type Flag = Vec<String>;
-            type Value = <$t as List>::Value;
+            type Value = $value;
             fn arg(a: Arg) -> Arg {
-                a.value_parser(clap::value_parser!(String)).action(ArgAction::Append).value_delimiter(<$t as List>::SEP)
+                a.value_parser(clap::value_parser!(String)).action(ArgAction::Append).value_delimiter($sep)
             }
             fn flag(m: &ArgMatches, id: &str) -> Option<Vec<String>> {
                 Some(m.try_get_many::<String>(id).ok()??.cloned().collect())
             }
-            fn from_toml(v: toml::Value, at: &At) -> Result<Self::Value, ConfigError> {
-                match v.clone().try_into::<Vec<String>>() {
-                    Ok(items) => <$t as List>::check(items, at),
-                    Err(_) => <$t as List>::from_other(v, at),
-                }
+            fn from_toml($v: toml::Value, $at: &At) -> Result<$value, ConfigError> {
+                $from_toml
             }
-            fn from_flag(f: Vec<String>, at: &At) -> Result<Self::Value, ConfigError> {
-                <$t as List>::from_items(f, at)
-            }
-            fn render(v: &Self::Value) -> String {
-                <$t as List>::render(v)
+            fn from_flag($f: Vec<String>, $at2: &At) -> Result<$value, ConfigError> {
+                $from_flag
             }
         }
     )*};
 }
 
-list_kinds!(Names, Prefixes, Texts, Kernelspecs, Patterns);
-
-fn render_strings(v: &[String]) -> String {
-    let v: Vec<String> = v.iter().map(|n| format!("{n:?}")).collect();
-    format!("[{}]", v.join(", "))
+many_kinds! {
+    Names: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
+    Prefixes: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
+    Texts: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
+    Kernelspecs: Vec<(String, Vec<String>)>, Self::SEP, |v, at| entries::<Self>(v, at), |f, at| entry_items::<Self>(f, at);
+    Patterns: Vec<(String, Option<Pattern>)>, Self::SEP, |v, at| entries::<Self>(v, at), |f, at| entry_items::<Self>(f, at);
 }
 
-fn check_names(names: &[String]) -> Result<(), String> {
+fn list<L: List>(v: toml::Value, at: &At) -> Result<Vec<String>, ConfigError> {
+    let items: Vec<String> = v.try_into().map_err(|_| at.err("expected an array of strings"))?;
+    L::check(&items).map_err(|m| at.err(m))?;
+    Ok(items)
+}
+
+fn list_flag<L: List>(items: Vec<String>, at: &At) -> Result<Vec<String>, ConfigError> {
+    let items: Vec<String> =
+        if L::TRIM { items.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect() } else { items };
+    L::check(&items).map_err(|m| at.err(m))?;
+    Ok(items)
+}
+
+fn entries<E: Entries>(v: toml::Value, at: &At) -> Result<Vec<(String, E::Entry)>, ConfigError> {
+    let table = v.as_table().ok_or_else(|| at.err(format!("expected {}", E::EXPECTED)))?;
+    table.iter().map(|(name, v)| Ok((name.clone(), E::entry(name, Given::File(v), at)?))).collect()
+}
+
+fn entry_items<E: Entries>(items: Vec<String>, at: &At) -> Result<Vec<(String, E::Entry)>, ConfigError> {
+    let mut list = Vec::new();
+    for item in items.iter().filter(|s| !s.trim().is_empty()) {
+        let (name, text) =
+            item.split_once('=').ok_or_else(|| at.err(format!("expected {}, got {:?}", E::ITEM, item.trim())))?;
+        let name = name.trim();
+        list.push((name.to_string(), E::entry(name, Given::Flag(text), at)?));
+    }
+    Ok(list)
+}
+
+fn check_names(names: &[String], what: &str) -> Result<(), String> {
     match names.iter().find(|n| !policy::valid_name(n)) {
-        Some(bad) => Err(format!("{bad:?} is not a valid environment variable name")),
+        Some(bad) => Err(format!("{bad:?} is not a valid {what}")),
         None => Ok(()),
     }
 }
@@ -409,14 +364,8 @@ fn check_names(names: &[String]) -> Result<(), String> {
 pub struct Names;
 
 impl List for Names {
-    type Value = Vec<String>;
-    const SEP: char = ',';
-    fn check(items: Vec<String>, at: &At) -> Result<Vec<String>, ConfigError> {
-        check_names(&items).map_err(|m| at.err(m))?;
-        Ok(items)
-    }
-    fn render(v: &Vec<String>) -> String {
-        render_strings(v)
+    fn check(items: &[String]) -> Result<(), String> {
+        check_names(items, "environment variable name")
     }
 }
 
@@ -424,16 +373,8 @@ impl List for Names {
 pub struct Prefixes;
 
 impl List for Prefixes {
-    type Value = Vec<String>;
-    const SEP: char = ',';
-    fn check(items: Vec<String>, at: &At) -> Result<Vec<String>, ConfigError> {
-        match items.iter().find(|p| !policy::valid_name(p)) {
-            Some(bad) => Err(at.err(format!("{bad:?} is not a valid name prefix"))),
-            None => Ok(items),
-        }
-    }
-    fn render(v: &Vec<String>) -> String {
-        render_strings(v)
+    fn check(items: &[String]) -> Result<(), String> {
+        check_names(items, "name prefix")
     }
 }
 
@@ -441,134 +382,70 @@ impl List for Prefixes {
 pub struct Texts;
 
 impl List for Texts {
-    type Value = Vec<String>;
-    const SEP: char = ',';
-    fn check(items: Vec<String>, at: &At) -> Result<Vec<String>, ConfigError> {
+    const TRIM: bool = false;
+    fn check(items: &[String]) -> Result<(), String> {
         if items.iter().any(String::is_empty) {
-            return Err(at.err("an empty text would forbid every value"));
+            return Err("an empty text would forbid every value".to_string());
         }
-        Ok(items)
-    }
-    fn from_items(items: Vec<String>, at: &At) -> Result<Vec<String>, ConfigError> {
-        Self::check(items, at)
-    }
-    fn render(v: &Vec<String>) -> String {
-        let v: Vec<String> = v.iter().map(|t| format!("\"{}\"", policy::toml_escape(t))).collect();
-        format!("[{}]", v.join(", "))
+        Ok(())
     }
 }
 
 /// Per-kernelspec names: `[kernelspecs.NAME] client_envs = [...]` in a file, `NAME=A,B` items
-/// on the command line; in the order given.
+/// on the command line.
 pub struct Kernelspecs;
 
-impl List for Kernelspecs {
-    type Value = Vec<(String, Vec<String>)>;
+impl Entries for Kernelspecs {
+    type Entry = Vec<String>;
     const SEP: char = ';';
-    fn check(_: Vec<String>, at: &At) -> Result<Self::Value, ConfigError> {
-        Err(at.err("expected a table of tables"))
-    }
-    fn from_items(items: Vec<String>, at: &At) -> Result<Self::Value, ConfigError> {
-        let mut list = Vec::new();
-        for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
-            let (name, envs) =
-                item.split_once('=').ok_or_else(|| at.err(format!("expected NAME=A,B, got {item:?}")))?;
-            let envs = envs.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-            list.push((name.trim().to_string(), envs));
+    const EXPECTED: &'static str = "a table of tables";
+    const ITEM: &'static str = "NAME=A,B";
+    fn entry(name: &str, given: Given, at: &At) -> Result<Vec<String>, ConfigError> {
+        if name.is_empty() {
+            return Err(at.err("a kernelspec name is empty"));
         }
-        Self::checked(list, at)
-    }
-    fn from_other(v: toml::Value, at: &At) -> Result<Self::Value, ConfigError> {
-        let ks = v.as_table().ok_or_else(|| at.err("expected a table of tables"))?;
-        let mut list = Vec::new();
-        for (name, t) in ks {
-            let t = t.as_table().ok_or_else(|| at.err_in(name, "expected a table"))?;
-            if let Some(k) = t.keys().find(|k| *k != "client_envs") {
-                let within = format!("{}.{name}.", at.key);
-                return Err(super::settings::unknown_key(&within, k, at.origin, &["client_envs"]));
+        let key = format!("{name}.client_envs");
+        let envs = match given {
+            Given::Flag(text) => text.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            Given::File(v) => {
+                let t = v.as_table().ok_or_else(|| at.err_in(name, "expected a table"))?;
+                if let Some(k) = t.keys().find(|k| *k != "client_envs") {
+                    let within = format!("{}.{name}.", at.key);
+                    return Err(super::settings::unknown_key(&within, k, at.origin, &["client_envs"]));
+                }
+                match t.get("client_envs") {
+                    None => Vec::new(),
+                    Some(v) => v.clone().try_into().map_err(|_| at.err_in(&key, "expected an array of strings"))?,
+                }
             }
-            let envs: Vec<String> = match t.get("client_envs") {
-                None => Vec::new(),
-                Some(v) => v
-                    .clone()
-                    .try_into()
-                    .map_err(|_| at.err_in(&format!("{name}.client_envs"), "expected an array of strings"))?,
-            };
-            list.push((name.clone(), envs));
-        }
-        Self::checked(list, at)
-    }
-    fn render(v: &Self::Value) -> String {
-        let t: Vec<String> =
-            v.iter().map(|(n, e)| format!("{n:?} = {{ client_envs = {} }}", render_strings(e))).collect();
-        format!("{{ {} }}", t.join(", "))
-    }
-}
-
-impl Kernelspecs {
-    fn checked(list: <Self as List>::Value, at: &At) -> Result<<Self as List>::Value, ConfigError> {
-        for (name, envs) in &list {
-            if name.is_empty() {
-                return Err(at.err("a kernelspec name is empty"));
-            }
-            check_names(envs).map_err(|m| at.err_in(&format!("{name}.client_envs"), m))?;
-        }
-        Ok(list)
+        };
+        check_names(&envs, "environment variable name").map_err(|m| at.err_in(&key, m))?;
+        Ok(envs)
     }
 }
 
 /// Per-name value patterns: `[value_patterns] NAME = "REGEX"` in a file, `NAME=REGEX` items on
-/// the command line; an empty pattern (`None`) removes a built-in one.
+/// the command line (separated by newlines in the variable); an empty pattern (`None`) removes a
+/// built-in one.
 pub struct Patterns;
 
-impl List for Patterns {
-    type Value = Vec<(String, Option<Pattern>)>;
+impl Entries for Patterns {
+    type Entry = Option<Pattern>;
     const SEP: char = '\n';
     const EXPECTED: &'static str = "a table of NAME = \"REGEX\"";
-    fn check(_: Vec<String>, at: &At) -> Result<Self::Value, ConfigError> {
-        Err(at.err(format!("expected {}", Self::EXPECTED)))
-    }
-    fn from_items(items: Vec<String>, at: &At) -> Result<Self::Value, ConfigError> {
-        let mut list = Vec::new();
-        for item in items.iter().filter(|s| !s.trim().is_empty()) {
-            let (name, re) =
-                item.split_once('=').ok_or_else(|| at.err(format!("expected NAME=REGEX, got {item:?}")))?;
-            list.push((name.trim().to_string(), re.to_string()));
+    const ITEM: &'static str = "NAME=REGEX";
+    fn entry(name: &str, given: Given, at: &At) -> Result<Option<Pattern>, ConfigError> {
+        if !policy::valid_name(name) {
+            return Err(at.err_in(name, format!("{name:?} is not a valid environment variable name")));
         }
-        Self::compiled(list, at)
-    }
-    fn from_other(v: toml::Value, at: &At) -> Result<Self::Value, ConfigError> {
-        let err = || at.err(format!("expected {}", Self::EXPECTED));
-        let mut list = Vec::new();
-        for (name, re) in v.as_table().ok_or_else(err)? {
-            list.push((name.clone(), re.as_str().ok_or_else(err)?.to_string()));
+        let re = match given {
+            Given::Flag(text) => text,
+            Given::File(v) => v.as_str().ok_or_else(|| at.err(format!("expected {}", Self::EXPECTED)))?,
+        };
+        if re.is_empty() {
+            return Ok(None);
         }
-        Self::compiled(list, at)
-    }
-    fn render(v: &Self::Value) -> String {
-        let t: Vec<String> = v
-            .iter()
-            .map(|(n, p)| format!("{n:?} = \"{}\"", policy::toml_escape(p.as_ref().map_or("", |p| &p.text))))
-            .collect();
-        format!("{{ {} }}", t.join(", "))
-    }
-}
-
-impl Patterns {
-    fn compiled(list: Vec<(String, String)>, at: &At) -> Result<<Self as List>::Value, ConfigError> {
-        let mut out = Vec::new();
-        for (name, re) in list {
-            if !policy::valid_name(&name) {
-                return Err(at.err_in(&name, format!("{name:?} is not a valid environment variable name")));
-            }
-            let p = if re.is_empty() {
-                None
-            } else {
-                Some(Pattern::new(&re).map_err(|e| at.err_in(&name, format!("not a valid regular expression: {e}")))?)
-            };
-            out.push((name, p));
-        }
-        Ok(out)
+        Pattern::new(re).map(Some).map_err(|e| at.err_in(name, format!("not a valid regular expression: {e}")))
     }
 }
 
@@ -598,10 +475,8 @@ impl<P: TypedValueParser> TypedValueParser for Tip<P> {
             let flag = format!("--{}", arg.get_long().unwrap_or_default());
             let env = arg.get_env().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
             let from = if source == ValueSource::EnvVariable { &env } else { &flag };
-            let tip = format!(
-                "`{}` is set by {flag}, {env} or the config file; this value came from {from}",
-                arg.get_id()
-            );
+            let tip =
+                format!("`{}` is set by {flag}, {env} or the config file; this value came from {from}", arg.get_id());
             let mut tips = match e.get(ContextKind::Suggested) {
                 Some(ContextValue::StyledStrs(t)) => t.clone(),
                 _ => Vec::new(),

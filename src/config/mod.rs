@@ -549,11 +549,7 @@ mod tests {
         let raw = Raw::from_toml("inherit_eg_env_config = true", Path::new("f")).unwrap();
         let c = raw.validate(&|k| (k == "EG_CLIENT_ENVS").then(|| "A,B".to_string())).unwrap();
         assert_eq!(c.policy.eg_config.unwrap().names, BTreeSet::from(["A".into(), "B".into()]));
-        let o = Opts {
-            inherit_eg_env_config: Some(true),
-            allow_prefixes: Some(vec!["X_".into()]),
-            ..Opts::default()
-        };
+        let o = Opts { inherit_eg_env_config: Some(true), allow_prefixes: Some(vec!["X_".into()]), ..Opts::default() };
         let mut raw = Raw::default();
         raw.overlay(&o).unwrap();
         let c = raw.validate(&|k| (k == "EG_ENV_WHITELIST").then(|| "*".to_string())).unwrap();

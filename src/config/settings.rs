@@ -4,7 +4,6 @@
 //! prints are all made from this one table.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::{Arg, ArgMatches};
 
@@ -51,27 +50,42 @@ macro_rules! slot {
 
 /// A resolved setting: the given value, or the declared default (written as in a config file).
 macro_rules! resolve {
-    ($given:expr, $kind:ty, $key:expr) => { $given };
+    ($given:expr, $kind:ty, $key:expr) => {
+        $given
+    };
     ($given:expr, $kind:ty, $key:expr, $default:expr) => {
         match $given {
             Some(s) => s,
             None => {
                 let at = At { key: $key, origin: "the default" };
-                Setting { value: <$kind as Kind>::from_toml(toml::Value::from($default), &at)?, origin: at.origin.into() }
+                Setting {
+                    value: <$kind as Kind>::from_toml(toml::Value::from($default), &at)?,
+                    origin: at.origin.into(),
+                }
             }
         }
     };
 }
 
 macro_rules! default_text {
-    () => { None };
-    ($default:expr) => { Some(stringify!($default)) };
+    () => {
+        None
+    };
+    ($default:expr) => {
+        Some(stringify!($default))
+    };
 }
 
-/// Whether `Policy` prints the setting itself (with the built-in values it merges in).
-macro_rules! in_policy {
-    () => { false };
-    (policy) => { true };
+/// A setting's line in `envgate check`'s output, unless `Policy` prints it (with the built-in
+/// values it merges in).
+macro_rules! print_line {
+    (policy, $out:ident, $setting:expr, $kind:ty, $key:expr) => {};
+    (, $out:ident, $setting:expr, $kind:ty, $key:expr) => {
+        if let Some(v) = $setting.given() {
+            $out.push_str(&<$kind as Render>::line($key, v));
+            $out.push('\n');
+        }
+    };
 }
 
 macro_rules! settings {
@@ -173,12 +187,7 @@ macro_rules! settings {
             /// The settings that `Policy` does not print, as lines of a config file.
             pub fn effective(&self) -> String {
                 let mut out = String::new();
-                $(if !in_policy!($($shown)?) {
-                    if let Some(v) = self.$key.given() {
-                        out.push_str(&<$kind as Kind>::line(stringify!($key), v));
-                        out.push('\n');
-                    }
-                })*
+                $(print_line!($($shown)?, out, self.$key, $kind, stringify!($key));)*
                 out
             }
         }
@@ -215,7 +224,7 @@ settings! {
     /// POST /api/sessions.
     sessions: Choice<Sessions> = "deny", "sessions", "ENVGATE_SESSIONS", "SESSIONS", policy;
     /// How long kernelspecs fetched from the upstream are trusted.
-    kernelspec_cache_ttl: Duration = "10s", "kernelspec-cache-ttl", "ENVGATE_KERNELSPEC_CACHE_TTL", "DURATION";
+    kernelspec_cache_ttl: Span = "10s", "kernelspec-cache-ttl", "ENVGATE_KERNELSPEC_CACHE_TTL", "DURATION";
     /// Longest env value forwarded, in characters [default: 4096].
     value_max_length: Int<1, 16777216>, "value-max-length", "ENVGATE_VALUE_MAX_LENGTH", "CHARS", policy;
     /// Substrings no forwarded env value may hold, comma-separated; replaces the built-in list
@@ -229,12 +238,12 @@ settings! {
     /// Largest kernel-start body accepted, in bytes.
     max_body_bytes: Int<1, 1073741824> = 1048576, "max-body-bytes", "ENVGATE_MAX_BODY_BYTES", "BYTES";
     /// Upstream connect timeout, TLS handshake included.
-    connect_timeout: NonZeroDuration = "5s", "connect-timeout", "ENVGATE_CONNECT_TIMEOUT", "DURATION";
+    connect_timeout: Timeout = "5s", "connect-timeout", "ENVGATE_CONNECT_TIMEOUT", "DURATION";
     /// Upstream response-header timeout.
-    response_timeout: NonZeroDuration = "120s", "response-timeout", "ENVGATE_RESPONSE_TIMEOUT", "DURATION";
+    response_timeout: Timeout = "120s", "response-timeout", "ENVGATE_RESPONSE_TIMEOUT", "DURATION";
     /// How long a streamed body (either way) may send nothing before its connection is aborted;
     /// never applies to WebSockets.
-    body_idle_timeout: NonZeroDuration = "60s", "body-idle-timeout", "ENVGATE_BODY_IDLE_TIMEOUT", "DURATION";
+    body_idle_timeout: Timeout = "60s", "body-idle-timeout", "ENVGATE_BODY_IDLE_TIMEOUT", "DURATION";
     /// Audit log: - for stdout, or a file path (appended to).
     audit_log: AuditLog = "-", "audit-log", "ENVGATE_AUDIT_LOG", "PATH";
     /// Diagnostics format on stderr.
@@ -262,7 +271,7 @@ settings! {
     /// Admin listener with /healthz, /readyz and /metrics [default: off].
     admin_listen: Addr, "admin-listen", "ENVGATE_ADMIN_LISTEN", "ADDR";
     /// On SIGTERM, how long requests in flight and WebSockets may go on.
-    shutdown_grace: Duration = "30s", "shutdown-grace", "ENVGATE_SHUTDOWN_GRACE", "DURATION";
+    shutdown_grace: Span = "30s", "shutdown-grace", "ENVGATE_SHUTDOWN_GRACE", "DURATION";
     /// Worker threads serving connections, each with its own event loop and upstream pool; 0 for
     /// one per core (read at start-up only).
     workers: Int<0, 256> = 0, "workers", "ENVGATE_WORKERS", "N";
