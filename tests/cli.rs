@@ -127,21 +127,27 @@ fn bad_files_and_flags_give_one_line_naming_the_key_and_exit_2() {
     assert!(stderr(&o).contains("ENVGATE_SESSIONS"));
 }
 
+fn assert_holds(text: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
 /// A value clap refuses: its whole message, with the possible values, a near one, and which
 /// setting the flag or variable sets (`mode`, --mode, ENVGATE_MODE).
 #[test]
 fn clap_errors_are_printed_whole() {
     let o = envgate(&["check", "--mode", "x"], &[]);
     assert_eq!(o.status.code(), Some(2));
-    let err = stderr(&o);
-    for want in [
-        "error: invalid value 'x' for '--mode <MODE>'",
-        "[possible values: drop, reject, report]",
-        "`mode` is set by --mode, ENVGATE_MODE or the config file; this value came from --mode",
-        "For more information, try '--help'.",
-    ] {
-        assert!(err.contains(want), "missing {want:?} in:\n{err}");
-    }
+    assert_holds(
+        &stderr(&o),
+        &[
+            "error: invalid value 'x' for '--mode <MODE>'",
+            "[possible values: drop, reject, report]",
+            "`mode` is set by --mode, ENVGATE_MODE or the config file; this value came from --mode",
+            "For more information, try '--help'.",
+        ],
+    );
     let o = envgate(&["--mode", "dorp"], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("a similar value exists: 'drop'"), "{}", stderr(&o));
@@ -155,18 +161,17 @@ fn clap_errors_are_printed_whole() {
 
 #[test]
 fn help_shows_the_possible_values_and_defaults() {
-    let o = envgate(&["--help"], &[]);
-    let out = stdout(&o);
-    for want in [
-        "[default: drop] [env: ENVGATE_MODE=] [possible values: drop, reject, report]",
-        "[possible values: deny, allow]",
-        "[possible values: refuse_escape, strip, keep]",
-        "[possible values: text, json]",
-        "[possible values: refuse, overwrite]",
-        "[default: true] [env: ENVGATE_KERNEL_PREFIX=] [possible values: true, false]",
-    ] {
-        assert!(out.contains(want), "missing {want:?} in:\n{out}");
-    }
+    assert_holds(
+        &stdout(&envgate(&["--help"], &[])),
+        &[
+            "[default: drop] [env: ENVGATE_MODE=] [possible values: drop, reject, report]",
+            "[possible values: deny, allow]",
+            "[possible values: refuse_escape, strip, keep]",
+            "[possible values: text, json]",
+            "[possible values: refuse, overwrite]",
+            "[default: true] [env: ENVGATE_KERNEL_PREFIX=] [possible values: true, false]",
+        ],
+    );
     let o = envgate(&["explain", "--help"], &[]);
     assert!(stdout(&o).contains("--format <FORMAT>") && stdout(&o).contains("--mode <MODE>"), "{}", stdout(&o));
 }

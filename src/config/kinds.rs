@@ -279,13 +279,9 @@ pub trait List {
 }
 
 /// Named entries: a TOML table `NAME = ...` in a file, `NAME=...` items on the command line
-/// (the flag repeated, or items separated by `SEP`); in the order given.
+/// (the flag repeated, or items separated by a character); in the order given.
 pub trait Entries {
     type Entry: Clone + fmt::Debug + PartialEq + Eq;
-    const SEP: char;
-    /// What the file's value must be, and what a flag's item.
-    const EXPECTED: &'static str;
-    const ITEM: &'static str;
     fn entry(name: &str, given: Given, at: &At) -> Result<Self::Entry, ConfigError>;
 }
 
@@ -320,8 +316,10 @@ many_kinds! {
     Names: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
     Prefixes: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
     Texts: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
-    Kernelspecs: Vec<(String, Vec<String>)>, Self::SEP, |v, at| entries::<Self>(v, at), |f, at| entry_items::<Self>(f, at);
-    Patterns: Vec<(String, Option<Pattern>)>, Self::SEP, |v, at| entries::<Self>(v, at), |f, at| entry_items::<Self>(f, at);
+    Kernelspecs: Vec<(String, Vec<String>)>, ';',
+        |v, at| entries::<Self>(v, at, "a table of tables"), |f, at| entry_items::<Self>(f, at, "NAME=A,B");
+    Patterns: Vec<(String, Option<Pattern>)>, '\n',
+        |v, at| entries::<Self>(v, at, Self::EXPECTED), |f, at| entry_items::<Self>(f, at, "NAME=REGEX");
 }
 
 fn list<L: List>(v: toml::Value, at: &At) -> Result<Vec<String>, ConfigError> {
@@ -337,16 +335,16 @@ fn list_flag<L: List>(items: Vec<String>, at: &At) -> Result<Vec<String>, Config
     Ok(items)
 }
 
-fn entries<E: Entries>(v: toml::Value, at: &At) -> Result<Vec<(String, E::Entry)>, ConfigError> {
-    let table = v.as_table().ok_or_else(|| at.err(format!("expected {}", E::EXPECTED)))?;
+fn entries<E: Entries>(v: toml::Value, at: &At, expected: &str) -> Result<Vec<(String, E::Entry)>, ConfigError> {
+    let table = v.as_table().ok_or_else(|| at.err(format!("expected {expected}")))?;
     table.iter().map(|(name, v)| Ok((name.clone(), E::entry(name, Given::File(v), at)?))).collect()
 }
 
-fn entry_items<E: Entries>(items: Vec<String>, at: &At) -> Result<Vec<(String, E::Entry)>, ConfigError> {
+fn entry_items<E: Entries>(items: Vec<String>, at: &At, form: &str) -> Result<Vec<(String, E::Entry)>, ConfigError> {
     let mut list = Vec::new();
     for item in items.iter().filter(|s| !s.trim().is_empty()) {
         let (name, text) =
-            item.split_once('=').ok_or_else(|| at.err(format!("expected {}, got {:?}", E::ITEM, item.trim())))?;
+            item.split_once('=').ok_or_else(|| at.err(format!("expected {form}, got {:?}", item.trim())))?;
         let name = name.trim();
         list.push((name.to_string(), E::entry(name, Given::Flag(text), at)?));
     }
@@ -397,9 +395,6 @@ pub struct Kernelspecs;
 
 impl Entries for Kernelspecs {
     type Entry = Vec<String>;
-    const SEP: char = ';';
-    const EXPECTED: &'static str = "a table of tables";
-    const ITEM: &'static str = "NAME=A,B";
     fn entry(name: &str, given: Given, at: &At) -> Result<Vec<String>, ConfigError> {
         if name.is_empty() {
             return Err(at.err("a kernelspec name is empty"));
@@ -429,11 +424,12 @@ impl Entries for Kernelspecs {
 /// built-in one.
 pub struct Patterns;
 
+impl Patterns {
+    const EXPECTED: &'static str = "a table of NAME = \"REGEX\"";
+}
+
 impl Entries for Patterns {
     type Entry = Option<Pattern>;
-    const SEP: char = '\n';
-    const EXPECTED: &'static str = "a table of NAME = \"REGEX\"";
-    const ITEM: &'static str = "NAME=REGEX";
     fn entry(name: &str, given: Given, at: &At) -> Result<Option<Pattern>, ConfigError> {
         if !policy::valid_name(name) {
             return Err(at.err_in(name, format!("{name:?} is not a valid environment variable name")));
