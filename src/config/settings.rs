@@ -2,6 +2,9 @@
 //! and help. The flag struct ([`Opts`]), the keys a file may hold, the merge (file, then the
 //! environment, then flags, each value keeping where it came from) and the lines `envgate check`
 //! prints are all made from this one table.
+//!
+//! Adding a setting: a row in the table, its sample in the test that walks the table
+//! (`every_setting_from_file_environment_and_flag_in_that_order`), and its row in the docs.
 
 use std::path::{Path, PathBuf};
 
