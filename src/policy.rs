@@ -487,7 +487,7 @@ impl Policy {
 }
 
 /// `s` as the inside of a TOML basic string.
-pub(crate) fn toml_escape(s: &str) -> String {
+fn toml_escape(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
         match c {
