@@ -82,13 +82,12 @@ impl Cli {
         Cli::try_parse_from(args)
     }
 
-    /// The proxy settings this command line gives (none for `audit`).
-    pub fn opts(&self) -> Option<&Opts> {
+    /// The proxy settings this command line gives (for `audit`, which takes none, the empty ones).
+    pub fn opts(&self) -> &Opts {
         match &self.command {
-            None => Some(&self.opts),
-            Some(Command::Run(o) | Command::Check(o)) => Some(o),
-            Some(Command::Explain(a)) => Some(&a.opts),
-            Some(Command::Audit(_)) => None,
+            Some(Command::Run(o) | Command::Check(o)) => o,
+            Some(Command::Explain(a)) => &a.opts,
+            None | Some(Command::Audit(_)) => &self.opts,
         }
     }
 }

@@ -25,12 +25,10 @@ fn main() -> ExitCode {
     };
     // `audit` reads a log, not the proxy's settings: it must work wherever the log was copied to, even
     // where envgate's configuration is absent or unreadable.
-    let Some(opts) = cli.opts().cloned() else {
-        return match &cli.command {
-            Some(Command::Audit(cmd)) => envgate::summary::run(cmd),
-            _ => unreachable!("only audit takes no proxy settings"),
-        };
-    };
+    if let Some(Command::Audit(cmd)) = &cli.command {
+        return envgate::summary::run(cmd);
+    }
+    let opts = cli.opts().clone();
     let config = match Config::load(&opts) {
         Ok(c) => c,
         Err(e) => {

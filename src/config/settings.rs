@@ -28,23 +28,6 @@ impl<T> Setting<T> {
     }
 }
 
-/// A setting with a default is always there; one without may be absent.
-trait Given<T> {
-    fn given(&self) -> Option<&T>;
-}
-
-impl<T> Given<T> for Setting<T> {
-    fn given(&self) -> Option<&T> {
-        Some(&self.value)
-    }
-}
-
-impl<T> Given<T> for Option<Setting<T>> {
-    fn given(&self) -> Option<&T> {
-        self.as_ref().map(|s| &s.value)
-    }
-}
-
 /// The field type of a resolved setting: present when it has a default.
 macro_rules! slot {
     ($kind:ty) => { Option<Setting<<$kind as Kind>::Value>> };
@@ -70,6 +53,16 @@ macro_rules! resolve {
     };
 }
 
+/// A resolved setting's value: always there with a default, maybe absent without.
+macro_rules! given {
+    ($setting:expr) => {
+        $setting.as_ref().map(|s| &s.value)
+    };
+    ($setting:expr, $default:expr) => {
+        Some(&$setting.value)
+    };
+}
+
 macro_rules! default_text {
     () => {
         None
@@ -82,9 +75,9 @@ macro_rules! default_text {
 /// A setting's line in `envgate check`'s output, unless `Policy` prints it (with the built-in
 /// values it merges in).
 macro_rules! print_line {
-    (policy, $out:ident, $setting:expr, $kind:ty, $key:expr) => {};
-    (, $out:ident, $setting:expr, $kind:ty, $key:expr) => {
-        if let Some(v) = $setting.given() {
+    (policy, $out:ident, $given:expr, $kind:ty, $key:expr) => {};
+    (, $out:ident, $given:expr, $kind:ty, $key:expr) => {
+        if let Some(v) = $given {
             $out.push_str(&<$kind as Render>::line($key, v));
             $out.push('\n');
         }
@@ -190,7 +183,7 @@ macro_rules! settings {
             /// The settings that `Policy` does not print, as lines of a config file.
             pub fn effective(&self) -> String {
                 let mut out = String::new();
-                $(print_line!($($shown)?, out, self.$key, $kind, stringify!($key));)*
+                $(print_line!($($shown)?, out, given!(self.$key $(, $default)?), $kind, stringify!($key));)*
                 out
             }
         }
