@@ -78,7 +78,7 @@ pub fn index_from_file(path: &std::path::Path) -> Result<SpecIndex, String> {
 /// The kernelspecs fetched once from the configured upstream, the way the proxy fetches them.
 pub async fn index_from_upstream(config: &Config, token: Option<&str>) -> Result<Arc<SpecIndex>, String> {
     let upstream = Upstream::new(config)?;
-    let routes = Routes::new(&config.upstream.base);
+    let routes = Routes::new(&config.upstream.url.base);
     let mut headers = HeaderMap::new();
     if let Some(t) = token {
         let v = HeaderValue::from_str(&format!("token {t}")).map_err(|_| "the token is not a valid header value")?;
@@ -87,7 +87,7 @@ pub async fn index_from_upstream(config: &Config, token: Option<&str>) -> Result
     SpecCache::new(Duration::ZERO)
         .get(&upstream, routes.kernelspecs_path(), None, || headers)
         .await
-        .map_err(|e| format!("cannot fetch kernelspecs from {}: {}", config.upstream, e.describe()))
+        .map_err(|e| format!("cannot fetch kernelspecs from {}: {}", config.upstream.url, e.describe()))
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //! - [`decide`]: one kernel start, parsed body to forwarded bytes or refusal, and identity
 //!   binding's trusted user (pure);
 //! - [`routes`]: which route a raw request is (pure);
-//! - [`config`]: file + environment + flags -> one validated [`config::Config`];
+//! - [`cli`]: the command line and its subcommands;
+//! - [`config`]: file + environment + flags -> one validated [`config::Config`], every setting
+//!   declared once;
 //! - [`wire`]: header hygiene, JSON errors, ETags;
 //! - [`json`]: JSON strings written fast, for the forwarded `env` and the audit record;
 //! - [`proxy`]: the hyper service, one function per route class; the policy routes' one exit;
@@ -26,6 +28,7 @@
 
 pub mod audit;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod explain;

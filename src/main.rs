@@ -2,8 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use envgate::config::{Cli, Command, Config, ExplainArgs, LogFormat};
+use envgate::cli::{Cli, Command, ExplainArgs};
+use envgate::config::{Config, LogFormat};
+use envgate::summary::Format;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: its per-thread free lists suit envgate's per-core workers
@@ -14,17 +15,12 @@ use tracing_subscriber::EnvFilter;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_from(std::env::args_os()) {
         Ok(c) => c,
-        Err(e) if e.use_stderr() => {
-            // One line naming the flag; clap's usage hints follow only with --help.
-            let text = e.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
-            return ExitCode::from(2);
-        }
         Err(e) => {
+            // clap's whole message: what is wrong, the possible values, a "did you mean", the usage.
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
     // `audit` reads a log, not the proxy's settings: it must work wherever the log was copied to, even
@@ -32,7 +28,8 @@ fn main() -> ExitCode {
     if let Some(Command::Audit(cmd)) = &cli.command {
         return envgate::summary::run(cmd);
     }
-    let config = match Config::load(&cli.opts) {
+    let opts = cli.opts().clone();
+    let config = match Config::load(&opts) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("envgate: {e}");
@@ -40,7 +37,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Check) => {
+        Some(Command::Check(_)) => {
             // Load what start-up would load (certificates, keys), so that check catches it too.
             if let Err(e) = envgate::server::preflight(&config) {
                 eprintln!("envgate: {e}");
@@ -52,7 +49,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Explain(args)) => explain(&config, &args),
         Some(Command::Audit(_)) => unreachable!("handled before the configuration is loaded"),
-        Some(Command::Run) | None => {
+        Some(Command::Run(_)) | None => {
             init_tracing(config.log_format);
             match envgate::server::raise_fd_limit() {
                 Ok(Some((old, new))) => tracing::info!(old, new, "raised the open-file limit (RLIMIT_NOFILE)"),
@@ -68,7 +65,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(envgate::server::run(cli.opts, config)) {
+            match rt.block_on(envgate::server::run(opts, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "envgate failed");
@@ -82,10 +79,6 @@ fn main() -> ExitCode {
 
 /// `envgate explain`: exit 0 with the verdicts, 2 on a usage problem, 1 when the kernelspecs cannot be had.
 fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
-    if args.format != "text" && args.format != "json" {
-        eprintln!("envgate: invalid `--format`: expected text or json, got {:?}", args.format);
-        return ExitCode::from(2);
-    }
     let index = match &args.kernelspecs_file {
         Some(path) => envgate::explain::index_from_file(path).map(std::sync::Arc::new),
         None => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -101,7 +94,7 @@ fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
         }
     };
     let e = envgate::explain::explain(&config.policy, &index, args.kernelspec.as_deref(), &args.names);
-    if args.format == "json" {
+    if args.format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&e).expect("serializing an explanation"));
     } else {
         print!("{}", e.to_text());

@@ -65,17 +65,7 @@ impl Runtime {
     /// when the upstream is unchanged.
     pub fn new(config: Config, previous: Option<&Runtime>, workers: usize) -> Result<Runtime, StartError> {
         let upstreams = match previous {
-            Some(p)
-                if p.upstreams.len() == workers + 1
-                    && p.config.upstream == config.upstream
-                    && p.config.upstream_tls == config.upstream_tls
-                    && p.config.upstream_token == config.upstream_token
-                    && p.config.connect_timeout == config.connect_timeout
-                    && p.config.response_timeout == config.response_timeout
-                    && p.config.body_idle_timeout == config.body_idle_timeout =>
-            {
-                p.upstreams.clone()
-            }
+            Some(p) if p.upstreams.len() == workers + 1 && p.config.upstream == config.upstream => p.upstreams.clone(),
             _ => (0..=workers)
                 .map(|_| Upstream::new(&config))
                 .collect::<Result<Vec<_>, _>>()
@@ -83,7 +73,7 @@ impl Runtime {
                 .into(),
         };
         Ok(Runtime {
-            routes: Routes::new(&config.upstream.base),
+            routes: Routes::new(&config.upstream.url.base),
             specs: SpecCache::new(config.kernelspec_cache_ttl),
             rewrites: kernelspecs::Memo::default(),
             policy_hash: policy_hash(&config),

@@ -176,12 +176,12 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
     };
     let tls = ArcSwapOption::from(acceptor(&config)?.map(Arc::new));
     let audit = AuditLog::open(&config.audit_log, config.workers).map_err(StartError::AuditLog)?;
-    if config.upstream_tls.insecure {
+    if config.upstream.tls.insecure {
         tracing::warn!(
             "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only"
         );
     }
-    if config.upstream_token.is_some() && config.identity.is_none() {
+    if config.upstream.token.is_some() && config.identity.is_none() {
         tracing::warn!(
             "envgate holds the upstream token and no trusted_user_header is set: anyone who reaches envgate reaches EG"
         );
@@ -195,7 +195,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
         tracing::info!(
             listen = %addr,
             tls = rt.config.tls.is_some(),
-            upstream = %rt.config.upstream,
+            upstream = %rt.config.upstream.url,
             mode = rt.config.policy.mode.as_str(),
             policy = %rt.policy_hash,
             workers,

@@ -138,21 +138,21 @@ impl Upstream {
     /// Builds the client; fails only when the upstream TLS files cannot be loaded.
     pub fn new(cfg: &Config) -> Result<Upstream, String> {
         let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_connect_timeout(Some(cfg.upstream.connect_timeout));
         http.set_nodelay(true);
         http.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls::client_config(&cfg.upstream_tls)?)
+            .with_tls_config(tls::client_config(&cfg.upstream.tls)?)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
         let base = Uri::builder()
-            .scheme(cfg.upstream.scheme.clone())
-            .authority(cfg.upstream.authority.clone())
+            .scheme(cfg.upstream.url.scheme.clone())
+            .authority(cfg.upstream.url.authority.clone())
             .path_and_query("/")
             .build()
             .map_err(|e| format!("bad upstream URL: {e}"))?;
-        let auth = cfg.upstream_token.as_ref().map(|t| {
+        let auth = cfg.upstream.token.as_ref().map(|t| {
             let mut v = HeaderValue::from_str(&format!("token {}", t.0)).expect("validated in config");
             v.set_sensitive(true);
             v
@@ -160,11 +160,11 @@ impl Upstream {
         Ok(Upstream {
             connector,
             pool: Pool::new(MAX_IDLE, IDLE_TIMEOUT),
-            host: host_header(&cfg.upstream),
-            connect_timeout: cfg.connect_timeout,
+            host: host_header(&cfg.upstream.url),
+            connect_timeout: cfg.upstream.connect_timeout,
             base,
-            response_timeout: cfg.response_timeout,
-            body_idle_timeout: cfg.body_idle_timeout,
+            response_timeout: cfg.upstream.response_timeout,
+            body_idle_timeout: cfg.upstream.body_idle_timeout,
             auth,
         })
     }

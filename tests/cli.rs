@@ -100,12 +100,10 @@ fn bad_files_and_flags_give_one_line_naming_the_key_and_exit_2() {
         }
     }
     for (args, key) in [
-        (&["check", "--mode", "loud"][..], "mode"),
         (&["check", "--upstream", "ftp://x"][..], "upstream"),
         (&["check", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"][..], "tls"),
         (&["check", "--upstream", "https://x", "--upstream-ca", "/nonexistent-ca.pem"][..], "upstream"),
         (&["check", "--max-body-bytes", "lots"][..], "max_body_bytes"),
-        (&["check", "--no-such-flag"][..], "--no-such-flag"),
     ] {
         let o = envgate(args, &[]);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
@@ -113,11 +111,100 @@ fn bad_files_and_flags_give_one_line_naming_the_key_and_exit_2() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(key), "{args:?}: {err}");
     }
+    // What clap refuses, it says in full (see clap_errors_are_printed_whole); still exit 2.
+    for (args, key) in
+        [(&["check", "--mode", "loud"][..], "mode"), (&["check", "--no-such-flag"][..], "--no-such-flag")]
+    {
+        let o = envgate(args, &[]);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.starts_with("error: ") && err.contains(key), "{args:?}: {err}");
+    }
     let o = envgate(&["check", "--config", "/nonexistent/envgate.toml"], &[]);
     assert_eq!(o.status.code(), Some(2));
     let o = envgate(&["check"], &[("ENVGATE_SESSIONS", "sometimes")]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("ENVGATE_SESSIONS"));
+}
+
+fn assert_holds(text: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+/// A value clap refuses: its whole message, with the possible values, a near one, and which
+/// setting the flag or variable sets (`mode`, --mode, ENVGATE_MODE).
+#[test]
+fn clap_errors_are_printed_whole() {
+    let o = envgate(&["check", "--mode", "x"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_holds(
+        &stderr(&o),
+        &[
+            "error: invalid value 'x' for '--mode <MODE>'",
+            "[possible values: drop, reject, report]",
+            "`mode` is set by --mode, ENVGATE_MODE or the config file; this value came from --mode",
+            "For more information, try '--help'.",
+        ],
+    );
+    let o = envgate(&["--mode", "dorp"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("a similar value exists: 'drop'"), "{}", stderr(&o));
+    let o = envgate(&["check"], &[("ENVGATE_MODE", "loud")]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("`mode`") && err.contains("this value came from ENVGATE_MODE"), "{err}");
+    let o = envgate(&["check", "--no-such-flag"], &[]);
+    assert!(stderr(&o).contains("Usage: envgate check [OPTIONS]"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_shows_the_possible_values_and_defaults() {
+    assert_holds(
+        &stdout(&envgate(&["--help"], &[])),
+        &[
+            "[default: drop] [env: ENVGATE_MODE=] [possible values: drop, reject, report]",
+            "[possible values: deny, allow]",
+            "[possible values: refuse_escape, strip, keep]",
+            "[possible values: text, json]",
+            "[possible values: refuse, overwrite]",
+            "[default: true] [env: ENVGATE_KERNEL_PREFIX=] [possible values: true, false]",
+        ],
+    );
+    let o = envgate(&["explain", "--help"], &[]);
+    assert!(stdout(&o).contains("--format <FORMAT>") && stdout(&o).contains("--mode <MODE>"), "{}", stdout(&o));
+}
+
+#[test]
+fn bools_take_what_they_took() {
+    for (v, want) in [("yes", false), ("On", false), (" 1 ", false), ("off", true), ("NO", true), ("0", true)] {
+        let o = envgate(&["check", "--kernel-prefix", v], &[]);
+        assert!(o.status.success(), "{v:?}: {}", stderr(&o));
+        assert!(stdout(&o).contains(&format!("kernel_prefix = {}", !want)), "{v:?}");
+        let o = envgate(&["check"], &[("ENVGATE_KERNELSPEC_ENV", v)]);
+        assert!(stdout(&o).contains(&format!("kernelspec_env = {}", !want)), "{v:?}: {}", stderr(&o));
+    }
+    let o = envgate(&["check", "--upstream-insecure"], &[]);
+    assert!(stdout(&o).contains("upstream_insecure = true"), "{}", stderr(&o));
+}
+
+/// `audit` reads a log: it takes no proxy flag, and lists none.
+#[test]
+fn audit_takes_no_proxy_flags() {
+    let top = stdout(&envgate(&["--help"], &[]));
+    let proxy_flags: Vec<&str> =
+        top.split_whitespace().filter(|w| w.starts_with("--") && !["--help", "--version"].contains(w)).collect();
+    assert!(proxy_flags.len() > 30, "{proxy_flags:?}");
+    let help = stdout(&envgate(&["audit", "summarize", "--help"], &[]));
+    assert!(help.contains("--format"), "{help}");
+    for flag in &proxy_flags {
+        assert!(!help.contains(flag), "audit summarize --help lists {flag}:\n{help}");
+    }
+    let o = envgate(&["audit", "summarize", "x", "--mode", "bogus"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).starts_with("error: unexpected argument '--mode' found"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Usage: envgate audit summarize"), "{}", stderr(&o));
 }
 
 #[test]

@@ -1,0 +1,93 @@
+//! The command line: `envgate [run | check | explain | audit]`. The proxy's flags are the
+//! settings table's ([`Opts`]); `run`, `check`, `explain` and `envgate` alone take them, `audit`
+//! reads a log and takes none.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::config::Opts;
+use crate::summary::{AuditCommand, Format};
+
+/// envgate: an env-policy proxy in front of Jupyter Enterprise Gateway.
+#[derive(Debug, Parser)]
+#[command(name = "envgate", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The settings of `envgate` without a subcommand (which is `envgate run`).
+    #[command(flatten)]
+    pub opts: Opts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run(Opts),
+    /// Validate the configuration and print the effective policy; exit 2 when it is invalid.
+    Check(Opts),
+    /// Say, for each variable name, whether the policy keeps it for a kernelspec and which
+    /// source or rule decided. Uses the same engine as the proxy.
+    Explain(ExplainArgs),
+    /// Read an audit log: `envgate audit summarize PATH` counts, per kernelspec and per user,
+    /// which names were rejected (and why) and kept. Needs no configuration.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `envgate explain [--kernelspec NAME] [--kernelspecs-file F] NAME...`
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The kernelspec to decide for [default: the upstream's default kernelspec].
+    #[arg(long)]
+    pub kernelspec: Option<String>,
+    /// Read the kernelspecs from this file (the body of GET /api/kernelspecs) instead of
+    /// fetching them from the upstream.
+    #[arg(long, value_name = "FILE")]
+    pub kernelspecs_file: Option<PathBuf>,
+    /// EG's auth token, sent as `Authorization: token ...` when fetching kernelspecs.
+    #[arg(long, env = "ENVGATE_EXPLAIN_TOKEN", value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Output.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Variable names to explain.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+    #[command(flatten)]
+    pub opts: Opts,
+}
+
+/// The command line when it starts with a subcommand: without the top level's proxy flags.
+#[derive(Debug, Parser)]
+#[command(name = "envgate", version, about, long_about = None)]
+struct WithSubcommand {
+    #[command(subcommand)]
+    command: Command,
+}
+
+impl Cli {
+    /// Parses `args` (the program's name first). A subcommand can only come first (flags before
+    /// it are refused); a command line that starts with one is parsed without the top level's
+    /// proxy flags, so that clap neither reads nor checks their `ENVGATE_*` variables for it:
+    /// `audit` must work whatever the environment holds.
+    pub fn parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap::Error> {
+        let args: Vec<OsString> = args.into_iter().collect();
+        let first = args.get(1).and_then(|a| a.to_str());
+        if first.is_some_and(|a| WithSubcommand::command().find_subcommand(a).is_some()) {
+            let w = WithSubcommand::try_parse_from(args)?;
+            return Ok(Cli { command: Some(w.command), opts: Opts::default() });
+        }
+        Cli::try_parse_from(args)
+    }
+
+    /// The proxy settings this command line gives (for `audit`, which takes none, the empty ones).
+    pub fn opts(&self) -> &Opts {
+        match &self.command {
+            Some(Command::Run(o) | Command::Check(o)) => o,
+            Some(Command::Explain(a)) => &a.opts,
+            None | Some(Command::Audit(_)) => &self.opts,
+        }
+    }
+}
