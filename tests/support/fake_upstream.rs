@@ -90,6 +90,7 @@ pub async fn silent() -> SocketAddr {
     .await
 }
 
+/// Any free port on the loopback interface.
 pub fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
