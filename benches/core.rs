@@ -4,14 +4,19 @@
 //! through the steps the proxy takes (strict parse, policy decision and rewrite, audit record
 //! serialization) and prints nanoseconds per step. Use it to see what a change to `rewrite`,
 //! `decide`, `policy` or `audit` costs before running the end-to-end benchmark (bench/run).
+//!
+//! The `serde_json` rows write the same bytes as envgate's hand-written JSON writer (`json`):
+//! the forwarded `env` object and the audit record. They are the baseline that says whether
+//! that writer is worth its code.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use envgate::audit::{Event, Outcome, Record, ViolationName};
 use envgate::config::Config;
-use envgate::decide;
 use envgate::rewrite::{kernelspecs, start};
+use envgate::{decide, json};
+use serde::ser::{Serialize, Serializer};
 
 /// The names of one of post.lua's tables (`local allowed = {...}` or `local other = {...}`).
 fn names(table: &str) -> Vec<&'static str> {
@@ -87,10 +92,16 @@ fn main() {
             policy.values.check_all(parsed.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v))),
         );
     });
+    let forbidden = time(|| {
+        for (_, v) in black_box(&parsed.env) {
+            black_box(policy.values.forbidden.find(v));
+        }
+    });
     let render = time(|| {
         black_box(parsed.render_kept(black_box(&keep), false));
     });
     println!("  (names {lookup:.0}, values {values:.0}, render {render:.0})");
+    println!("  (forbidden-substring scan of all 40 values {forbidden:.0})");
     let mut line = Vec::new();
     let audit = time(|| {
         let mut rec = Record::new("0000abcd-00000001", Event::KernelStart, policy.mode, client, None);
@@ -113,9 +124,119 @@ fn main() {
         black_box(&line);
     });
     println!("  (audit write_json alone {write:.0})");
+    let (env_ours, env_serde) = env_object_rows(&parsed.env, &keep);
+    let (rec_ours, rec_serde) = record_rows(&rec);
+    println!("json writer vs serde_json, same bytes:");
+    println!("  env object (20 kept)  json {env_ours:>6.0} ns   serde_json {env_serde:>6.0} ns");
+    println!("  audit record          json {rec_ours:>6.0} ns   serde_json {rec_serde:>6.0} ns");
     println!("kernel start, {} bytes, 40 variables (20 allowed):", body.len());
     println!("  parse            {parse:>8.0} ns");
     println!("  decide + render  {decide:>8.0} ns");
     println!("  audit record     {audit:>8.0} ns");
     println!("  total            {:>8.0} ns", parse + decide + audit);
+}
+
+/// The forwarded `env` object of the kept names, written as `StartBody::render_kept` writes it
+/// (`json::write_str`) and by `serde_json::to_writer`: (ours, serde_json) in ns.
+fn env_object_rows(env: &[(std::borrow::Cow<str>, std::borrow::Cow<str>)], keep: &[bool]) -> (f64, f64) {
+    let kept: Vec<(&str, &str)> = env.iter().zip(keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v)).collect();
+    struct EnvObject<'a>(&'a [(&'a str, &'a str)]);
+    impl Serialize for EnvObject<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(n, v)| (n, v)))
+        }
+    }
+    let ours = |out: &mut Vec<u8>| {
+        out.push(b'{');
+        for (i, (n, v)) in kept.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::write_str(out, n);
+            out.push(b':');
+            json::write_str(out, v);
+        }
+        out.push(b'}');
+    };
+    let serde = |out: &mut Vec<u8>| serde_json::to_writer(out, &EnvObject(&kept)).expect("writing into memory");
+    same_bytes_timed(ours, serde)
+}
+
+/// The audit record written by `Record::write_json` and by serde_json from a struct of the same
+/// shape (the one `Record`'s derived serialization, its reference in the tests, has): (ours,
+/// serde_json) in ns.
+fn record_rows(rec: &Record<'_>) -> (f64, f64) {
+    #[derive(serde::Serialize)]
+    struct Shape<'a> {
+        time: &'a str,
+        id: &'a str,
+        event: &'a str,
+        mode: &'a str,
+        client: std::net::SocketAddr,
+        x_forwarded_for: Option<&'a str>,
+        user: Option<&'a str>,
+        user_source: Option<&'a str>,
+        kernelspec: Option<&'a str>,
+        kept: Vec<Kept<'a>>,
+        rejected: Vec<Rejected<'a>>,
+        violations: Vec<Violation<'a>>,
+        path: Option<&'a str>,
+        outcome: &'a str,
+        status: Option<u16>,
+        kernel_id: Option<&'a str>,
+        error: Option<&'a str>,
+    }
+    #[derive(serde::Serialize)]
+    struct Kept<'a> {
+        name: &'a str,
+        source: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Rejected<'a> {
+        name: &'a str,
+        reason: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Violation<'a> {
+        name: &'a str,
+        rule: &'a str,
+    }
+    let shape = Shape {
+        time: &rec.time,
+        id: rec.id,
+        event: rec.event,
+        mode: rec.mode,
+        client: rec.client,
+        x_forwarded_for: rec.x_forwarded_for,
+        user: rec.user,
+        user_source: rec.user_source,
+        kernelspec: rec.kernelspec,
+        kept: rec.kept.iter().map(|k| Kept { name: k.name, source: k.source }).collect(),
+        rejected: rec.rejected.iter().map(|r| Rejected { name: r.name, reason: r.reason }).collect(),
+        violations: rec.violations.iter().map(|v| Violation { name: v.name, rule: v.rule }).collect(),
+        path: rec.path,
+        outcome: rec.outcome,
+        status: rec.status,
+        kernel_id: rec.kernel_id,
+        error: rec.error,
+    };
+    let serde = |out: &mut Vec<u8>| serde_json::to_writer(out, &shape).expect("writing into memory");
+    same_bytes_timed(|out| rec.write_json(out), serde)
+}
+
+/// Checks that `ours` and `theirs` append the same bytes, then times each into a cleared buffer.
+fn same_bytes_timed(ours: impl Fn(&mut Vec<u8>), theirs: impl Fn(&mut Vec<u8>)) -> (f64, f64) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    ours(&mut a);
+    theirs(&mut b);
+    assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b), "the two writers disagree");
+    let mut out = Vec::with_capacity(a.len());
+    let mut run = |f: &dyn Fn(&mut Vec<u8>)| {
+        time(|| {
+            out.clear();
+            f(&mut out);
+            black_box(&out);
+        })
+    };
+    (run(&ours), run(&theirs))
 }

@@ -19,12 +19,15 @@
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
 //! - [`server`]: listener, workers, connections, signals;
+//! - [`limits`]: the open-file limit raised at start-up;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names;
 //! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
 //!
 //! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules; [`runtime`] is
 //! read by both [`server`] and [`proxy`] and imports neither.
+
+#![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod body;
@@ -33,6 +36,7 @@ pub mod config;
 pub mod decide;
 pub mod explain;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod pool;

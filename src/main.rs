@@ -1,5 +1,7 @@
 //! The `envgate` command: parse flags, load and validate the configuration, then run or check.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use envgate::cli::{Cli, Command, ExplainArgs};
@@ -51,7 +53,7 @@ fn main() -> ExitCode {
         Some(Command::Audit(_)) => unreachable!("handled before the configuration is loaded"),
         Some(Command::Run(_)) | None => {
             init_tracing(config.log_format);
-            match envgate::server::raise_fd_limit() {
+            match envgate::limits::raise_fd_limit() {
                 Ok(Some((old, new))) => tracing::info!(old, new, "raised the open-file limit (RLIMIT_NOFILE)"),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),

@@ -134,28 +134,6 @@ fn acceptor(config: &Config) -> Result<Option<TlsAcceptor>, StartError> {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit, as nginx (`worker_rlimit_nofile`), HAProxy
-/// and Go programs do: each client connection holds a descriptor, and so does each upstream
-/// connection (a WebSocket holds two for its whole life), so the common soft default of 1024 would
-/// cap envgate at a few hundred WebSockets. Returns `(old, new)` when it changed the limit.
-pub fn raise_fd_limit() -> Result<Option<(libc::rlim_t, libc::rlim_t)>, String> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    if lim.rlim_cur >= lim.rlim_max {
-        return Ok(None);
-    }
-    let old = lim.rlim_cur;
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    Ok(Some((old, lim.rlim_cur)))
-}
-
 /// Loads every file the configuration names (listener certificate and key, upstream CA and
 /// client certificate), as start-up and reload do; `envgate check` runs it too.
 pub fn preflight(config: &Config) -> Result<(), StartError> {

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use regex::Regex;
 
 /// EG 3.3.0's limit on a value's length, in characters.
@@ -139,24 +140,23 @@ impl Default for ValueRules {
     }
 }
 
-/// The substrings no value may contain, compiled once with the set of their first bytes, so
-/// that a value is scanned once for all of them instead of searched once per substring.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The substrings no value may contain, compiled once (at config load) into one Aho-Corasick
+/// automaton, so that a value is scanned once for all of them instead of searched once per
+/// substring. Compared and shown by its texts.
+#[derive(Clone)]
 pub struct Forbidden {
     texts: Vec<String>,
-    /// Bit `b` is set when some text starts with byte `b`.
-    firsts: [u64; 4],
-    /// Some text is empty (config refuses that; an empty text is in every value).
-    any_empty: bool,
+    /// Whether a value holds any text. Leftmost-first, only for its prefilter: whether there is a
+    /// match does not depend on the match kind, and a standard automaton scans at a third of the
+    /// speed. `None` only if the automaton cannot be built (texts far beyond any real
+    /// configuration): then every value is searched text by text, with the same results.
+    any: Option<AhoCorasick>,
 }
 
 impl Forbidden {
     pub fn new(texts: Vec<String>) -> Forbidden {
-        let mut firsts = [0u64; 4];
-        for b in texts.iter().filter_map(|t| t.as_bytes().first()) {
-            firsts[(b >> 6) as usize] |= 1 << (b & 63);
-        }
-        Forbidden { any_empty: texts.iter().any(String::is_empty), texts, firsts }
+        let any = AhoCorasick::builder().match_kind(MatchKind::LeftmostFirst).build(&texts).ok();
+        Forbidden { texts, any }
     }
 
     /// The texts, in their configured order.
@@ -166,13 +166,26 @@ impl Forbidden {
 
     /// The first text, in configured order, that `value` holds.
     pub fn find(&self, value: &str) -> Option<&str> {
-        let v = value.as_bytes();
-        let candidate = self.any_empty
-            || v.iter().enumerate().any(|(i, &b)| {
-                self.firsts[(b >> 6) as usize] & (1 << (b & 63)) != 0
-                    && self.texts.iter().any(|t| v[i..].starts_with(t.as_bytes()))
-            });
-        candidate.then(|| self.texts.iter().find(|t| value.contains(t.as_str()))).flatten().map(String::as_str)
+        if self.any.as_ref().is_some_and(|ac| !ac.is_match(value)) {
+            return None;
+        }
+        // The value holds one and is refused. Which one comes first in configured order (not in
+        // the value, and texts may overlap) is a search per text, paid only by refused values.
+        self.texts.iter().find(|t| value.contains(t.as_str())).map(String::as_str)
+    }
+}
+
+impl PartialEq for Forbidden {
+    fn eq(&self, other: &Self) -> bool {
+        self.texts == other.texts
+    }
+}
+
+impl Eq for Forbidden {}
+
+impl fmt::Debug for Forbidden {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forbidden").field("texts", &self.texts).finish_non_exhaustive()
     }
 }
 
@@ -392,6 +405,29 @@ mod tests {
         }
         texts.push(String::new());
         assert!(Forbidden::new(texts).find("anything").is_some(), "an empty token is in every value");
+    }
+
+    /// Texts and values over a small alphabet, so that texts overlap, share prefixes and occur
+    /// in values often: multi-byte characters, the control characters EG refuses, template openers.
+    fn small_text(max: usize) -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        const ALPHABET: &[char] = &['a', 'b', '$', '{', '%', 'é', '日', '\0', '\r', '\n'];
+        proptest::collection::vec(proptest::sample::select(ALPHABET), 0..=max).prop_map(String::from_iter)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_scan_finds_the_first_text_in_configured_order(
+            texts in proptest::collection::vec(small_text(3), 0..8),
+            values in proptest::collection::vec(small_text(12), 1..8),
+        ) {
+            let f = Forbidden::new(texts.clone());
+            proptest::prop_assert_eq!(f.texts(), &texts[..]);
+            for v in &values {
+                let want = texts.iter().find(|t| v.contains(t.as_str())).map(String::as_str);
+                proptest::prop_assert_eq!(f.find(v), want, "{:?} in {:?}", v, texts);
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Upstream and client faults, against the real envgate binary in front of a small fault-injecting
-//! upstream written here (raw TCP, so that it can misbehave in ways a real EG does not): refused,
+//! upstream (`support::fake_upstream`: raw TCP, so that it can misbehave in ways a real EG does not): refused,
 //! reset before answering, garbage, stalled before the headers or mid-body, reset mid-body; clients
 //! that disconnect or stall mid-request-body, mid-response-body or mid-WebSocket. Every case is
 //! bounded by a timeout here, so a hang fails instead of blocking, and each checks that envgate
@@ -14,9 +14,7 @@
 
 mod support;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,15 +22,10 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use support::envgate::Envgate;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use support::fake_upstream::{self, CountingUpstream, FakeEg, Fault, FaultyUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// What EG answers on `GET /api/kernelspecs`; envgate needs it before any kernel start.
-const SPECS: &str = r#"{"default":"python3","kernelspecs":{"python3":{"name":"python3","spec":{"argv":[],"env":{},"display_name":"P","language":"python","metadata":{}},"resources":{}}}}"#;
 
 /// The upper bound on any one exchange in these tests: past it, envgate hangs.
 const HANG: Duration = Duration::from_secs(15);
@@ -172,274 +165,13 @@ async fn assert_still_serving(gate: &Envgate) {
     assert_no_panic(gate);
 }
 
-// ---------------------------------------------------------------------------------------------
-// The fault-injecting upstream: raw TCP, keep-alive, one fault for every request but the
-// kernelspecs and `GET /api` (which it answers well, so that envgate can be seen serving).
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fault {
-    /// Answers well (201 with a Location for a kernel start, 200 otherwise).
-    None,
-    /// Resets the connection (RST) once it has read the request.
-    Reset,
-    /// Answers bytes that are not HTTP.
-    Garbage,
-    /// Never answers; holds the connection until envgate closes it.
-    StallHead,
-    /// Headers and part of a 100-byte body, then nothing; holds the connection.
-    StallBody,
-    /// Headers and part of the body, then a reset.
-    ResetBody,
-    /// A chunked body, one chunk every 50 ms, until the connection breaks.
-    Trickle,
-    /// `101 Switching Protocols`, then echoes every byte back until envgate closes.
-    Echo,
-}
-
-struct FaultyUpstream {
-    addr: SocketAddr,
-    /// One message per connection that envgate closed (EOF or reset seen while reading or
-    /// writing): stalled and aborted upstream connections must not stay open.
-    closed: mpsc::UnboundedReceiver<()>,
-}
-
-impl FaultyUpstream {
-    async fn start(fault: Fault) -> FaultyUpstream {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), fault).await
-    }
-
-    async fn start_on(addr: SocketAddr, fault: Fault) -> FaultyUpstream {
-        let l = TcpListener::bind(addr).await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, closed) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(serve_faulty(s, fault, tx.clone()));
-            }
-        });
-        FaultyUpstream { addr, closed }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Waits until envgate has closed `n` of this upstream's connections.
-    async fn expect_closed(&mut self, n: usize, limit: Duration) {
-        for i in 0..n {
-            tokio::time::timeout(limit, self.closed.recv())
-                .await
-                .unwrap_or_else(|_| panic!("envgate left an upstream connection open ({i} of {n} closed)"));
-        }
-    }
-}
-
-/// One request (its body read and dropped): method, path, whether it asks for an upgrade, whether
-/// it is HTTP/1.0, whether it says `Connection: close`, and its `Host`.
-struct Head {
-    method: String,
-    path: String,
-    upgrade: bool,
-    http10: bool,
-    close: bool,
-    host: Option<String>,
-}
-
-async fn read_request(r: &mut BufReader<TcpStream>) -> Option<Head> {
-    let mut first = String::new();
-    if r.read_line(&mut first).await.ok()? == 0 {
-        return None;
-    }
-    let mut parts = first.split_whitespace();
-    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
-    let http10 = parts.next() == Some("HTTP/1.0");
-    let (mut length, mut upgrade, mut close, mut host) = (0, false, false, None);
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        if line == "\r\n" {
-            break;
-        }
-        let lower = line.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            length = v.trim().parse().ok()?;
-        }
-        if lower.starts_with("upgrade:") {
-            upgrade = true;
-        }
-        if lower.starts_with("connection:") && lower.contains("close") {
-            close = true;
-        }
-        if let Some(v) = lower.strip_prefix("host:") {
-            host = Some(v.trim().to_string());
-        }
-    }
-    let mut body = vec![0u8; length];
-    r.read_exact(&mut body).await.ok()?;
-    Some(Head { method, path, upgrade, http10, close, host })
-}
-
-/// Reads until envgate closes the connection (or 30 s, which no test waits for).
-async fn until_closed(r: &mut BufReader<TcpStream>) {
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-}
-
-fn reset(r: BufReader<TcpStream>) {
-    let s = r.into_inner();
-    let _ = s.set_zero_linger();
-    drop(s);
-}
-
-async fn serve_faulty(s: TcpStream, fault: Fault, closed: mpsc::UnboundedSender<()>) {
-    let mut r = BufReader::new(s);
-    loop {
-        let Some(head) = read_request(&mut r).await else {
-            // EOF (or a broken request body) between or inside requests: envgate closed it.
-            let _ = closed.send(());
-            return;
-        };
-        let fault = if head.path.ends_with("/api/kernelspecs") || head.path == "/api" { Fault::None } else { fault };
-        let w = r.get_mut();
-        match fault {
-            Fault::None => {
-                let answer = if head.path.ends_with("/api/kernelspecs") {
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{SPECS}",
-                        SPECS.len()
-                    )
-                } else if head.method == "POST" {
-                    let body = r#"{"id":"0b6a4c1e-6b2c-4a53-9d0c-0f1d2e3f4a5b","name":"python3"}"#;
-                    format!(
-                        "HTTP/1.1 201 Created\r\nLocation: /api/kernels/0b6a4c1e-6b2c-4a53-9d0c-0f1d2e3f4a5b\r\n\
-                         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
-                        .into()
-                };
-                if w.write_all(answer.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-            Fault::Reset => return reset(r),
-            Fault::Garbage => {
-                let _ = w.write_all(b"SSH-2.0-OpenSSH_9.6\r\nthis is not HTTP\r\n\r\n").await;
-                until_closed(&mut r).await;
-                let _ = closed.send(());
-                return;
-            }
-            Fault::StallHead => {
-                until_closed(&mut r).await;
-                let _ = closed.send(());
-                return;
-            }
-            Fault::StallBody | Fault::ResetBody => {
-                let _ = w
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\npartial")
-                    .await;
-                if fault == Fault::ResetBody {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    return reset(r);
-                }
-                until_closed(&mut r).await;
-                let _ = closed.send(());
-                return;
-            }
-            Fault::Trickle => {
-                let _ = w
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
-                    .await;
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < deadline {
-                    if w.write_all(b"6\r\nchunk\n\r\n").await.is_err() {
-                        let _ = closed.send(());
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                return;
-            }
-            Fault::Echo if head.upgrade => {
-                let _ = w
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-                    .await;
-                let mut buf = [0u8; 4096];
-                loop {
-                    match r.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if r.get_mut().write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = closed.send(());
-                return;
-            }
-            Fault::Echo => return,
-        }
-    }
-}
-
+/// envgate in front of `up`, with every timeout at 1 s.
 async fn gate_for(up: &FaultyUpstream) -> Envgate {
     Envgate::start(&up.url(), &["--response-timeout", "1s", "--body-idle-timeout", "1s", "--connect-timeout", "1s"])
 }
 
 // ---------------------------------------------------------------------------------------------
 // Keep-alive to the upstream
-
-/// Counts what envgate does with its upstream connections: how many it opened, how many HTTP/1.0
-/// requests came without `Connection: close`, and the `Host` of the last request. Answers every request with a 200 and, like
-/// tornado, ends the connection after answering an HTTP/1.0 request without saying so.
-struct CountingUpstream {
-    addr: SocketAddr,
-    accepted: std::sync::Arc<AtomicU64>,
-    http10_kept_alive: std::sync::Arc<AtomicU64>,
-    last_host: std::sync::Arc<std::sync::Mutex<Option<String>>>,
-}
-
-impl CountingUpstream {
-    async fn start() -> CountingUpstream {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = std::sync::Arc::new(AtomicU64::new(0));
-        let http10_kept_alive = std::sync::Arc::new(AtomicU64::new(0));
-        let last_host = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let (a, k, h) = (accepted.clone(), http10_kept_alive.clone(), last_host.clone());
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                let (k, h) = (k.clone(), h.clone());
-                tokio::spawn(async move {
-                    let mut r = BufReader::new(s);
-                    while let Some(head) = read_request(&mut r).await {
-                        if head.http10 && !head.close {
-                            k.fetch_add(1, Ordering::SeqCst);
-                        }
-                        *h.lock().unwrap() = head.host;
-                        let ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
-                        if r.get_mut().write_all(ok).await.is_err() || head.http10 {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        CountingUpstream { addr, accepted, http10_kept_alive, last_host }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_but_never_one_the_upstream_will_close() {
@@ -514,14 +246,7 @@ async fn upstream_garbage_is_a_json_502_and_envgate_closes_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_that_never_answers_the_tls_handshake_is_a_connect_502() {
     // Accepts TCP, then says nothing: the TLS handshake stalls, as behind a wedged load balancer.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            held.push(s);
-        }
-    });
+    let addr = fake_upstream::silent().await;
     let gate = Envgate::start(&format!("https://{addr}"), &["--connect-timeout", "1s", "--response-timeout", "10s"]);
     let a = exchange(&gate.addr, &get("/api/kernels")).await;
     a.assert_json_error(502);
@@ -760,124 +485,6 @@ async fn a_quiet_websocket_is_never_timed_out() {
 
 // ---------------------------------------------------------------------------------------------
 // Under load: a fast fake EG (hyper), killed and restarted in the middle.
-
-/// A fake EG: kernelspecs, `POST /api/kernels` (201 + Location), and a WebSocket echo on
-/// `/api/kernels/<id>/channels`. [`FakeEg::kill`] drops its listener and every connection it holds.
-struct FakeEg {
-    stop: CancellationToken,
-    tasks: TaskTracker,
-}
-
-static KERNELS: AtomicU64 = AtomicU64::new(1);
-
-impl FakeEg {
-    async fn start(addr: SocketAddr) -> (FakeEg, SocketAddr) {
-        // The port was just freed by a kill: binding it again may need a moment.
-        let mut tries = 0;
-        let l = loop {
-            match TcpListener::bind(addr).await {
-                Ok(l) => break l,
-                Err(_) if tries < 50 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("cannot bind the fake EG on {addr}: {e}"),
-            }
-        };
-        let addr = l.local_addr().unwrap();
-        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
-        let (st, tt) = (stop.clone(), tasks.clone());
-        tasks.spawn(async move {
-            loop {
-                let s = tokio::select! {
-                    a = l.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-                    _ = st.cancelled() => return, // drops the listener
-                };
-                let _ = s.set_nodelay(true);
-                let (st2, tt2, st3) = (st.clone(), tt.clone(), st.clone());
-                tt.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| eg(req, st2.clone(), tt2.clone()));
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .with_upgrades();
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = st3.cancelled() => {} // drops the connection
-                    }
-                });
-            }
-        });
-        (FakeEg { stop, tasks }, addr)
-    }
-
-    /// Drops the listener and every connection, WebSockets included; returns once all are closed.
-    async fn kill(self) {
-        self.stop.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-}
-
-async fn eg(
-    req: hyper::Request<hyper::body::Incoming>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
-    let path = req.uri().path().to_string();
-    let json = |status: u16, body: String| {
-        hyper::Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap()
-    };
-    if path == "/api/kernelspecs" {
-        return Ok(json(200, SPECS.to_string()));
-    }
-    if path == "/api/kernels" && req.method() == hyper::Method::POST {
-        let _ = req.into_body().collect().await;
-        let n = KERNELS.fetch_add(1, Ordering::Relaxed);
-        let id = format!("00000000-0000-4000-8000-{n:012x}");
-        let mut r = json(201, format!(r#"{{"id":"{id}","name":"python3","execution_state":"starting"}}"#));
-        r.headers_mut().insert("location", format!("/api/kernels/{id}").parse().unwrap());
-        return Ok(r);
-    }
-    if path.starts_with("/api/kernels/") && path.ends_with("/channels") {
-        let Some(key) = req.headers().get("sec-websocket-key") else {
-            return Ok(json(400, r#"{"reason":"Bad Request","message":"not a WebSocket"}"#.into()));
-        };
-        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let mut req = req;
-        let upgrade = hyper::upgrade::on(&mut req);
-        tasks.spawn(async move {
-            let Ok(io) = upgrade.await else { return };
-            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                TokioIo::new(io),
-                tungstenite::protocol::Role::Server,
-                None,
-            )
-            .await;
-            tokio::select! {
-                _ = async {
-                    while let Some(Ok(m)) = ws.next().await {
-                        if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                            break;
-                        }
-                    }
-                } => {}
-                _ = stop.cancelled() => {} // drops the WebSocket, closing the connection
-            }
-        });
-        return Ok(hyper::Response::builder()
-            .status(101)
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-accept", accept)
-            .body(Full::new(Bytes::new()))
-            .unwrap());
-    }
-    Ok(json(404, r#"{"reason":"Not Found","message":"no such route"}"#.into()))
-}
 
 /// What one kernel start through envgate came to.
 #[derive(Debug, PartialEq, Eq, Hash, Clone, Copy)]

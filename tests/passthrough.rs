@@ -1,72 +1,33 @@
 //! Pass-through behaviour that a real EG cannot show: bodies streamed (never buffered whole) in both
 //! directions, any upgrade (not only WebSocket) spliced byte for byte, and hop-by-hop headers as
-//! the upstream receives them. The upstream here is a few lines of raw TCP written for the test.
+//! the upstream receives them. The upstreams here are raw TCP (`support::fake_upstream`), written
+//! per test.
 
 mod support;
 
 use std::time::Duration;
 
 use support::envgate::Envgate;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use support::fake_upstream::{read_head, read_until, serve_one, switch_and_echo, Conn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// Reads one request head (up to the blank line) and returns it.
-async fn read_head(r: &mut BufReader<TcpStream>) -> String {
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await.unwrap() == 0 || line == "\r\n" {
-            return head;
-        }
-        head.push_str(&line);
-    }
-}
-
-async fn connect(addr: &str) -> BufReader<TcpStream> {
+async fn connect(addr: &str) -> Conn {
     BufReader::new(TcpStream::connect(addr).await.unwrap())
-}
-
-async fn read_until(r: &mut BufReader<TcpStream>, needle: &str) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !String::from_utf8_lossy(&got).contains(needle) {
-            let n = r.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {needle:?} in time: {}", String::from_utf8_lossy(&got)));
-    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn any_upgrade_is_spliced_byte_for_byte() {
-    let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = up.local_addr().unwrap();
     let (tx, mut heads) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let (s, _) = up.accept().await.unwrap();
-        let mut r = BufReader::new(s);
-        tx.send(read_head(&mut r).await).unwrap();
-        r.get_mut()
-            .write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\nX-Proto: yes\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        // Echo every byte back, including ones that look like HTTP.
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            r.get_mut().write_all(&buf[..n]).await.unwrap();
-        }
-    });
+    let up_addr = serve_one(|mut r| async move {
+        tx.send(read_head(&mut r).await.expect("a request head").text).unwrap();
+        // Every byte back, including ones that look like HTTP.
+        let switching =
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo/1\r\nConnection: Upgrade\r\nX-Proto: yes\r\n\r\n";
+        switch_and_echo(&mut r, switching).await;
+    })
+    .await;
     let gate = Envgate::start(&format!("http://{up_addr}"), &[]);
     let mut c = connect(&gate.addr).await;
     c.get_mut()
@@ -89,14 +50,10 @@ async fn any_upgrade_is_spliced_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_are_streamed_both_ways() {
-    let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = up.local_addr().unwrap();
     let (saw_first_chunk, mut first_chunk) = mpsc::unbounded_channel::<()>();
     let (go_on, mut release) = mpsc::unbounded_channel::<()>();
-    tokio::spawn(async move {
-        let (s, _) = up.accept().await.unwrap();
-        let mut r = BufReader::new(s);
-        let head = read_head(&mut r).await.to_ascii_lowercase();
+    let up_addr = serve_one(|mut r| async move {
+        let head = read_head(&mut r).await.expect("a request head").text.to_ascii_lowercase();
         assert!(head.contains("transfer-encoding: chunked"), "{head}");
         // The first chunk arrives while the client is still sending.
         read_until(&mut r, "first-part").await;
@@ -109,7 +66,8 @@ async fn bodies_are_streamed_both_ways() {
             .unwrap();
         release.recv().await.unwrap();
         r.get_mut().write_all(b"b\r\nanswer-two\n\r\n0\r\n\r\n").await.unwrap();
-    });
+    })
+    .await;
     let gate = Envgate::start(&format!("http://{up_addr}"), &[]);
     let mut c = connect(&gate.addr).await;
     c.get_mut()

@@ -233,6 +233,16 @@ mod tests {
         }
     }
 
+    /// The facts of one kernelspec entry: its `env` keys, its process proxy's forwarded names, its
+    /// `metadata.client_envs`.
+    fn assert_facts(entry: Value, env_keys: &[&str], process_proxy_envs: &[&str], metadata_client_envs: &[&str]) {
+        let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        let f = facts_of(&entry);
+        assert_eq!(f.env_keys, set(env_keys), "env keys of {entry}");
+        assert_eq!(f.process_proxy_envs, set(process_proxy_envs), "process proxy names of {entry}");
+        assert_eq!(f.metadata_client_envs, set(metadata_client_envs), "client_envs of {entry}");
+    }
+
     #[test]
     fn index_reads_default_and_facts() {
         let idx = index(
@@ -243,20 +253,15 @@ mod tests {
         assert_eq!(idx.get("py").unwrap().metadata_client_envs, BTreeSet::from(["M".to_string()]));
         assert_eq!(idx.get("PY"), idx.get("py"));
         assert_eq!(idx.get("r"), Some(&SpecFacts::default()));
-        let f = facts_of(&serde_json::json!({"spec": {
-            "env": {"A": "1", "B": "2"},
-            "metadata": {"process_proxy": {"class_name": "x", "config": {"forwarded_envs": ["P", 3], "forward_env": ["Q"]}}}
-        }}));
-        assert_eq!(f.env_keys, BTreeSet::from(["A".to_string(), "B".to_string()]));
-        assert_eq!(f.process_proxy_envs, BTreeSet::from(["P".to_string(), "Q".to_string()]));
-        assert!(f.metadata_client_envs.is_empty());
-        let f = facts_of(&serde_json::json!({"spec": {
-            "env": {"A": "1", "B": "2"},
-            "metadata": {"process_proxy": {"class_name": "x", "config": {"forwarded_envs": ["P", 3], "forward_env": ["Q"]}}}
-        }}));
-        assert_eq!(f.env_keys, BTreeSet::from(["A".to_string(), "B".to_string()]));
-        assert_eq!(f.process_proxy_envs, BTreeSet::from(["P".to_string(), "Q".to_string()]));
-        assert!(f.metadata_client_envs.is_empty());
+        assert_facts(
+            json!({"spec": {
+                "env": {"A": "1", "B": "2"},
+                "metadata": {"process_proxy": {"class_name": "x", "config": {"forwarded_envs": ["P", 3], "forward_env": ["Q"]}}}
+            }}),
+            &["A", "B"],
+            &["P", "Q"],
+            &[],
+        );
         assert_eq!(idx.get("nope"), None);
         assert!(index(b"[]").is_err());
     }

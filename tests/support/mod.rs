@@ -2,6 +2,7 @@
 
 pub mod eg;
 pub mod envgate;
+pub mod fake_upstream;
 pub mod http;
 pub mod jupyter;
 pub mod kernel;
