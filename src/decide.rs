@@ -15,7 +15,6 @@ use std::borrow::Cow;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::config::Mismatch;
 use crate::policy::{Decision, Kept, Mode, Policy, Source, SpecFacts};
 use crate::rewrite::start::StartBody;
 use crate::values::{self, PathRule, Violation};
@@ -82,6 +81,22 @@ impl UserSource {
 pub struct User<'a> {
     pub name: &'a str,
     pub source: UserSource,
+}
+
+/// What to do when a body's `KERNEL_USERNAME` differs from the trusted user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mismatch {
+    Refuse,
+    Overwrite,
+}
+
+impl Mismatch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mismatch::Refuse => "refuse",
+            Mismatch::Overwrite => "overwrite",
+        }
+    }
 }
 
 /// Identity binding's settings, as the decision needs them.

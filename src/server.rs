@@ -164,6 +164,12 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
             "envgate holds the upstream token and no trusted_user_header is set: anyone who reaches envgate reaches EG"
         );
     }
+    // The signal handlers go in before "envgate is listening" is logged: a supervisor (or a test)
+    // that sends SIGTERM as soon as it reads that line must get a graceful stop, not the default
+    // action of a signal nobody handles yet, which kills the process.
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::System)?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::System)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::System)?;
     let grace = config.shutdown_grace;
     let addr = listener.local_addr().map_err(StartError::System)?;
     let workers = config.workers;
@@ -194,9 +200,6 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
         tokio::spawn(serve_admin(admin, state.clone(), stop.clone()));
     }
 
-    let mut hup = signal(SignalKind::hangup()).map_err(StartError::System)?;
-    let mut term = signal(SignalKind::terminate()).map_err(StartError::System)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(StartError::System)?;
     let mut next = 0usize;
     loop {
         let (stream, peer) = tokio::select! {

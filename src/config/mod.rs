@@ -128,21 +128,8 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// What to do when a body's `KERNEL_USERNAME` differs from the trusted user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mismatch {
-    Refuse,
-    Overwrite,
-}
-
-impl Mismatch {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mismatch::Refuse => "refuse",
-            Mismatch::Overwrite => "overwrite",
-        }
-    }
-}
+/// `user_mismatch`: the pure decision owns the type; configuration only reads it.
+pub use crate::decide::Mismatch;
 
 /// Identity binding: the user named by a trusted header is the kernel's `KERNEL_USERNAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
