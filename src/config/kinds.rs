@@ -234,7 +234,7 @@ impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Kind for Choice<T> 
     fn from_toml(v: toml::Value, at: &At) -> Result<T, ConfigError> {
         let names: Vec<String> =
             T::value_variants().iter().filter_map(|v| Some(v.to_possible_value()?.get_name().to_string())).collect();
-        let expected = || format!("expected {}", names.join(", "));
+        let expected = || format!("expected {}", one_of(&names));
         let s = v.as_str().ok_or_else(|| at.err(expected()))?;
         T::from_str(s.trim(), false).map_err(|_| at.err(format!("{}, got {s:?}", expected())))
     }
@@ -246,6 +246,15 @@ impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Kind for Choice<T> 
 impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Render for Choice<T> {
     fn render(v: &T) -> String {
         v.to_possible_value().map_or_else(String::new, |p| format!("{:?}", p.get_name()))
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`: the values a setting may take, as a sentence says them.
+fn one_of(names: &[String]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
 }
 

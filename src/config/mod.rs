@@ -518,6 +518,21 @@ mod tests {
         }
     }
 
+    /// A value a choice does not have: the error says the values as a sentence does.
+    #[test]
+    fn choice_errors_say_the_values() {
+        for (text, want) in [
+            ("mode = \"dorp\"", "invalid `mode` (config): expected drop, reject or report, got \"dorp\""),
+            ("sessions = 1", "invalid `sessions` (config): expected deny or allow"),
+            (
+                "kernel_path = \"jail\"",
+                "invalid `kernel_path` (config): expected refuse_escape, strip or keep, got \"jail\"",
+            ),
+        ] {
+            assert_eq!(load_toml(text).unwrap_err().to_string(), want, "{text}");
+        }
+    }
+
     #[test]
     fn policy_sources_from_file_and_flags() {
         let c = load_toml(
