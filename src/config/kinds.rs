@@ -100,10 +100,17 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("expected a duration like \"10s\", got {s:?} ({e})"))
 }
 
+/// A socket address; `example` is the one the error shows.
+fn addr(s: &str, example: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("expected an address like {example}, got {s:?}"))
+}
+
 text_kinds! {
-    /// A socket address, `127.0.0.1:8889`.
-    Addr: SocketAddr, "a string like \"127.0.0.1:8889\"",
-        |s| s.parse().map_err(|_| format!("expected an address like 127.0.0.1:8889, got {s:?}")), |v| quoted(v);
+    /// The proxy's socket address, `127.0.0.1:8889`.
+    Addr: SocketAddr, "a string like \"127.0.0.1:8889\"", |s| addr(s, "127.0.0.1:8889"), |v| quoted(v);
+    /// The admin listener's socket address, `127.0.0.1:9464`: its errors must not suggest the
+    /// proxy's own port, which the admin listener cannot share.
+    AdminAddr: SocketAddr, "a string like \"127.0.0.1:9464\"", |s| addr(s, "127.0.0.1:9464"), |v| quoted(v);
     /// The upstream's URL, see [`parse_upstream`].
     Url: UpstreamUrl, "a URL string", |s| parse_upstream(s), |v| quoted(v);
     /// A duration, `10s` or `1m 30s`.
