@@ -106,7 +106,7 @@ macro_rules! settings {
                         .env("ENVGATE_CONFIG")
                         .value_name("FILE")
                         .value_parser(clap::value_parser!(PathBuf))
-                        .help("TOML configuration file."),
+                        .help("TOML configuration file"),
                 )
                 $(.arg(<$kind as Kind>::arg(
                     Arg::new(stringify!($key))
