@@ -170,6 +170,8 @@ fn help_shows_the_possible_values_and_defaults() {
             "[possible values: text, json]",
             "[possible values: refuse, overwrite]",
             "[default: true] [env: ENVGATE_KERNEL_PREFIX=] [possible values: true, false]",
+            // Every flag's help ends as clap's derive ends it, without a full stop.
+            "TOML configuration file [env: ENVGATE_CONFIG=]",
         ],
     );
     let o = envgate(&["explain", "--help"], &[]);

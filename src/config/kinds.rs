@@ -100,10 +100,17 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("expected a duration like \"10s\", got {s:?} ({e})"))
 }
 
+/// A socket address; `example` is the one the error shows.
+fn addr(s: &str, example: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("expected an address like {example}, got {s:?}"))
+}
+
 text_kinds! {
-    /// A socket address, `127.0.0.1:8889`.
-    Addr: SocketAddr, "a string like \"127.0.0.1:8889\"",
-        |s| s.parse().map_err(|_| format!("expected an address like 127.0.0.1:8889, got {s:?}")), |v| quoted(v);
+    /// The proxy's socket address, `127.0.0.1:8889`.
+    Addr: SocketAddr, "a string like \"127.0.0.1:8889\"", |s| addr(s, "127.0.0.1:8889"), |v| quoted(v);
+    /// The admin listener's socket address, `127.0.0.1:9464`: its errors must not suggest the
+    /// proxy's own port, which the admin listener cannot share.
+    AdminAddr: SocketAddr, "a string like \"127.0.0.1:9464\"", |s| addr(s, "127.0.0.1:9464"), |v| quoted(v);
     /// The upstream's URL, see [`parse_upstream`].
     Url: UpstreamUrl, "a URL string", |s| parse_upstream(s), |v| quoted(v);
     /// A duration, `10s` or `1m 30s`.
@@ -234,7 +241,7 @@ impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Kind for Choice<T> 
     fn from_toml(v: toml::Value, at: &At) -> Result<T, ConfigError> {
         let names: Vec<String> =
             T::value_variants().iter().filter_map(|v| Some(v.to_possible_value()?.get_name().to_string())).collect();
-        let expected = || format!("expected {}", names.join(", "));
+        let expected = || format!("expected {}", one_of(&names));
         let s = v.as_str().ok_or_else(|| at.err(expected()))?;
         T::from_str(s.trim(), false).map_err(|_| at.err(format!("{}, got {s:?}", expected())))
     }
@@ -246,6 +253,15 @@ impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Kind for Choice<T> 
 impl<T: ValueEnum + fmt::Debug + Eq + Send + Sync + 'static> Render for Choice<T> {
     fn render(v: &T) -> String {
         v.to_possible_value().map_or_else(String::new, |p| format!("{:?}", p.get_name()))
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`: the values a setting may take, as a sentence says them.
+fn one_of(names: &[String]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
 }
 

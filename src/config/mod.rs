@@ -518,6 +518,36 @@ mod tests {
         }
     }
 
+    /// A value a choice does not have: the error says the values as a sentence does.
+    #[test]
+    fn choice_errors_say_the_values() {
+        for (text, want) in [
+            ("mode = \"dorp\"", "invalid `mode` (config): expected drop, reject or report, got \"dorp\""),
+            ("sessions = 1", "invalid `sessions` (config): expected deny or allow"),
+            (
+                "kernel_path = \"jail\"",
+                "invalid `kernel_path` (config): expected refuse_escape, strip or keep, got \"jail\"",
+            ),
+        ] {
+            assert_eq!(load_toml(text).unwrap_err().to_string(), want, "{text}");
+        }
+    }
+
+    /// A bad address: the error's example is that listener's own default port.
+    #[test]
+    fn address_errors_show_the_listeners_own_example() {
+        for (text, want) in [
+            ("listen = \"nope\"", "invalid `listen` (config): expected an address like 127.0.0.1:8889, got \"nope\""),
+            (
+                "admin_listen = \"nope\"",
+                "invalid `admin_listen` (config): expected an address like 127.0.0.1:9464, got \"nope\"",
+            ),
+            ("admin_listen = 1", "invalid `admin_listen` (config): expected a string like \"127.0.0.1:9464\""),
+        ] {
+            assert_eq!(load_toml(text).unwrap_err().to_string(), want, "{text}");
+        }
+    }
+
     #[test]
     fn policy_sources_from_file_and_flags() {
         let c = load_toml(

@@ -106,7 +106,7 @@ macro_rules! settings {
                         .env("ENVGATE_CONFIG")
                         .value_name("FILE")
                         .value_parser(clap::value_parser!(PathBuf))
-                        .help("TOML configuration file."),
+                        .help("TOML configuration file"),
                 )
                 $(.arg(<$kind as Kind>::arg(
                     Arg::new(stringify!($key))
@@ -265,7 +265,7 @@ settings! {
     /// When the body's KERNEL_USERNAME differs from the trusted user.
     user_mismatch: Choice<Mismatch> = "refuse", "user-mismatch", "ENVGATE_USER_MISMATCH", "ACTION";
     /// Admin listener with /healthz, /readyz and /metrics [default: off].
-    admin_listen: Addr, "admin-listen", "ENVGATE_ADMIN_LISTEN", "ADDR";
+    admin_listen: AdminAddr, "admin-listen", "ENVGATE_ADMIN_LISTEN", "ADDR";
     /// On SIGTERM, how long requests in flight and WebSockets may go on.
     shutdown_grace: Span = "30s", "shutdown-grace", "ENVGATE_SHUTDOWN_GRACE", "DURATION";
     /// Worker threads serving connections, each with its own event loop and upstream pool; 0 for
