@@ -62,10 +62,16 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the runtime with `workers` worker threads; reuses `previous`'s connection pools
-    /// when the upstream is unchanged.
+    /// when the upstream is unchanged and its TLS reads no files of envgate's. An `upstream_ca`
+    /// or client certificate is a file that may have been rotated at the same path, so a reload
+    /// builds new pools from the files as they are now (and fails, keeping the old runtime, when
+    /// they are broken), as it does for the listener's certificate.
     pub fn new(config: Config, previous: Option<&Runtime>, workers: usize) -> Result<Runtime, StartError> {
+        let tls_files = config.upstream.tls.ca.is_some() || config.upstream.tls.client_cert.is_some();
         let upstreams = match previous {
-            Some(p) if p.upstreams.len() == workers + 1 && p.config.upstream == config.upstream => p.upstreams.clone(),
+            Some(p) if !tls_files && p.upstreams.len() == workers + 1 && p.config.upstream == config.upstream => {
+                p.upstreams.clone()
+            }
             _ => (0..=workers)
                 .map(|_| Upstream::new(&config))
                 .collect::<Result<Vec<_>, _>>()
@@ -157,3 +163,31 @@ impl fmt::Display for StartError {
 
 /// The messages hold their causes, so no `source` (a chain would say them twice).
 impl std::error::Error for StartError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools_kept(text: &str) -> bool {
+        let config = Config::from_toml(text).unwrap();
+        let first = Runtime::new(config.clone(), None, 2).unwrap();
+        let second = Runtime::new(config, Some(&first), 2).unwrap();
+        Arc::ptr_eq(&first.upstreams, &second.upstreams)
+    }
+
+    #[test]
+    fn a_reload_keeps_the_pools_unless_the_upstream_changed_or_reads_certificate_files() {
+        assert!(pools_kept("upstream = \"http://127.0.0.1:8888\""));
+        assert!(pools_kept("upstream = \"https://eg.example:8888\""));
+        let first = Runtime::new(Config::from_toml("").unwrap(), None, 2).unwrap();
+        let moved = Config::from_toml("connect_timeout = \"1s\"").unwrap();
+        assert!(!Arc::ptr_eq(&first.upstreams, &Runtime::new(moved, Some(&first), 2).unwrap().upstreams));
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["eg.example".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let text = format!("upstream = \"https://eg.example:8888\"\nupstream_ca = {:?}", ca.display().to_string());
+        assert!(!pools_kept(&text), "a rotated upstream_ca must be read again on reload");
+    }
+}

@@ -288,8 +288,8 @@ async fn serve_conn<S>(
     }
 }
 
-/// SIGHUP: re-read the configuration (file, environment, flags) and certificates, and reopen the
-/// audit log. A configuration that fails keeps the old one running. Requests in flight keep the
+/// SIGHUP: re-read the configuration (the file, with the flags and `ENVGATE_*` variables read at
+/// start-up on top) and certificates, and reopen the audit log. A configuration that fails keeps the old one running. Requests in flight keep the
 /// runtime they started with; open WebSockets are not touched.
 async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>, workers: usize) {
     let counter = |result: &'static str| {

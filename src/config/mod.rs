@@ -3,8 +3,10 @@
 //!
 //! Every setting is declared once, in [`settings`]; its type ([`kinds`]) checks what the value
 //! may be. What is left here are the rules between settings, and the [`Config`] they make.
-//! Every problem is reported as one line that names the key and where it came from, so that
-//! `envgate check` and start-up can print it and exit with code 2.
+//! Every problem names the key and where its value came from, so that `envgate check` and
+//! start-up can print it and exit with code 2: one line for a config file's values and for
+//! values clap takes as text; clap's own message (with the possible values) for a bad enum or
+//! bool from a flag or variable.
 
 mod kinds;
 mod settings;
@@ -193,9 +195,10 @@ impl Raw {
             )?,
             insecure: s.upstream_insecure.value,
         };
-        if let Some(t) = s.upstream_ca.as_ref().or(s.upstream_client_cert.as_ref()) {
+        let tls_files = [("upstream_ca", &s.upstream_ca), ("upstream_client_cert", &s.upstream_client_cert)];
+        if let Some((key, Some(t))) = tls_files.into_iter().find(|(_, t)| t.is_some()) {
             if s.upstream.value.scheme != Scheme::HTTPS {
-                return Err(t.err("upstream_ca", "upstream TLS settings need an https:// upstream"));
+                return Err(t.err(key, "upstream TLS settings need an https:// upstream"));
             }
         }
         let token = match (&s.upstream_token, &s.upstream_token_file) {
@@ -474,6 +477,7 @@ mod tests {
             ("upstream = \"http://x/?a=1\"", "`upstream`"),
             ("upstream = \"https://x\"\nupstream_client_cert = \"c.pem\"", "`upstream_client_key`"),
             ("upstream_ca = \"ca.pem\"", "`upstream_ca`"),
+            ("upstream_client_cert = \"c.pem\"\nupstream_client_key = \"k.pem\"", "`upstream_client_cert`"),
             ("tls_cert = \"c.pem\"", "`tls_key`"),
             ("user_mismatch = \"ignore\"", "`user_mismatch`"),
             ("trusted_user_header = \"X User\"", "`trusted_user_header`"),
