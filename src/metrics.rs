@@ -66,6 +66,7 @@ pub struct Metrics {
     pub value_violations: Family<RuleLabel, Counter>,
     pub websockets: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub upstream_errors: Family<KindLabel, Counter>,
+    pub framing_refused: Family<KindLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub kernelspec_passthrough: Counter<u64, AtomicU64>,
     pub policy: Family<PolicyLabel, Gauge>,
@@ -99,6 +100,12 @@ impl Default for Metrics {
         registry.register("open_websockets", "Spliced (upgraded) connections open now", websockets.clone());
         let upstream_errors = Family::<KindLabel, Counter>::default();
         registry.register("upstream_errors", "Upstream failures, by kind", upstream_errors.clone());
+        let framing_refused = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "framing_refused",
+            "Requests refused for body framing a front proxy could read differently, by kind",
+            framing_refused.clone(),
+        );
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register("config_reloads", "Configuration reloads, by result", reloads.clone());
         let kernelspec_passthrough = Counter::<u64, AtomicU64>::default();
@@ -118,6 +125,7 @@ impl Default for Metrics {
             value_violations,
             websockets,
             upstream_errors,
+            framing_refused,
             reloads,
             kernelspec_passthrough,
             policy,
@@ -154,6 +162,7 @@ mod tests {
         m.value_violations.get_or_create(&RuleLabel { rule: "pattern" }).inc();
         m.websockets.inc();
         m.upstream_errors.get_or_create(&KindLabel { kind: "connect" }).inc();
+        m.framing_refused.get_or_create(&KindLabel { kind: "transfer_encoding" }).inc();
         m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
         m.set_policy("abc");
         m.set_policy("def");
@@ -166,6 +175,7 @@ mod tests {
             "envgate_value_violations_total{rule=\"pattern\"} 1",
             "envgate_open_websockets 1",
             "envgate_upstream_errors_total{kind=\"connect\"} 1",
+            "envgate_framing_refused_total{kind=\"transfer_encoding\"} 1",
             "envgate_config_reloads_total{result=\"ok\"} 1",
             "envgate_kernelspec_passthrough_total 0",
             "envgate_policy_info{hash=\"def\"} 1",

@@ -72,7 +72,17 @@ pub async fn handle(
     let cx =
         Ctx { st: &st, rt: &rt, upstream: rt.upstream(worker), worker, peer, forwarded_for: &forwarded_for, proto };
     let route = rt.routes.classify_target(req.method(), req.uri());
-    let resp = if req.method() == Method::CONNECT {
+    let resp = if let Err(bad) = wire::framing(req.headers()) {
+        // On every route: a request a front proxy frames differently hides another one.
+        st.metrics.framing_refused.get_or_create(&KindLabel { kind: bad.kind() }).inc();
+        tracing::warn!(kind = bad.kind(), %peer, route = route.as_str(), "refused a request's framing");
+        match route {
+            Route::KernelStart | Route::SessionStart | Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => {
+                Box::pin(refuse(req.headers(), route, Refusal::Framing(bad), &cx)).await
+            }
+            _ => bad.response(),
+        }
+    } else if req.method() == Method::CONNECT {
         wire::json_error(StatusCode::METHOD_NOT_ALLOWED, "envgate is a reverse proxy; CONNECT is not supported")
     } else {
         // The policy routes' futures are boxed: kept inline, they made this future (which hyper
@@ -212,6 +222,8 @@ enum Refusal {
     Ambiguous(String),
     /// A session start under `sessions = "deny"`.
     SessionsDenied,
+    /// Body framing a front proxy could read differently; the connection closes after it.
+    Framing(wire::BadFraming),
 }
 
 impl From<decide::Refusal> for Refusal {
@@ -242,6 +254,7 @@ impl Refusal {
             Refusal::Specs(_) => "cannot learn the kernelspecs from the upstream".into(),
             Refusal::Ambiguous(_) => "ambiguous path".into(),
             Refusal::SessionsDenied => "sessions denied".into(),
+            Refusal::Framing(f) => f.why().into(),
         }
     }
 
@@ -261,6 +274,7 @@ impl Refusal {
                 "envgate refuses POST /api/sessions: a session starts its kernel with the gateway's whole \
                  environment, outside the env policy. Start kernels with POST /api/kernels, or set sessions = \"allow\".",
             ),
+            Refusal::Framing(f) => f.response(),
         }
     }
 }
@@ -549,14 +563,19 @@ async fn ambiguous(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Respon
          after normalization; send POST {base}api/kernels"
     );
     tracing::warn!(path = %req.uri().path(), "refused an ambiguous kernel-start path");
+    refuse(req.headers(), route, Refusal::Ambiguous(msg), cx).await
+}
+
+/// A policy route's request refused before its body is read: audited as its route's event.
+async fn refuse(headers: &HeaderMap, route: Route, refusal: Refusal, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let id = cx.st.ids.next();
-    let xff = xff(req.headers());
+    let xff = xff(headers);
     let event = match route {
         Route::SessionStart | Route::AmbiguousSessionStart => Event::SessionStart,
         _ => Event::KernelStart,
     };
     let rec = record(cx, &id, event, xff.as_deref());
-    finish(cx, rec, &id, Err(Refusal::Ambiguous(msg))).await
+    finish(cx, rec, &id, Err(refusal)).await
 }
 
 /// `POST {base}api/sessions`: refused by default, passed (and audited) when allowed.
@@ -718,12 +737,22 @@ mod tests {
             ),
             (Refusal::Ambiguous("use POST /api/kernels".into()), 400, json!("ambiguous path")),
             (Refusal::SessionsDenied, 403, json!("sessions denied")),
+            (
+                Refusal::Framing(wire::BadFraming::LengthAndChunks),
+                400,
+                json!("both content-length and transfer-encoding"),
+            ),
+            (Refusal::Framing(wire::BadFraming::Coding), 501, json!("transfer-encoding other than chunked")),
         ];
         for (refusal, status, why) in cases {
             let (end, resp) = ended(Err(refusal));
             assert_eq!(end, json!({"outcome": "refused", "status": status, "kernel_id": null, "error": why}));
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        }
+        for bad in [wire::BadFraming::LengthAndChunks, wire::BadFraming::Coding] {
+            let (_, resp) = ended(Err(Refusal::Framing(bad)));
+            assert_eq!(resp.headers()[header::CONNECTION], "close", "{bad:?}: the connection closes after it");
         }
         let (_, resp) = ended(Err(Refusal::Body(BodyRefusal::TooLarge { max: 10 })));
         let ProxyBody::Full(body) = resp.into_body() else { panic!("a buffered body") };

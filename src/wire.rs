@@ -92,6 +92,80 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
     }
 }
 
+/// A request whose body framing envgate refuses: a front proxy could read it differently (take
+/// `Content-Length` where envgate takes the chunks, or skip a coding envgate does not know), and
+/// then see a request where envgate sees body bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadFraming {
+    /// Both `Content-Length` and `Transfer-Encoding`: 400.
+    LengthAndChunks,
+    /// A `Transfer-Encoding` other than exactly `chunked` (a list, several lines, another
+    /// coding, an empty value): 501.
+    Coding,
+}
+
+impl BadFraming {
+    pub fn status(self) -> StatusCode {
+        match self {
+            BadFraming::LengthAndChunks => StatusCode::BAD_REQUEST,
+            BadFraming::Coding => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    /// The client's message. Names headers, never their values.
+    pub fn message(self) -> &'static str {
+        match self {
+            BadFraming::LengthAndChunks => {
+                "envgate refuses a request with both Content-Length and Transfer-Encoding: its length is ambiguous"
+            }
+            BadFraming::Coding => "envgate accepts no Transfer-Encoding but a single \"chunked\"",
+        }
+    }
+
+    /// The audit record's `error`: names the problem, never a header value.
+    pub fn why(self) -> &'static str {
+        match self {
+            BadFraming::LengthAndChunks => "both content-length and transfer-encoding",
+            BadFraming::Coding => "transfer-encoding other than chunked",
+        }
+    }
+
+    /// The `kind` label of `framing_refused`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            BadFraming::LengthAndChunks => "content_length_and_transfer_encoding",
+            BadFraming::Coding => "transfer_encoding",
+        }
+    }
+
+    /// envgate's JSON error, closing the connection after it: the bytes after this head cannot
+    /// be told apart from a next request, so none is read.
+    pub fn response(self) -> Response<ProxyBody> {
+        let mut r = json_error(self.status(), self.message());
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    }
+}
+
+/// Whether envgate accepts the request's body framing: `Content-Length` alone, a single
+/// `Transfer-Encoding: chunked` (any case, surrounding blanks ignored) alone, or neither.
+/// `headers` as hyper parsed them. hyper drops `Content-Length` from a head that also has
+/// `Transfer-Encoding` (it reads the chunks and closes the connection after the answer, so
+/// nothing behind them is read as a request); should a `Content-Length` still be there, the
+/// request is refused.
+pub fn framing(headers: &HeaderMap) -> Result<(), BadFraming> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let Some(first) = te.next() else { return Ok(()) };
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(BadFraming::LengthAndChunks);
+    }
+    let chunked = first.to_str().is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked"));
+    if !chunked || te.next().is_some() {
+        return Err(BadFraming::Coding);
+    }
+    Ok(())
+}
+
 #[derive(Serialize)]
 struct ErrorBody<'a, T: Serialize> {
     reason: &'a str,
@@ -238,5 +312,64 @@ mod tests {
         assert!(if_none_match(&[HeaderValue::from_static("*")], &a));
         assert!(!if_none_match(&[HeaderValue::from_static("\"4a58b029ecd0\"")], &a));
         assert!(!if_none_match(HeaderMap::new().get_all("if-none-match"), &a));
+    }
+
+    #[test]
+    fn framing_accepts_one_length_or_one_chunked() {
+        assert_eq!(framing(&HeaderMap::new()), Ok(()));
+        assert_eq!(framing(&map(&[("content-length", "12")])), Ok(()));
+        for v in ["chunked", "Chunked", "CHUNKED", " chunked ", "\tchunked", "chunked\t"] {
+            assert_eq!(framing(&map(&[("transfer-encoding", v)])), Ok(()), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn framing_refuses_length_with_chunks() {
+        // Should the parser keep both, the request is refused.
+        let both = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        assert_eq!(framing(&both), Err(BadFraming::LengthAndChunks));
+        // Both and a bad coding: the ambiguous length comes first.
+        let both = map(&[("content-length", "5"), ("transfer-encoding", "gzip, chunked")]);
+        assert_eq!(framing(&both), Err(BadFraming::LengthAndChunks));
+        let r = BadFraming::LengthAndChunks.response();
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["connection"], "close");
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+
+    #[test]
+    fn framing_refuses_every_other_transfer_encoding() {
+        for v in [
+            "gzip, chunked",
+            "chunked, chunked",
+            "chunked,",
+            ",chunked",
+            "identity",
+            "gzip",
+            "chunked, gzip",
+            "",
+            " ",
+            "chunked;q=1",
+            "\"chunked\"",
+            "chunked chunked",
+            "x-chunked",
+        ] {
+            assert_eq!(framing(&map(&[("transfer-encoding", v)])), Err(BadFraming::Coding), "{v:?}");
+        }
+        let not_ascii = HeaderValue::from_bytes(b"chunked\xff").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, not_ascii);
+        assert_eq!(framing(&h), Err(BadFraming::Coding));
+        for lines in [["chunked", "chunked"], ["gzip", "chunked"], ["chunked", "gzip"]] {
+            let h = map(&[("transfer-encoding", lines[0]), ("transfer-encoding", lines[1])]);
+            assert_eq!(framing(&h), Err(BadFraming::Coding), "{lines:?}");
+        }
+        let r = BadFraming::Coding.response();
+        assert_eq!(r.status(), 501);
+        assert_eq!(r.headers()["connection"], "close");
+        let ProxyBody::Full(Some(b)) = r.into_body() else { panic!() };
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["reason"], "Not Implemented");
+        assert_eq!(v["message"], BadFraming::Coding.message());
     }
 }

@@ -151,6 +151,31 @@ async fn raw(addr: &str, head: &str, body: &[u8]) -> Response {
     request_raw(addr, &bytes, false).await.unwrap()
 }
 
+/// Writes `bytes` on a new connection and reads until envgate closes it (or resets it: the bytes
+/// it never read may do that), failing after 20 s.
+async fn until_closed(addr: &str, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read).await.expect("envgate closed the connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The JSON body of the one response in `answer` (which has `Content-Length`).
+fn json_of(answer: &str) -> serde_json::Value {
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head end: {answer}"));
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not one JSON body ({e}): {answer}"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn request_framing_is_strict_and_correct() {
     let eg = eg(None, None);
@@ -169,14 +194,7 @@ async fn request_framing_is_strict_and_correct() {
          POST /api/kernels HTTP/1.1\nHost: {a}\nContent-Length: {}\n\n{smuggled}",
         smuggled.len()
     );
-    let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
-    s.write_all(both.replace('\n', "\r\n").as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
-        .await
-        .expect("connection closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = until_closed(&a, both.replace('\n', "\r\n").as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "CL + TE: {answer}");
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "one answer, then the connection closed: {answer}");
     let dup = format!(
@@ -239,6 +257,132 @@ async fn request_framing_is_strict_and_correct() {
         assert_eq!(env.get("ALLOWED").map(String::as_str), Some("a"), "{id}");
         assert!(!env.contains_key("NOT_ALLOWED"), "{id}");
         request(&a, "DELETE", &format!("/api/kernels/{id}"), &[], b"").await.unwrap();
+    }
+}
+
+/// Framing that a front proxy could read differently from envgate, on any route: refused with
+/// envgate's JSON error, the connection closed after it, nothing behind it read, nothing sent to
+/// EG, and on the policy routes audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn framing_a_front_proxy_could_read_differently_is_refused() {
+    let eg = eg(None, None);
+    let gate = Envgate::start(&eg.url, &["--client-envs", "ALLOWED"]);
+    let a = gate.addr.clone();
+    let before = kernels(&eg).await;
+    let b = String::from_utf8(body()).unwrap();
+    let n = b.len();
+    // A kernel start smuggled behind the body: never answered.
+    let hidden = format!("POST /api/kernels HTTP/1.1\r\nHost: {a}\r\nContent-Length: {n}\r\n\r\n{b}");
+    let chunks = String::from_utf8(chunked(b.as_bytes(), 16)).unwrap();
+    let start = |headers: &str| format!("POST /api/kernels HTTP/1.1\r\nHost: {a}\r\n{headers}\r\n{chunks}{hidden}");
+
+    let cases = [
+        ("gzip, chunked", "Transfer-Encoding: gzip, chunked\r\n".to_string(), 501),
+        ("chunked, chunked", "Transfer-Encoding: chunked, chunked\r\n".to_string(), 501),
+        ("two TE lines", "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n".to_string(), 501),
+        ("gzip line, chunked line", "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n".to_string(), 501),
+    ];
+    for (what, headers, status) in &cases {
+        let answer = until_closed(&a, start(headers).as_bytes()).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{what}: one answer, then closed: {answer}");
+        assert!(answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{what}: {answer}");
+        let v = json_of(&answer);
+        assert_eq!(v["reason"], "Not Implemented", "{what}");
+        assert!(v["message"].as_str().unwrap().contains("Transfer-Encoding"), "{what}: {v}");
+        assert!(!v["message"].as_str().unwrap().contains("gzip"), "{what}: no header value in the message: {v}");
+    }
+
+    // Behind a request on a kept-alive connection, and pipelined right after one: the same.
+    let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
+    let first_req = format!("GET /api/kernelspecs HTTP/1.1\r\nHost: {a}\r\n\r\n");
+    let first = support::http::request_raw_on(&mut s, first_req.as_bytes(), false).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    s.write_all(start(&cases[0].1).as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await.expect("closed");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 501 "), "after a kept-alive request: {rest}");
+    assert_eq!(rest.matches("HTTP/1.1 ").count(), 1, "{rest}");
+    let answer = until_closed(&a, format!("{first_req}{}", start(&cases[1].1)).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "pipelined: {answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "pipelined: two answers, then closed: {answer}");
+    assert!(answer.contains("HTTP/1.1 501 "), "pipelined: {answer}");
+
+    // Codings hyper refuses itself (its own empty 400, before envgate sees the request).
+    for (what, te) in [("identity", "identity"), ("chunked, gzip", "chunked, gzip"), ("empty", "")] {
+        let answer = until_closed(&a, start(&format!("Transfer-Encoding: {te}\r\n")).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{what}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{what}: {answer}");
+    }
+    let folded =
+        format!("POST /api/kernels HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: gzip,\r\n chunked\r\n\r\n{chunks}");
+    let answer = until_closed(&a, folded.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "obs-fold: {answer}");
+
+    // A session start and an ambiguous kernel-start path: refused the same way.
+    for path in ["/api/sessions", "/api/kernels/"] {
+        let req = format!("POST {path} HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n{chunks}");
+        let answer = until_closed(&a, req.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 501 "), "{path}: {answer}");
+    }
+    assert_eq!(kernels(&eg).await, before, "no kernel started");
+
+    // Audited on the policy routes: refused, with the status and the problem, never a value.
+    let recs = gate.audit(cases.len() + 4);
+    let framing: Vec<&serde_json::Value> =
+        recs.iter().filter(|r| r["error"].as_str().is_some_and(|e| e.contains("transfer-encoding"))).collect();
+    assert_eq!(framing.len(), cases.len() + 4, "{recs:?}");
+    for r in &framing {
+        assert_eq!(r["outcome"], "refused", "{r}");
+        assert_eq!(r["status"], 501, "{r}");
+        assert_eq!(r["error"], "transfer-encoding other than chunked", "{r}");
+    }
+    assert!(framing.iter().any(|r| r["event"] == "session_start"), "{framing:?}");
+    assert!(!gate.audit_text().contains("gzip"), "no header value in the audit log");
+
+    // chunked alone still starts a kernel.
+    let r = request(&a, "POST", "/api/kernels", &[("Transfer-Encoding", "chunked")], chunks.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 201, "chunked: {}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    request(&a, "DELETE", &format!("/api/kernels/{id}"), &[], b"").await.unwrap();
+}
+
+/// A pass-through route is refused the same way, and nothing of it reaches EG: not the request,
+/// not what is smuggled behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn framing_a_front_proxy_could_read_differently_never_reaches_eg_on_pass_through() {
+    let eg = eg(None, None);
+    let admin = format!("127.0.0.1:{}", support::eg::free_port());
+    let gate = Envgate::start(&eg.url, &["--admin-listen", &admin]);
+    let a = gate.addr.clone();
+    let hidden = format!("GET /api/framing-probe-hidden HTTP/1.1\r\nHost: {a}\r\n\r\n");
+    for te in ["gzip, chunked", "chunked, chunked"] {
+        let req = format!(
+            "GET /api/framing-probe-refused HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\n{hidden}"
+        );
+        let answer = until_closed(&a, req.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 501 "), "{te}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{te}: {answer}");
+        assert!(json_of(&answer)["message"].as_str().unwrap().contains("Transfer-Encoding"), "{answer}");
+    }
+    // A request EG does see, sent after them: once EG logged it, it would have logged them.
+    let r = request(&a, "GET", "/api/framing-probe-seen", &[], b"").await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !eg.log().contains("framing-probe-seen") {
+        assert!(std::time::Instant::now() < deadline, "EG never logged a request:\n{}", eg.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = eg.log();
+    assert!(!log.contains("framing-probe-refused") && !log.contains("framing-probe-hidden"), "EG saw:\n{log}");
+    assert!(gate.audit_text().is_empty(), "a pass-through route writes no audit record");
+    let metrics = request(&admin, "GET", "/metrics", &[], b"").await.unwrap().text();
+    for want in [
+        "envgate_framing_refused_total{kind=\"transfer_encoding\"} 2",
+        "envgate_requests_total{route=\"other\",status=\"501\"} 2",
+    ] {
+        assert!(metrics.contains(want), "{want}:\n{metrics}");
     }
 }
 
