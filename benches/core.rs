@@ -106,7 +106,7 @@ fn main() {
     let audit = time(|| {
         let mut rec = Record::new("0000abcd-00000001", Event::KernelStart, policy.mode, client, None);
         rec.kernelspec = kernelspec.as_deref();
-        let mut rec = rec.with_decision(&plan.decision);
+        rec.set_decision(&plan.decision);
         rec.violations =
             plan.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
         rec.outcome = Outcome::Forwarded;
@@ -117,7 +117,7 @@ fn main() {
     });
     let mut rec = Record::new("0000abcd-00000001", Event::KernelStart, policy.mode, client, None);
     rec.kernelspec = kernelspec.as_deref();
-    let rec = rec.with_decision(&plan.decision);
+    rec.set_decision(&plan.decision);
     let write = time(|| {
         line.clear();
         rec.write_json(&mut line);

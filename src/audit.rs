@@ -135,12 +135,6 @@ impl<'a> Record<'a> {
         }
     }
 
-    /// The record, naming what the policy kept and rejected.
-    pub fn with_decision(mut self, d: &'a Decision<'_>) -> Self {
-        self.set_decision(d);
-        self
-    }
-
     /// Names what the policy kept and rejected.
     pub fn set_decision(&mut self, d: &'a Decision<'_>) {
         self.kept = d.kept.iter().map(|k| KeptName { name: k.name, source: k.source.as_str() }).collect();
@@ -438,8 +432,8 @@ mod tests {
             rejected: vec![Rejected { name: "PATH", reason: Reason::Denied }],
         };
         let mut r =
-            Record::new("id-1", Event::KernelStart, Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("10.0.0.1"))
-                .with_decision(&d);
+            Record::new("id-1", Event::KernelStart, Mode::Drop, "127.0.0.1:5000".parse().unwrap(), Some("10.0.0.1"));
+        r.set_decision(&d);
         r.user = Some("alice");
         r.kernelspec = Some("python3");
         r.outcome = Outcome::Forwarded;
