@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::AuditTarget;
 use crate::decide::{PathAction, UserSource};
+use crate::identity::IdentitySource;
 use crate::json::{write_opt_str, write_str};
 use crate::policy::{Decision, Mode};
 
@@ -71,11 +72,17 @@ pub struct Record<'a> {
     pub x_forwarded_for: Option<&'a str>,
     /// The `KERNEL_USERNAME` forwarded: a claim from the body, or the trusted header's user.
     pub user: Option<&'a str>,
-    /// Where `user` came from: `body` (a claim, not verified) or `trusted_header`.
+    /// Where `user` came from: `body` (a claim, not verified), `trusted_header` or `jwt`.
     pub user_source: Option<UserSource>,
+    /// The identity's groups as resolved (at most 32, each cut to 128 bytes).
+    pub groups: Vec<&'a str>,
+    /// Where the identity came from: `header` or `jwt`; `null` without identity.
+    pub identity_source: Option<IdentitySource>,
     pub kernelspec: Option<&'a str>,
     pub kept: Vec<KeptName<'a>>,
     pub rejected: Vec<RejectedName<'a>>,
+    /// The `set_envs` values envgate wrote: the variable and the scope that set it, never the value.
+    pub set_envs: Vec<SetName<'a>>,
     /// Forwarded (or, in `report` mode, would-be forwarded) values that broke a value rule:
     /// the variable's name and the rule, never the value.
     pub violations: Vec<ViolationName<'a>>,
@@ -93,6 +100,13 @@ pub struct Record<'a> {
 #[derive(Debug)]
 #[cfg_attr(test, derive(serde::Serialize))]
 pub struct KeptName<'a> {
+    pub name: &'a str,
+    pub source: &'a str,
+}
+
+#[derive(Debug)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub struct SetName<'a> {
     pub name: &'a str,
     pub source: &'a str,
 }
@@ -123,9 +137,12 @@ impl<'a> Record<'a> {
             x_forwarded_for: xff,
             user: None,
             user_source: None,
+            groups: Vec::new(),
+            identity_source: None,
             kernelspec: None,
             kept: Vec::new(),
             rejected: Vec::new(),
+            set_envs: Vec::new(),
             violations: Vec::new(),
             path: None,
             outcome: Outcome::Refused,
@@ -169,13 +186,27 @@ impl Record<'_> {
                 ("x_forwarded_for", self.x_forwarded_for),
                 ("user", self.user),
                 ("user_source", self.user_source.map(UserSource::as_str)),
-                ("kernelspec", self.kernelspec),
             ],
+        );
+        key(out, "groups");
+        out.push(b'[');
+        for (i, g) in self.groups.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, g);
+        }
+        out.push(b']');
+        strings(
+            out,
+            &[("identity_source", self.identity_source.map(IdentitySource::as_str)), ("kernelspec", self.kernelspec)],
         );
         key(out, "kept");
         list(out, &self.kept, ["name", "source"], |k| [k.name, k.source]);
         key(out, "rejected");
         list(out, &self.rejected, ["name", "reason"], |r| [r.name, r.reason]);
+        key(out, "set_envs");
+        list(out, &self.set_envs, ["name", "source"], |s| [s.name, s.source]);
         key(out, "violations");
         list(out, &self.violations, ["name", "rule"], |v| [v.name, v.rule]);
         strings(out, &[("path", self.path.map(PathAction::as_str)), ("outcome", Some(self.outcome.as_str()))]);
@@ -445,9 +476,9 @@ mod tests {
             serde_json::json!({
                 "time": v["time"], "id": "id-1", "event": "kernel_start", "mode": "drop",
                 "client": "127.0.0.1:5000", "x_forwarded_for": "10.0.0.1", "user": "alice", "user_source": null,
-                "kernelspec": "python3",
+                "groups": [], "identity_source": null, "kernelspec": "python3",
                 "kept": [{"name": "KERNEL_A", "source": "prefix:KERNEL_"}],
-                "rejected": [{"name": "PATH", "reason": "denied"}], "violations": [], "path": null,
+                "rejected": [{"name": "PATH", "reason": "denied"}], "set_envs": [], "violations": [], "path": null,
                 "outcome": "forwarded", "status": 201, "kernel_id": "k1", "error": null
             })
         );
@@ -474,6 +505,9 @@ mod tests {
         full.set_decision(&d);
         full.user = Some("al\u{e9}ice\t");
         full.user_source = Some(UserSource::Body);
+        full.groups = vec!["data-eng", "g\"q"];
+        full.identity_source = Some(IdentitySource::Header);
+        full.set_envs = vec![SetName { name: "KERNEL_NAMESPACE", source: "group:data-eng" }];
         full.kernelspec = Some("python3");
         full.violations = vec![ViolationName { name: "B", rule: "forbidden" }];
         full.path = Some(PathAction::Stripped);
@@ -485,9 +519,13 @@ mod tests {
         let mut other = Record::new("id-2", Event::KernelStart, Mode::Reject, "127.0.0.1:1".parse().unwrap(), None);
         other.user = Some("bob");
         other.user_source = Some(UserSource::TrustedHeader);
+        other.identity_source = Some(IdentitySource::Jwt);
+        other.groups = vec!["one"];
         other.path = Some(PathAction::Refused);
+        let mut jwt = Record::new("id-3", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        jwt.user_source = Some(UserSource::Jwt);
         other.status = Some(400);
-        for r in [&bare, &full, &other] {
+        for r in [&bare, &full, &other, &jwt] {
             let mut ours = Vec::new();
             r.write_json(&mut ours);
             assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(r).unwrap());

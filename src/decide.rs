@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::policy::{Decision, Kept, Mode, Policy, Source, SpecFacts};
+use crate::policy::{Decision, Kept, Mode, Policy, SetValue, Source, SpecFacts, View};
 use crate::rewrite::start::StartBody;
 use crate::values::{self, PathRule, Violation};
 
@@ -65,6 +65,8 @@ pub enum UserSource {
     Body,
     /// The header a trusted authenticating proxy set (identity binding).
     TrustedHeader,
+    /// A verified token's user claim (identity binding).
+    Jwt,
 }
 
 impl UserSource {
@@ -72,6 +74,7 @@ impl UserSource {
         match self {
             UserSource::Body => "body",
             UserSource::TrustedHeader => "trusted_header",
+            UserSource::Jwt => "jwt",
         }
     }
 }
@@ -102,7 +105,7 @@ impl Mismatch {
 /// Identity binding's settings, as the decision needs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Binding<'a> {
-    /// The trusted header's name, for messages.
+    /// What names the user, for messages: the trusted header's name, or "the token".
     pub header: &'a str,
     /// What to do when the body's `KERNEL_USERNAME` names someone else.
     pub on_mismatch: Mismatch,
@@ -149,10 +152,101 @@ pub fn bind_user(body: &mut StartBody<'_>, user: &str, binding: Binding<'_>) -> 
 /// The user a kernel start names: the trusted header's (`trusted`) when identity binding is on,
 /// else the body's `KERNEL_USERNAME` claim, if any.
 pub fn user_of<'a>(body: &'a StartBody<'_>, trusted: Option<&'a str>) -> Option<User<'a>> {
-    match trusted {
-        Some(name) => Some(User { name, source: UserSource::TrustedHeader }),
+    user_from(body, trusted.map(|t| (t, UserSource::TrustedHeader)))
+}
+
+/// [`user_of`], for a user bound from either identity source.
+pub fn user_from<'a>(body: &'a StartBody<'_>, bound: Option<(&'a str, UserSource)>) -> Option<User<'a>> {
+    match bound {
+        Some((name, source)) => Some(User { name, source }),
         None => body.env.iter().find(|(k, _)| k == USERNAME).map(|(_, v)| User { name: v, source: UserSource::Body }),
     }
+}
+
+/// Refuses (403) a kernel start of a kernelspec the identity may not start.
+pub fn may_start(view: &View<'_>, kernelspec: Option<&str>) -> Result<(), Refusal> {
+    view.may_start(kernelspec).map_err(|block| Refusal {
+        status: StatusCode::FORBIDDEN,
+        message: match kernelspec {
+            Some(k) => format!("envgate refused the kernel start: kernelspec {k:?} is not allowed for you ({block})"),
+            None => format!(
+                "envgate refused the kernel start: no kernelspec named and the gateway has no default; {block} \
+                 allows only some kernelspecs"
+            ),
+        },
+        extra: json!({"kernelspec": kernelspec}),
+        why: "kernelspec not allowed",
+    })
+}
+
+/// A `set_envs` value as an audit record names it: the variable and the scope that set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied<'p> {
+    pub name: &'p str,
+    pub scope: &'p str,
+}
+
+/// Writes the `set_envs` values into the body: added where the body has none, kept where it
+/// holds the same value, and, where it holds another, overwritten or refused (403) as
+/// `on_mismatch` says. A refusal names the variables, never a value.
+pub fn apply_set_envs<'p>(
+    body: &mut StartBody<'_>,
+    values: &[SetValue<'p>],
+    on_mismatch: Mismatch,
+) -> Result<Vec<Applied<'p>>, Refusal> {
+    let differing: Vec<&str> = values
+        .iter()
+        .filter(|s| body.env.iter().any(|(k, v)| k == s.name && *v != s.value.as_str()))
+        .map(|s| s.name)
+        .collect();
+    if !differing.is_empty() && on_mismatch == Mismatch::Refuse {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "envgate refused the kernel start: envgate sets {} from your identity (set_envs), and the request \
+                 holds another value",
+                differing.join(", ")
+            ),
+            extra: json!({"set_envs": differing}),
+            why: "set_envs value differs",
+        });
+    }
+    for s in values {
+        match body.env.iter_mut().find(|(k, _)| k == s.name) {
+            Some((_, v)) => {
+                if *v != s.value.as_str() {
+                    *v = Cow::Owned(s.value.clone());
+                }
+            }
+            None => body.env.push((Cow::Owned(s.name.to_string()), Cow::Owned(s.value.clone()))),
+        }
+    }
+    Ok(values.iter().map(|s| Applied { name: s.name, scope: s.scope }).collect())
+}
+
+/// The `set_envs` values for a kernel start, or a refusal (400) when a template needs what the
+/// request does not tell (a kernelspec, when no name is given and the gateway has no default).
+pub fn set_values<'p>(
+    view: &View<'p>,
+    kernelspec: Option<&str>,
+    user: Option<&str>,
+) -> Result<Vec<SetValue<'p>>, Refusal> {
+    view.set_values(kernelspec, user).map_err(|(name, missing)| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("envgate cannot set {name} (set_envs) for this kernel start: {missing}"),
+        extra: json!({}),
+        why: "set_envs cannot be rendered",
+    })
+}
+
+/// What envgate itself wrote into the body before the decision, which the name rules do not
+/// judge (its values still pass the value rules).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Written<'a> {
+    /// `KERNEL_USERNAME` was bound from the identity, and from which source.
+    pub user: Option<UserSource>,
+    /// The `set_envs` values.
+    pub set: &'a [SetValue<'a>],
 }
 
 /// The outcome of one kernel start.
@@ -177,19 +271,35 @@ pub fn decide<'b>(
     body: &'b StartBody<'_>,
     trusted_user: bool,
 ) -> Plan<'b> {
-    let trusted = |k: &str| trusted_user && k == USERNAME;
+    let written = Written { user: trusted_user.then_some(UserSource::TrustedHeader), set: &[] };
+    decide_for(&policy.anonymous(), kernelspec, facts, body, written)
+}
+
+/// Decides one kernel start for one identity's view of the policy. What envgate wrote itself
+/// (`written`: the bound `KERNEL_USERNAME`, the `set_envs` values) is kept whatever the name
+/// rules say; its values still pass the value rules.
+pub fn decide_for<'b>(
+    view: &View<'_>,
+    kernelspec: Option<&str>,
+    facts: Option<&SpecFacts>,
+    body: &'b StartBody<'_>,
+    written: Written<'_>,
+) -> Plan<'b> {
+    let policy = view.policy;
+    let trusted = |k: &str| (written.user.is_some() && k == USERNAME) || written.set.iter().any(|s| s.name == k);
     let names = body.env.iter().map(|(k, _)| &**k).filter(|k| !trusted(k));
     // Whether each of body.env is kept, by position (names are unique; a lookup by name per
     // name would be quadratic).
     let mut verdicts = Vec::with_capacity(body.env.len());
-    let mut decision = policy.decide_each(kernelspec, facts, names, |k| verdicts.push(k));
+    let mut decision = view.decide_each(kernelspec, facts, names, |k| verdicts.push(k));
     let mut verdicts = verdicts.into_iter();
     let keep: Vec<bool> = body.env.iter().map(|(k, _)| trusted(k) || verdicts.next().unwrap_or(false)).collect();
-    if trusted_user {
-        decision.kept.push(Kept { name: USERNAME, source: Source::TrustedHeader });
+    match written.user {
+        Some(UserSource::Jwt) => decision.kept.push(Kept { name: USERNAME, source: Source::Jwt }),
+        Some(_) => decision.kept.push(Kept { name: USERNAME, source: Source::TrustedHeader }),
+        None => {}
     }
-    let violations =
-        policy.values.check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v)));
+    let violations = view.check_all(body.env.iter().zip(&keep).filter(|(_, k)| **k).map(|((n, v), _)| (&**n, &**v)));
     let path_escapes =
         policy.kernel_path != PathRule::Keep && body.path().is_some_and(|p| values::path_escapes(p.as_deref()));
     let path = path_escapes.then_some(if policy.kernel_path == PathRule::Strip {

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub framing_refused: Family<KindLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub kernelspec_passthrough: Counter<u64, AtomicU64>,
+    pub token_refused: Family<ReasonLabel, Counter>,
     pub policy: Family<PolicyLabel, Gauge>,
 }
 
@@ -114,6 +115,12 @@ impl Default for Metrics {
             "Kernelspec responses passed on without client_envs (not parseable, compressed or too large)",
             kernelspec_passthrough.clone(),
         );
+        let token_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "token_refused",
+            "Requests refused for a missing or invalid token (jwt_keys), by the check that failed",
+            token_refused.clone(),
+        );
         let policy = Family::<PolicyLabel, Gauge>::default();
         registry.register("policy_info", "The active policy's hash (value is always 1)", policy.clone());
         Metrics {
@@ -128,6 +135,7 @@ impl Default for Metrics {
             framing_refused,
             reloads,
             kernelspec_passthrough,
+            token_refused,
             policy,
         }
     }

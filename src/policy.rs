@@ -20,13 +20,14 @@
 //! Then every value envgate forwards must pass the value rules ([`crate::values`]), and the
 //! body's `path` the [`PathRule`]: those refuse the whole request rather than drop a name.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::values::{self, PathRule, ValueRules};
+use crate::identity::{self, SetEnv};
+use crate::values::{self, PathRule, Pattern, Rule, ValueRules, Violation};
 
 /// Names that hijack a process when set in its environment. Shipped as the default `deny_envs`.
 pub const DEFAULT_DENY_ENVS: &[&str] = &[
@@ -107,6 +108,10 @@ pub enum Source {
     Prefix(Arc<str>),
     /// `KERNEL_USERNAME` set from the trusted user header (identity binding).
     TrustedHeader,
+    /// `KERNEL_USERNAME` set from a verified token's user claim (identity binding).
+    Jwt,
+    /// A `[users.NAME]` or `[groups.NAME]` block: holds its label, `user:NAME` or `group:NAME`.
+    Block(Arc<str>),
 }
 
 impl Source {
@@ -120,6 +125,8 @@ impl Source {
             Source::EgConfig => "eg_config",
             Source::Prefix(label) => label,
             Source::TrustedHeader => "trusted_header",
+            Source::Jwt => "jwt",
+            Source::Block(label) => label,
         }
     }
 }
@@ -134,6 +141,11 @@ pub struct PrefixRule {
 impl PrefixRule {
     pub fn new(prefix: &str) -> PrefixRule {
         PrefixRule { prefix: prefix.to_string(), source: Source::Prefix(format!("prefix:{prefix}").into()) }
+    }
+
+    /// A prefix of a `[users.NAME]` / `[groups.NAME]` block: names it keeps are the block's.
+    pub fn of_block(prefix: &str, label: &Arc<str>) -> PrefixRule {
+        PrefixRule { prefix: prefix.to_string(), source: Source::Block(label.clone()) }
     }
 }
 
@@ -328,6 +340,52 @@ pub struct Policy {
     pub values: ValueRules,
     /// What to do with the body's `path`.
     pub kernel_path: PathRule,
+    /// The global `set_envs`: values envgate sets on every kernel start.
+    pub set_envs: Vec<SetEnv>,
+    /// `[kernelspecs.K] set_envs`, keyed by the lower-cased kernelspec name.
+    pub kernelspec_set_envs: HashMap<String, Vec<SetEnv>>,
+    /// `[users.NAME]` blocks, by user name (exact).
+    pub users: HashMap<String, Block>,
+    /// `[groups.NAME]` blocks, by group name (exact).
+    pub groups: HashMap<String, Block>,
+}
+
+/// A `[users.NAME]` or `[groups.NAME]` block: what one identity may do beyond (and within) the
+/// global and kernelspec rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// `user:NAME` or `group:NAME`: the source audit records and `explain` name.
+    pub label: Arc<str>,
+    /// Names it allows.
+    pub client_envs: NameSet,
+    /// Prefixes it allows.
+    pub prefixes: Vec<PrefixRule>,
+    /// Names it denies: they are denied for whoever the block applies to, whatever allows them.
+    pub deny_envs: NameSet,
+    /// Patterns a value must match too, on top of the global value rules.
+    pub value_patterns: BTreeMap<String, Pattern>,
+    /// The (lower-cased) kernelspecs its identities may start; `None`: every one.
+    pub kernelspecs: Option<NameSet>,
+    /// Values it sets.
+    pub set_envs: Vec<SetEnv>,
+    /// Groups only: a higher priority applies first (ties: by name).
+    pub priority: i64,
+}
+
+impl Block {
+    /// An empty block labelled `label`.
+    pub fn new(label: &str) -> Block {
+        Block {
+            label: label.into(),
+            client_envs: NameSet::new(),
+            prefixes: Vec::new(),
+            deny_envs: NameSet::new(),
+            value_patterns: BTreeMap::new(),
+            kernelspecs: None,
+            set_envs: Vec::new(),
+            priority: 0,
+        }
+    }
 }
 
 impl Default for Policy {
@@ -345,6 +403,10 @@ impl Default for Policy {
             eg_config: None,
             values: ValueRules::default(),
             kernel_path: PathRule::RefuseEscape,
+            set_envs: Vec::new(),
+            kernelspec_set_envs: HashMap::new(),
+            users: HashMap::new(),
+            groups: HashMap::new(),
         }
     }
 }
@@ -399,18 +461,108 @@ impl Policy {
         ]
     }
 
+    /// The policy for a request without identity: the global and kernelspec rules alone.
+    pub fn anonymous(&self) -> View<'_> {
+        View { policy: self, blocks: Vec::new() }
+    }
+
+    /// The policy for `user` in `groups`: the `[users.NAME]` block of the user and the
+    /// `[groups.NAME]` blocks of its groups, in precedence order (the user's first, then the
+    /// groups by priority, higher first, then by name). The order of the groups as sent never
+    /// matters.
+    pub fn view<'p>(&'p self, user: Option<&str>, groups: &[String]) -> View<'p> {
+        let mut blocks: Vec<&Block> = Vec::new();
+        if let Some(b) = user.and_then(|u| self.users.get(u)) {
+            blocks.push(b);
+        }
+        let first_group = blocks.len();
+        blocks.extend(groups.iter().filter_map(|g| self.groups.get(g.as_str())));
+        let groups = &mut blocks[first_group..];
+        groups.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.label.cmp(&b.label)));
+        blocks.dedup_by(|a, b| std::ptr::eq(*a, *b));
+        View { policy: self, blocks }
+    }
+
+    /// [`View::verdict`] without identity.
+    pub fn verdict(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>, name: &str) -> Verdict {
+        self.anonymous().verdict(kernelspec, facts, name)
+    }
+
+    /// [`View::decide`] without identity.
+    pub fn decide<'a>(
+        &self,
+        kernelspec: Option<&str>,
+        facts: Option<&SpecFacts>,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Decision<'a> {
+        self.anonymous().decide(kernelspec, facts, names)
+    }
+
+    /// [`View::allowed_names`] without identity.
+    pub fn allowed_names(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>) -> Vec<String> {
+        self.anonymous().allowed_names(kernelspec, facts)
+    }
+
+    /// The groups with a block, in the order they apply when several do.
+    pub fn groups_in_order(&self) -> Vec<(&String, &Block)> {
+        let mut groups: Vec<(&String, &Block)> = self.groups.iter().collect();
+        groups.sort_by(|a, b| b.1.priority.cmp(&a.1.priority).then_with(|| a.1.label.cmp(&b.1.label)));
+        groups
+    }
+}
+
+/// A `set_envs` value for one kernel start, rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetValue<'p> {
+    pub name: &'p str,
+    pub value: String,
+    /// The scope that set it: `user:NAME`, `group:NAME`, `kernelspec:K` or `global`.
+    pub scope: &'p str,
+}
+
+/// The policy as it applies to one identity: the global and kernelspec rules, and the blocks of
+/// the identity in precedence order. Rules:
+///
+/// - a name is allowed if any source allows it: the global and kernelspec sources, or any
+///   block's `client_envs` or `allow_prefixes`;
+/// - a name denied by the global `deny_envs` or by any block that applies is denied, whatever
+///   allows it;
+/// - a value must pass the global value rules and every block's pattern for its name;
+/// - a kernelspec may be started only if every block with a `kernelspecs` list names it;
+/// - a name set by several `set_envs` takes the value of the first scope in precedence order:
+///   the user's block, the groups' blocks in order, the kernelspec's, the global one.
+#[derive(Debug, Clone)]
+pub struct View<'p> {
+    pub policy: &'p Policy,
+    /// The blocks that apply, in precedence order.
+    pub blocks: Vec<&'p Block>,
+}
+
+impl<'p> View<'p> {
+    /// The labels of the blocks that apply, in order: equal for identities the policy treats
+    /// alike (what a kernelspec response depends on).
+    pub fn key(&self) -> Vec<Arc<str>> {
+        self.blocks.iter().map(|b| b.label.clone()).collect()
+    }
+
+    /// Whether any block denies `name`, or the global list does.
+    fn denied(&self, name: &str) -> bool {
+        self.policy.deny_envs.contains(name) || self.blocks.iter().any(|b| b.deny_envs.contains(name))
+    }
+
     /// The verdict on one name for one kernelspec (`None`: no kernelspec could be determined;
     /// `facts`: what the upstream serves for it, if anything).
     pub fn verdict(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>, name: &str) -> Verdict {
-        self.verdict_in(&self.lists(kernelspec, facts), name)
+        self.verdict_in(&self.policy.lists(kernelspec, facts), name)
     }
 
     /// The verdict on one name against the list sources of one kernelspec, looked up once.
     fn verdict_in(&self, lists: &[(Source, Option<&NameSet>)], name: &str) -> Verdict {
+        let p = self.policy;
         if !valid_name(name) {
             return Verdict::Reject(Reason::InvalidName);
         }
-        if self.deny_envs.contains(name) {
+        if self.denied(name) {
             return Verdict::Reject(Reason::Denied);
         }
         for (source, list) in lists {
@@ -418,10 +570,14 @@ impl Policy {
                 return Verdict::Keep(source.clone());
             }
         }
-        if self.eg_config.as_ref().is_some_and(|e| e.all) {
+        if let Some(b) = self.blocks.iter().find(|b| b.client_envs.contains(name)) {
+            return Verdict::Keep(Source::Block(b.label.clone()));
+        }
+        if p.eg_config.as_ref().is_some_and(|e| e.all) {
             return Verdict::Keep(Source::EgConfig);
         }
-        if let Some(rule) = self.prefixes.iter().find(|p| name.starts_with(p.prefix.as_str())) {
+        let mut prefixes = p.prefixes.iter().chain(self.blocks.iter().flat_map(|b| &b.prefixes));
+        if let Some(rule) = prefixes.find(|r| name.starts_with(r.prefix.as_str())) {
             return Verdict::Keep(rule.source.clone());
         }
         Verdict::Reject(Reason::NotAllowed)
@@ -437,7 +593,7 @@ impl Policy {
         self.decide_each(kernelspec, facts, names, |_| {})
     }
 
-    /// [`Policy::decide`], also telling `each` whether each name, in order, was kept.
+    /// [`View::decide`], also telling `each` whether each name, in order, was kept.
     pub fn decide_each<'a>(
         &self,
         kernelspec: Option<&str>,
@@ -445,7 +601,7 @@ impl Policy {
         names: impl IntoIterator<Item = &'a str>,
         mut each: impl FnMut(bool),
     ) -> Decision<'a> {
-        let lists = self.lists(kernelspec, facts);
+        let lists = self.policy.lists(kernelspec, facts);
         let names = names.into_iter();
         // Sized once for the request's names rather than grown name by name (the upper bound:
         // callers filter; 1024 at most, the rest grow as they come).
@@ -466,18 +622,96 @@ impl Policy {
         d
     }
 
+    /// The first rule `value` breaks as the value of `name`: the global value rules, then the
+    /// pattern of every block that has one for `name`.
+    pub fn check_value(&self, name: &str, value: &str) -> Option<Violation> {
+        if let Some(v) = self.policy.values.check(name, value) {
+            return Some(v);
+        }
+        self.blocks.iter().find_map(|b| match b.value_patterns.get(name) {
+            Some(p) if !p.is_match(value) => Some(Violation {
+                name: name.to_string(),
+                rule: Rule::Pattern,
+                detail: format!("does not match the pattern {:?} of {}", p.text, b.label),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Every violation among `pairs`, in order.
+    pub fn check_all<'a>(&self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<Violation> {
+        pairs.into_iter().filter_map(|(n, v)| self.check_value(n, v)).collect()
+    }
+
+    /// Whether this identity may start `kernelspec`: `Err` holds the label of the first block
+    /// whose `kernelspecs` list does not name it. No kernelspec known and a block with a list:
+    /// refused, since envgate cannot tell which one EG would start.
+    pub fn may_start(&self, kernelspec: Option<&str>) -> Result<(), &'p str> {
+        for b in &self.blocks {
+            if let Some(list) = &b.kernelspecs {
+                match kernelspec {
+                    Some(k) if list.contains(k) || list.contains(&k.to_ascii_lowercase()) => {}
+                    _ => return Err(&b.label),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `set_envs` entry that applies to a kernel start of `kernelspec`, the first in
+    /// precedence order for each name, in that order.
+    pub fn set_envs(&self, kernelspec: Option<&str>) -> Vec<&'p SetEnv> {
+        let p: &'p Policy = self.policy;
+        let per_kernelspec = kernelspec
+            .and_then(|k| p.kernelspec_set_envs.get(k).or_else(|| p.kernelspec_set_envs.get(&k.to_ascii_lowercase())));
+        let scopes = self.blocks.iter().map(|b| &b.set_envs).chain(per_kernelspec).chain([&p.set_envs]);
+        let mut out: Vec<&SetEnv> = Vec::new();
+        for s in scopes.flatten() {
+            if !out.iter().any(|have| have.name == s.name) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// The `set_envs` values for a kernel start of `kernelspec` by `user`; `Err` names the
+    /// variable whose template needs what is not known (no user, no kernelspec).
+    pub fn set_values(
+        &self,
+        kernelspec: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Vec<SetValue<'p>>, (&'p str, &'static str)> {
+        let lower = kernelspec.map(str::to_ascii_lowercase);
+        let cx = identity::Context { user, kernelspec: lower.as_deref() };
+        self.set_envs(kernelspec)
+            .into_iter()
+            .map(|s| match s.template.render(cx) {
+                Ok(value) => Ok(SetValue { name: &s.name, value, scope: &s.scope }),
+                Err(missing) => Err((s.name.as_str(), missing)),
+            })
+            .collect()
+    }
+
     /// The names a client may send for `kernelspec`, sorted: the union of every enabled list
-    /// source, minus `deny_envs`, plus `*` when EG's inherited setting is `*`. This is what
-    /// envgate injects as `spec.metadata.client_envs`. Prefix rules (`KERNEL_*`) are rules, not
-    /// names, and are not listed.
+    /// source and every block's `client_envs`, minus what is denied and what `set_envs` sets,
+    /// plus `*` when EG's inherited setting is `*`. This is what envgate injects as
+    /// `spec.metadata.client_envs`. Prefix rules (`KERNEL_*`) are rules, not names, and are not
+    /// listed.
     pub fn allowed_names(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>) -> Vec<String> {
         let mut all: BTreeSet<&str> = BTreeSet::new();
-        for (_, list) in self.lists(kernelspec, facts) {
+        for (_, list) in self.policy.lists(kernelspec, facts) {
             all.extend(list.into_iter().flatten().map(String::as_str));
         }
-        let mut names: Vec<String> =
-            all.into_iter().filter(|n| valid_name(n) && !self.deny_envs.contains(n)).map(str::to_string).collect();
-        if self.eg_config.as_ref().is_some_and(|e| e.all) {
+        for b in &self.blocks {
+            all.extend(b.client_envs.iter().map(String::as_str));
+        }
+        let set = self.set_envs(kernelspec);
+        let mut names: Vec<String> = all
+            .into_iter()
+            .filter(|n| valid_name(n) && !self.denied(n) && !set.iter().any(|s| s.name == *n))
+            .map(str::to_string)
+            .collect();
+        if self.policy.eg_config.as_ref().is_some_and(|e| e.all) {
             // Once, first, even when a list source also names `*`.
             names.retain(|n| n != "*");
             names.insert(0, "*".to_string());

@@ -29,11 +29,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::audit::SetName;
 use crate::audit::{Event, Outcome, Record, ViolationName};
 use crate::body::{ProxyBody, StreamError, Streamed};
+use crate::config::IdentityFrom;
 use crate::decide::{self, Binding, UserSource, Verdict};
+use crate::identity::{self, IdentitySource, Who};
+use crate::jwt;
 use crate::metrics::{DecisionLabel, KindLabel, ReasonLabel, RouteLabel, RouteStatus, RuleLabel};
-use crate::policy::{Decision, Sessions};
+use crate::policy::{Decision, Sessions, View};
 use crate::rewrite::kernelspecs;
 use crate::rewrite::start::{self, StartBody};
 use crate::routes::Route;
@@ -77,28 +81,50 @@ pub async fn handle(
         st.metrics.framing_refused.get_or_create(&KindLabel { kind: bad.kind() }).inc();
         tracing::warn!(kind = bad.kind(), %peer, route = route.as_str(), "refused a request's framing");
         match route {
-            Route::KernelStart | Route::SessionStart | Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => {
-                Box::pin(refuse(req.headers(), route, Refusal::Framing(bad), &cx)).await
-            }
+            _ if route.starts_kernel() => Box::pin(refuse(req.headers(), route, Refusal::Framing(bad), &cx)).await,
             _ => bad.response(),
         }
     } else if req.method() == Method::CONNECT {
         wire::json_error(StatusCode::METHOD_NOT_ALLOWED, "envgate is a reverse proxy; CONNECT is not supported")
     } else {
-        // The policy routes' futures are boxed: kept inline, they made this future (which hyper
-        // moves for every request) 6.8 KB instead of 3.3, for every route.
-        match route {
-            Route::KernelStart => Box::pin(kernel_start(req, &cx)).await,
-            Route::SessionStart => Box::pin(session_start(req, &cx)).await,
-            Route::KernelspecList | Route::KernelspecOne => kernelspecs(req, route, &cx).await,
-            Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => Box::pin(ambiguous(req, route, &cx)).await,
-            Route::Other => pass(req, &cx).await,
+        match identity_for(route, &req, &cx) {
+            // The policy routes' futures are boxed: kept inline, they made this future (which
+            // hyper moves for every request) 6.8 KB instead of 3.3, for every route.
+            Ok(who) => match route {
+                Route::KernelStart => Box::pin(kernel_start(req, who, &cx)).await,
+                Route::SessionStart => Box::pin(session_start(req, who, &cx)).await,
+                Route::KernelspecList | Route::KernelspecOne => Box::pin(kernelspecs(req, route, who, &cx)).await,
+                Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => {
+                    Box::pin(ambiguous(req, route, &cx)).await
+                }
+                Route::Other => pass(req, &cx).await,
+            },
+            Err(refusal) if route.starts_kernel() => Box::pin(refuse(req.headers(), route, refusal, &cx)).await,
+            Err(refusal) => refusal.into_response(),
         }
     };
     let m = &st.metrics;
     m.requests.get_or_create(&RouteStatus { route: route.as_str(), status: resp.status().as_u16() }).inc();
     m.latency.get_or_create(&RouteLabel { route: route.as_str() }).observe(started.elapsed().as_secs_f64());
     Ok(resp)
+}
+
+/// The request's identity, where the route needs one: every route with a token (envgate then
+/// trusts no request without one), the kernel start, session start and kernelspec routes with
+/// a trusted proxy's headers.
+fn identity_for(route: Route, req: &Request<Incoming>, cx: &Ctx<'_>) -> Result<Option<Who>, Refusal> {
+    let needed = match cx.rt.config.identity.as_ref().map(|i| &i.from) {
+        None => false,
+        Some(IdentityFrom::Jwt(_)) => true,
+        Some(IdentityFrom::Headers { .. }) => {
+            matches!(route, Route::KernelStart | Route::SessionStart | Route::KernelspecList | Route::KernelspecOne)
+        }
+    };
+    if needed {
+        identify(cx, req.headers())
+    } else {
+        Ok(None)
+    }
 }
 
 /// An upstream failure: counted, logged, and answered with a JSON 502/504.
@@ -224,6 +250,9 @@ enum Refusal {
     SessionsDenied,
     /// Body framing a front proxy could read differently; the connection closes after it.
     Framing(wire::BadFraming),
+    /// No valid token (401). `bearer`: the token goes in `Authorization`, so the answer
+    /// carries a `WWW-Authenticate: Bearer` challenge.
+    Token { error: jwt::JwtError, bearer: bool },
 }
 
 impl From<decide::Refusal> for Refusal {
@@ -255,6 +284,7 @@ impl Refusal {
             Refusal::Ambiguous(_) => "ambiguous path".into(),
             Refusal::SessionsDenied => "sessions denied".into(),
             Refusal::Framing(f) => f.why().into(),
+            Refusal::Token { error, .. } => format!("token {}", error.as_str()).into(),
         }
     }
 
@@ -275,6 +305,17 @@ impl Refusal {
                  environment, outside the env policy. Start kernels with POST /api/kernels, or set sessions = \"allow\".",
             ),
             Refusal::Framing(f) => f.response(),
+            Refusal::Token { error, bearer } => {
+                let mut resp = wire::json_error(StatusCode::UNAUTHORIZED, &error.message());
+                if bearer {
+                    let challenge = match error {
+                        jwt::JwtError::Missing => "Bearer",
+                        _ => "Bearer error=\"invalid_token\"",
+                    };
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+                }
+                resp
+            }
         }
     }
 }
@@ -358,20 +399,57 @@ fn token_pair(query: &str) -> Option<&str> {
     query.split('&').find(|p| p.starts_with("token="))
 }
 
-/// The user a trusted authenticating proxy named, when identity binding is on: `Ok(None)` when
-/// it is off; refused when it is on and the header is missing or unusable.
-fn trusted_user(cx: &Ctx<'_>, headers: &HeaderMap) -> Result<Option<String>, decide::Refusal> {
+/// Who is asking, when identity is configured: the trusted proxy's headers (refused, 403,
+/// without the user header) or a verified token (refused, 401, without a valid one).
+/// `Ok(None)` when identity is off.
+fn identify(cx: &Ctx<'_>, headers: &HeaderMap) -> Result<Option<Who>, Refusal> {
     let Some(identity) = &cx.rt.config.identity else { return Ok(None) };
-    let value = headers.get(&identity.header).and_then(|v| v.to_str().ok());
-    decide::trusted_user(identity.header.as_str(), value).map(|u| Some(u.to_string()))
+    match &identity.from {
+        IdentityFrom::Headers { user, groups } => {
+            let value = headers.get(user).and_then(|v| v.to_str().ok());
+            let user = decide::trusted_user(user.as_str(), value)?.to_string();
+            let groups = match groups {
+                Some(h) => identity::groups_from_header(headers.get_all(h).iter().filter_map(|v| v.to_str().ok())),
+                None => Vec::new(),
+            };
+            Ok(Some(Who { user, groups, source: IdentitySource::Header }))
+        }
+        IdentityFrom::Jwt(j) => {
+            let verified = headers
+                .get(&j.header)
+                .ok_or(jwt::JwtError::Missing)
+                .and_then(|v| jwt::token_in(&j.header, v))
+                .and_then(|t| cx.rt.tokens.verify(&j.verifier, t, std::time::SystemTime::now()));
+            match verified {
+                Ok(c) => Ok(Some(Who { user: c.user.clone(), groups: c.groups.clone(), source: IdentitySource::Jwt })),
+                Err(e) => {
+                    cx.st.metrics.token_refused.get_or_create(&ReasonLabel { reason: e.as_str() }).inc();
+                    Err(Refusal::Token { error: e, bearer: j.header == header::AUTHORIZATION })
+                }
+            }
+        }
+    }
+}
+
+/// Fills in the record's identity: the user the kernel runs as, its groups, and their source.
+fn record_identity<'a>(rec: &mut Record<'a>, who: &'a Who) {
+    rec.user = Some(&who.user);
+    rec.user_source = Some(match who.source {
+        IdentitySource::Header => UserSource::TrustedHeader,
+        IdentitySource::Jwt => UserSource::Jwt,
+    });
+    rec.groups = who.audit_groups().collect();
+    rec.identity_source = Some(who.source);
 }
 
 /// What a kernel start's audit record borrows: owned by [`kernel_start`], so that the record
 /// outlives the steps that fill it in.
 #[derive(Default)]
 struct Held<'a> {
-    /// The trusted header's user, when identity binding is on.
-    user: Option<String>,
+    /// The request's identity, when identity is configured.
+    who: Option<Who>,
+    /// The body's `KERNEL_USERNAME` claim, without identity.
+    claimed: Option<String>,
     bytes: Bytes,
     body: Option<StartBody<'a>>,
     kernelspec: Option<String>,
@@ -380,12 +458,12 @@ struct Held<'a> {
 }
 
 /// `POST {base}api/kernels`: the env policy.
-async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
+async fn kernel_start(req: Request<Incoming>, who: Option<Who>, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let id = cx.st.ids.next();
     let (parts, body) = req.into_parts();
     let xff = xff(&parts.headers);
     let mut rec = record(cx, &id, Event::KernelStart, xff.as_deref());
-    let mut held = Held::default();
+    let mut held = Held { who, ..Held::default() };
     let result = kernel_start_steps(parts, body, cx, &mut held, &mut rec).await;
     finish(cx, rec, &id, result).await
 }
@@ -394,33 +472,32 @@ async fn kernel_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBod
 async fn kernel_start_steps<'a>(
     mut parts: Parts,
     body: Incoming,
-    cx: &Ctx<'_>,
+    cx: &'a Ctx<'a>,
     held: &'a mut Held<'a>,
     rec: &mut Record<'a>,
 ) -> Result<Forwarded, Refusal> {
-    let Held { user, bytes, body: parsed, kernelspec, decision, violations } = held;
-    let rt = cx.rt;
+    let Held { who, claimed, bytes, body: parsed, kernelspec, decision, violations } = held;
+    let rt: &'a Runtime = cx.rt;
     let policy = &rt.config.policy;
-    // With identity binding on, a request without the trusted user is refused unread.
-    *user = trusted_user(cx, &parts.headers)?;
-    let user: &'a Option<String> = user;
+    let who: &'a Option<Who> = who;
+    if let Some(w) = who {
+        record_identity(rec, w);
+    }
     *bytes =
         read_body(&parts.headers, ProxyBody::stream(body, cx.upstream.body_idle_timeout), rt.config.max_body_bytes)
             .await?;
     let bytes: &'a Bytes = bytes;
     let parsed = parsed.insert(start::parse(bytes)?);
-    // Identity binding: the trusted user is the kernel's KERNEL_USERNAME, whatever the body says.
-    let bound = match (user.as_deref(), &rt.config.identity) {
-        (Some(u), Some(i)) => {
-            decide::bind_user(parsed, u, Binding { header: i.header.as_str(), on_mismatch: i.on_mismatch })
-        }
-        _ => Ok(()),
-    };
-    let parsed: &'a StartBody<'a> = parsed;
-    let who = decide::user_of(parsed, user.as_deref());
-    rec.user = who.map(|u| u.name);
-    rec.user_source = who.map(|u| u.source);
-    bound?;
+    if who.is_none() {
+        *claimed = decide::user_of(parsed, None).map(|u| u.name.to_string());
+        let claimed: &'a Option<String> = claimed;
+        rec.user = claimed.as_deref();
+        rec.user_source = claimed.as_ref().map(|_| UserSource::Body);
+    }
+    // Identity binding: the identity's user is the kernel's KERNEL_USERNAME, whatever the body says.
+    if let (Some(w), Some(i)) = (who, &rt.config.identity) {
+        decide::bind_user(parsed, &w.user, Binding { header: i.named_by(), on_mismatch: i.on_mismatch })?;
+    }
 
     // Learn the kernelspec's own facts (and the default kernelspec) from the upstream.
     let token = parts.uri.query().and_then(token_pair);
@@ -437,8 +514,20 @@ async fn kernel_start_steps<'a>(
     let (name, facts) = index.resolve(parsed.name.as_deref());
     *kernelspec = name;
     let kernelspec: &'a Option<String> = kernelspec;
-    let plan = decide::decide(policy, kernelspec.as_deref(), facts, parsed, user.is_some());
     rec.kernelspec = kernelspec.as_deref();
+    let view = match who {
+        Some(w) => policy.view(Some(&w.user), &w.groups),
+        None => policy.anonymous(),
+    };
+    decide::may_start(&view, kernelspec.as_deref())?;
+    let set = decide::set_values(&view, kernelspec.as_deref(), who.as_ref().map(|w| w.user.as_str()))?;
+    rec.set_envs = decide::apply_set_envs(parsed, &set, rt.config.set_envs_mismatch)?
+        .into_iter()
+        .map(|a| SetName { name: a.name, source: a.scope })
+        .collect();
+    let parsed: &'a StartBody<'a> = parsed;
+    let written = decide::Written { user: rec.user_source.filter(|s| *s != UserSource::Body), set: &set };
+    let plan = decide::decide_for(&view, kernelspec.as_deref(), facts, parsed, written);
     rec.set_decision(decision.insert(plan.decision));
     *violations = plan.violations;
     let violations: &'a Vec<Violation> = violations;
@@ -579,37 +668,63 @@ async fn refuse(headers: &HeaderMap, route: Route, refusal: Refusal, cx: &Ctx<'_
 }
 
 /// `POST {base}api/sessions`: refused by default, passed (and audited) when allowed.
-async fn session_start(req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
+async fn session_start(req: Request<Incoming>, who: Option<Who>, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let id = cx.st.ids.next();
     let xff = xff(req.headers());
     let mut rec = record(cx, &id, Event::SessionStart, xff.as_deref());
-    let mut user = None;
-    let result = session_start_steps(req, cx, &mut user, &mut rec).await;
+    if let Some(w) = &who {
+        record_identity(&mut rec, w);
+    }
+    let result = session_start_steps(req, cx).await;
     finish(cx, rec, &id, result).await
 }
 
-/// A session start, up to the upstream's answer; `user`: where the trusted user is kept for `rec`.
-async fn session_start_steps<'a>(
-    req: Request<Incoming>,
-    cx: &Ctx<'_>,
-    user: &'a mut Option<String>,
-    rec: &mut Record<'a>,
-) -> Result<Forwarded, Refusal> {
+/// A session start, up to the upstream's answer.
+async fn session_start_steps(req: Request<Incoming>, cx: &Ctx<'_>) -> Result<Forwarded, Refusal> {
     if cx.rt.config.policy.sessions == Sessions::Deny {
         return Err(Refusal::SessionsDenied);
     }
-    *user = trusted_user(cx, req.headers())?;
-    let user: &'a Option<String> = user;
-    rec.user = user.as_deref();
-    rec.user_source = user.as_ref().map(|_| UserSource::TrustedHeader);
     let response = pass(req, cx).await;
     // pass() answers 502/504 itself when the upstream fails; EG's own errors carry its JSON.
     let failed = response.status() == StatusCode::BAD_GATEWAY || response.status() == StatusCode::GATEWAY_TIMEOUT;
     Ok(Forwarded { failure: failed.then_some("upstream failed".into()), kernel_id: None, response })
 }
 
-/// `GET {base}api/kernelspecs[/{name}]`: inject `client_envs`, with an ETag of the new body.
-async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Response<ProxyBody> {
+/// `GET {base}api/kernelspecs[/{name}]`: inject `client_envs` (the identity's own, without the
+/// kernelspecs it may not start), with an ETag of the new body.
+async fn kernelspecs(req: Request<Incoming>, route: Route, who: Option<Who>, cx: &Ctx<'_>) -> Response<ProxyBody> {
+    let policy = &cx.rt.config.policy;
+    let view = match &who {
+        Some(w) => policy.view(Some(&w.user), &w.groups),
+        None => policy.anonymous(),
+    };
+    let mut resp = kernelspecs_for(req, route, &view, cx).await;
+    if let Some(identity) = &cx.rt.config.identity {
+        // The answer depends on who asks: a shared cache must key it by the identity headers.
+        for h in identity.headers() {
+            if let Ok(v) = HeaderValue::from_str(h.as_str()) {
+                resp.headers_mut().append(header::VARY, v);
+            }
+        }
+    }
+    resp
+}
+
+/// A kernelspecs document that cannot be rewritten: passed on unchanged, unless the view hides
+/// kernelspecs (then unchanged would show them): refused with a 502.
+fn not_rewritten(view: &View<'_>, parts: http::response::Parts, body: ProxyBody, cx: &Ctx<'_>) -> Response<ProxyBody> {
+    if view.blocks.iter().any(|b| b.kernelspecs.is_some()) {
+        tracing::warn!("kernelspecs could not be rewritten for an identity that may start only some; refused");
+        return wire::json_error(
+            StatusCode::BAD_GATEWAY,
+            "envgate cannot filter the gateway's kernelspecs for you; try again later",
+        );
+    }
+    cx.st.metrics.kernelspec_passthrough.inc();
+    Response::from_parts(parts, body)
+}
+
+async fn kernelspecs_for(req: Request<Incoming>, route: Route, view: &View<'_>, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     let if_none_match: Vec<HeaderValue> = parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect();
     to_upstream(&mut parts, cx);
@@ -619,14 +734,14 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
         Ok(r) => r,
         Err(e) => return upstream_failed(cx, &e),
     };
-    let passthrough = &cx.st.metrics.kernelspec_passthrough;
     let encoded = resp.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
-    if resp.status() != StatusCode::OK || encoded {
-        if encoded {
-            passthrough.inc();
-            tracing::warn!("kernelspecs came back compressed; passed on without client_envs");
-        }
+    if resp.status() != StatusCode::OK {
         return from_upstream(resp);
+    }
+    if encoded {
+        tracing::warn!("kernelspecs came back compressed; passed on without client_envs");
+        let (parts, body) = from_upstream(resp).into_parts();
+        return not_rewritten(view, parts, body, cx);
     }
     let (mut parts, mut body) = resp.into_parts();
     wire::strip_hop_by_hop(&mut parts.headers);
@@ -644,32 +759,40 @@ async fn kernelspecs(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Resp
             }
         }
         if buf.len() > kernelspecs::MAX_BODY {
-            passthrough.inc();
             tracing::warn!("kernelspecs body too large to rewrite; passed on without client_envs");
-            return Response::from_parts(parts, ProxyBody::Prefixed { prefix: Some(buf.freeze()), rest: body });
+            return not_rewritten(view, parts, ProxyBody::Prefixed { prefix: Some(buf.freeze()), rest: body }, cx);
         }
     }
     let list = route == Route::KernelspecList;
-    let (new, etag) = match cx.rt.rewrites.get(list, &buf) {
+    let key = view.key();
+    let rewritten = match cx.rt.rewrites.get(list, &key, &buf) {
         Some(hit) => hit,
         None => {
-            let policy = &cx.rt.config.policy;
-            let rewritten =
-                if list { kernelspecs::rewrite_list(policy, &buf) } else { kernelspecs::rewrite_one(policy, &buf) };
+            let rewritten = if list {
+                kernelspecs::rewrite_list_for(view, &buf).map(Some)
+            } else {
+                kernelspecs::rewrite_one_for(view, &buf)
+            };
             match rewritten {
                 Ok(b) => {
-                    let new = Bytes::from(b);
-                    let etag = wire::etag(&new);
-                    cx.rt.rewrites.put(list, buf.clone().freeze(), (new.clone(), etag.clone()));
-                    (new, etag)
+                    let out = b.map(|b| {
+                        let new = Bytes::from(b);
+                        let etag = wire::etag(&new);
+                        (new, etag)
+                    });
+                    cx.rt.rewrites.put(list, &key, buf.clone().freeze(), out.clone());
+                    out
                 }
                 Err(e) => {
-                    passthrough.inc();
                     tracing::warn!(error = %e, route = route.as_str(), "kernelspecs not rewritten; passed on unchanged");
-                    return Response::from_parts(parts, ProxyBody::full(buf.freeze()));
+                    return not_rewritten(view, parts, ProxyBody::full(buf.freeze()), cx);
                 }
             }
         }
+    };
+    let Some((new, etag)) = rewritten else {
+        // As EG answers for a kernelspec it does not have.
+        return wire::json_error(StatusCode::NOT_FOUND, "Kernel spec not found");
     };
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(header::ETAG, etag.clone());

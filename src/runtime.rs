@@ -54,11 +54,17 @@ pub struct Runtime {
     /// never wakes another core.
     upstreams: Arc<[Upstream]>,
     pub specs: SpecCache,
-    /// Kernelspec bodies already rewritten under this policy: (body, its ETag) by the upstream's bytes.
-    pub rewrites: kernelspecs::Memo<(Bytes, HeaderValue)>,
+    /// Kernelspec bodies already rewritten under this policy: (body, its ETag) by the view and
+    /// the upstream's bytes; `None`: the view may not start that kernelspec.
+    pub rewrites: kernelspecs::Memo<Option<(Bytes, HeaderValue)>>,
+    /// Tokens verified with this configuration's keys (a reload starts afresh).
+    pub tokens: crate::jwt::TokenCache,
     /// A short hash of the effective policy, for logs and the `envgate_policy_info` metric.
     pub policy_hash: String,
 }
+
+/// How many verified tokens a runtime remembers: a few per active user.
+const TOKEN_CACHE_ENTRIES: usize = 8192;
 
 impl Runtime {
     /// Builds the runtime with `workers` worker threads; reuses `previous`'s connection pools
@@ -82,6 +88,7 @@ impl Runtime {
             routes: Routes::new(&config.upstream.url.base),
             specs: SpecCache::new(config.kernelspec_cache_ttl),
             rewrites: kernelspecs::Memo::default(),
+            tokens: crate::jwt::TokenCache::new(TOKEN_CACHE_ENTRIES),
             policy_hash: policy_hash(&config),
             upstreams,
             config,

@@ -15,6 +15,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, ValueEnum};
 
 use super::{parse_upstream, AuditTarget, ConfigError, LogFormat, Mismatch, Secret, UpstreamUrl};
+use crate::identity::Template;
 use crate::policy::{self, Mode, Sessions};
 use crate::values::{PathRule, Pattern};
 
@@ -137,6 +138,10 @@ text_kinds! {
     /// An HTTP header name.
     Header: http::HeaderName, "a header name",
         |s| http::HeaderName::from_bytes(s.as_bytes()).map_err(|_| format!("{s:?} is not a header name")),
+        |v| quoted(v);
+    /// A non-empty string (a token's issuer, audience, claim name).
+    Text: String, "a string",
+        |s| if s.is_empty() { Err("expected a non-empty string".to_string()) } else { Ok(s.to_string()) },
         |v| quoted(v);
 }
 
@@ -332,8 +337,15 @@ many_kinds! {
     Names: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
     Prefixes: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
     Texts: Vec<String>, ',', |v, at| list::<Self>(v, at), |f, at| list_flag::<Self>(f, at);
-    Kernelspecs: Vec<(String, Vec<String>)>, ';',
+    Kernelspecs: Vec<(String, KernelspecSpec)>, ';',
         |v, at| entries::<Self>(v, at, "a table of tables"), |f, at| entry_items::<Self>(f, at, "NAME=A,B");
+    SetEnvs: Vec<(String, Template)>, '\n',
+        |v, at| entries::<Self>(v, at, "a table of NAME = \"TEMPLATE\""),
+        |f, at| entry_items::<Self>(f, at, "NAME=TEMPLATE");
+    Users: Vec<(String, BlockSpec)>, '\n',
+        |v, at| entries::<Self>(v, at, "a table of tables"), |f, at| entry_items::<Self>(f, at, "NAME={ ... }");
+    Groups: Vec<(String, BlockSpec)>, '\n',
+        |v, at| entries::<Self>(v, at, "a table of tables"), |f, at| entry_items::<Self>(f, at, "NAME={ ... }");
     Patterns: Vec<(String, Option<Pattern>)>, '\n',
         |v, at| entries::<Self>(v, at, Self::EXPECTED), |f, at| entry_items::<Self>(f, at, "NAME=REGEX");
 }
@@ -405,34 +417,173 @@ impl List for Texts {
     }
 }
 
-/// Per-kernelspec names: `[kernelspecs.NAME] client_envs = [...]` in a file, `NAME=A,B` items
-/// on the command line.
+/// What `[kernelspecs.NAME]` holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelspecSpec {
+    pub client_envs: Vec<String>,
+    pub set_envs: Vec<(String, Template)>,
+}
+
+/// Per-kernelspec names and values: `[kernelspecs.NAME] client_envs = [...]` and
+/// `[kernelspecs.NAME.set_envs]` in a file, `NAME=A,B` items (names only) on the command line.
 pub struct Kernelspecs;
 
 impl Entries for Kernelspecs {
-    type Entry = Vec<String>;
-    fn entry(name: &str, given: Given, at: &At) -> Result<Vec<String>, ConfigError> {
+    type Entry = KernelspecSpec;
+    fn entry(name: &str, given: Given, at: &At) -> Result<KernelspecSpec, ConfigError> {
         if name.is_empty() {
             return Err(at.err("a kernelspec name is empty"));
         }
         let key = format!("{name}.client_envs");
-        let envs = match given {
-            Given::Flag(text) => text.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        let mut spec = KernelspecSpec::default();
+        match given {
+            Given::Flag(text) => {
+                spec.client_envs = text.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+            }
             Given::File(v) => {
                 let t = v.as_table().ok_or_else(|| at.err_in(name, "expected a table"))?;
-                if let Some(k) = t.keys().find(|k| *k != "client_envs") {
+                if let Some(k) = t.keys().find(|k| *k != "client_envs" && *k != "set_envs") {
                     let within = format!("{}.{name}.", at.key);
-                    return Err(super::settings::unknown_key(&within, k, at.origin, &["client_envs"]));
+                    return Err(super::settings::unknown_key(&within, k, at.origin, &["client_envs", "set_envs"]));
                 }
-                match t.get("client_envs") {
-                    None => Vec::new(),
-                    Some(v) => v.clone().try_into().map_err(|_| at.err_in(&key, "expected an array of strings"))?,
+                if let Some(v) = t.get("client_envs") {
+                    spec.client_envs =
+                        v.clone().try_into().map_err(|_| at.err_in(&key, "expected an array of strings"))?;
+                }
+                if let Some(v) = t.get("set_envs") {
+                    spec.set_envs =
+                        set_envs_table(v, &At { key: &format!("{}.{name}.set_envs", at.key), origin: at.origin })?;
                 }
             }
         };
-        check_names(&envs, "environment variable name").map_err(|m| at.err_in(&key, m))?;
-        Ok(envs)
+        check_names(&spec.client_envs, "environment variable name").map_err(|m| at.err_in(&key, m))?;
+        Ok(spec)
     }
+}
+
+/// `set_envs`: `NAME = "TEMPLATE"` entries (see [`Template`]).
+pub struct SetEnvs;
+
+impl Entries for SetEnvs {
+    type Entry = Template;
+    fn entry(name: &str, given: Given, at: &At) -> Result<Template, ConfigError> {
+        if !policy::valid_name(name) {
+            return Err(at.err_in(name, format!("{name:?} is not a valid environment variable name")));
+        }
+        if name == crate::decide::USERNAME {
+            return Err(at.err_in(
+                name,
+                "KERNEL_USERNAME is the identity's user already (see `user_mismatch`); it cannot be set here",
+            ));
+        }
+        let text = match given {
+            Given::Flag(text) => text,
+            Given::File(v) => v.as_str().ok_or_else(|| at.err_in(name, "expected a string"))?,
+        };
+        Template::parse(text).map_err(|e| at.err_in(name, e))
+    }
+}
+
+/// A table of `set_envs` entries inside another table.
+fn set_envs_table(v: &toml::Value, at: &At) -> Result<Vec<(String, Template)>, ConfigError> {
+    entries::<SetEnvs>(v.clone(), at, "a table of NAME = \"TEMPLATE\"")
+}
+
+/// What a `[users.NAME]` or `[groups.NAME]` block holds, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockSpec {
+    pub client_envs: Vec<String>,
+    pub allow_prefixes: Vec<String>,
+    pub deny_envs: Vec<String>,
+    pub value_patterns: Vec<(String, Pattern)>,
+    pub kernelspecs: Option<Vec<String>>,
+    pub set_envs: Vec<(String, Template)>,
+    pub priority: i64,
+}
+
+/// `[users.NAME]` blocks: a table per user in a file, `NAME={ inline TOML table }` items on the
+/// command line (the flag repeated, or items separated by newlines in the variable).
+pub struct Users;
+
+/// `[groups.NAME]` blocks, as [`Users`], plus `priority`.
+pub struct Groups;
+
+const USER_KEYS: &[&str] = &["client_envs", "allow_prefixes", "deny_envs", "value_patterns", "kernelspecs", "set_envs"];
+const GROUP_KEYS: &[&str] =
+    &["client_envs", "allow_prefixes", "deny_envs", "value_patterns", "kernelspecs", "set_envs", "priority"];
+
+impl Entries for Users {
+    type Entry = BlockSpec;
+    fn entry(name: &str, given: Given, at: &At) -> Result<BlockSpec, ConfigError> {
+        block(name, given, at, USER_KEYS)
+    }
+}
+
+impl Entries for Groups {
+    type Entry = BlockSpec;
+    fn entry(name: &str, given: Given, at: &At) -> Result<BlockSpec, ConfigError> {
+        block(name, given, at, GROUP_KEYS)
+    }
+}
+
+/// Reads one block; `keys`: the keys it may hold.
+fn block(name: &str, given: Given, at: &At, keys: &[&str]) -> Result<BlockSpec, ConfigError> {
+    if name.is_empty() {
+        return Err(at.err("a block's name is empty"));
+    }
+    let parsed;
+    let v = match given {
+        Given::File(v) => v,
+        Given::Flag(text) => {
+            let doc: toml::Table = format!("v = {text}").parse().map_err(|_| {
+                at.err_in(
+                    name,
+                    format!("expected an inline TOML table like {{ client_envs = [\"A\"] }}, got {:?}", text.trim()),
+                )
+            })?;
+            parsed = doc.get("v").cloned().unwrap_or(toml::Value::Boolean(false));
+            &parsed
+        }
+    };
+    let t = v.as_table().ok_or_else(|| at.err_in(name, "expected a table"))?;
+    if let Some(k) = t.keys().find(|k| !keys.contains(&k.as_str())) {
+        let within = format!("{}.{name}.", at.key);
+        return Err(super::settings::unknown_key(&within, k, at.origin, keys));
+    }
+    let sub = |k: &str| format!("{name}.{k}");
+    let strings = |k: &str, what: &str| -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(v) = t.get(k) else { return Ok(None) };
+        let items: Vec<String> =
+            v.clone().try_into().map_err(|_| at.err_in(&sub(k), "expected an array of strings"))?;
+        if what != "kernelspec name" {
+            check_names(&items, what).map_err(|m| at.err_in(&sub(k), m))?;
+        } else if items.iter().any(|i| i.is_empty()) {
+            return Err(at.err_in(&sub(k), "a kernelspec name is empty"));
+        }
+        Ok(Some(items))
+    };
+    let mut spec = BlockSpec {
+        client_envs: strings("client_envs", "environment variable name")?.unwrap_or_default(),
+        allow_prefixes: strings("allow_prefixes", "name prefix")?.unwrap_or_default(),
+        deny_envs: strings("deny_envs", "environment variable name")?.unwrap_or_default(),
+        kernelspecs: strings("kernelspecs", "kernelspec name")?,
+        ..BlockSpec::default()
+    };
+    if let Some(v) = t.get("value_patterns") {
+        let at_p = At { key: &format!("{}.{name}.value_patterns", at.key), origin: at.origin };
+        for (n, p) in entries::<Patterns>(v.clone(), &at_p, Patterns::EXPECTED)? {
+            let p =
+                p.ok_or_else(|| at_p.err_in(&n, "an empty pattern; a block's patterns only add to the global ones"))?;
+            spec.value_patterns.push((n, p));
+        }
+    }
+    if let Some(v) = t.get("set_envs") {
+        spec.set_envs = set_envs_table(v, &At { key: &format!("{}.{name}.set_envs", at.key), origin: at.origin })?;
+    }
+    if let Some(v) = t.get("priority") {
+        spec.priority = v.as_integer().ok_or_else(|| at.err_in(&sub("priority"), "expected an integer"))?;
+    }
+    Ok(spec)
 }
 
 /// Per-name value patterns: `[value_patterns] NAME = "REGEX"` in a file, `NAME=REGEX` items on

@@ -23,7 +23,8 @@ use http::Uri;
 pub use settings::{Opts, FILE_KEYS};
 use settings::{Raw, Setting, Settings};
 
-use crate::policy::{self, EgEnvs, NameSet, Policy, PrefixRule};
+use crate::identity::SetEnv;
+use crate::policy::{self, Block, EgEnvs, NameSet, Policy, PrefixRule};
 use crate::values::{Forbidden, ValueRules};
 
 /// A configuration problem, as one line naming the key.
@@ -105,6 +106,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub audit_log: AuditTarget,
     pub log_format: LogFormat,
+    /// `set_envs_mismatch`: when a client's value differs from the one `set_envs` sets.
+    pub set_envs_mismatch: Mismatch,
     /// Every setting as given, for [`Config::effective`].
     settings: Settings,
 }
@@ -133,12 +136,60 @@ impl fmt::Debug for Secret {
 /// `user_mismatch`: the pure decision owns the type; configuration only reads it.
 pub use crate::decide::Mismatch;
 
-/// Identity binding: the user named by a trusted header is the kernel's `KERNEL_USERNAME`.
+/// Identity: who is asking, from a trusted proxy's headers or a verified token. The user is
+/// the kernel's `KERNEL_USERNAME`, and picks the `[users.NAME]` and `[groups.NAME]` blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub header: http::HeaderName,
+    pub from: IdentityFrom,
+    /// `user_mismatch`: when the body's `KERNEL_USERNAME` names someone else.
     pub on_mismatch: Mismatch,
 }
+
+/// Where identity comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityFrom {
+    /// `trusted_user_header` and, optionally, `trusted_groups_header`.
+    Headers { user: http::HeaderName, groups: Option<http::HeaderName> },
+    /// A token in `jwt_header`, verified with `jwt_keys`.
+    Jwt(Jwt),
+}
+
+impl Identity {
+    /// The headers a response for this identity varies by.
+    pub fn headers(&self) -> Vec<&http::HeaderName> {
+        match &self.from {
+            IdentityFrom::Headers { user, groups } => std::iter::once(user).chain(groups).collect(),
+            IdentityFrom::Jwt(j) => vec![&j.header],
+        }
+    }
+
+    /// What names the user, for messages: the header, or the token.
+    pub fn named_by(&self) -> &str {
+        match &self.from {
+            IdentityFrom::Headers { user, .. } => user.as_str(),
+            IdentityFrom::Jwt(_) => "the token",
+        }
+    }
+}
+
+/// Token verification: the header and the keys, read from `jwt_keys` when the configuration
+/// was loaded (so a reload reads rotated keys).
+#[derive(Debug, Clone)]
+pub struct Jwt {
+    pub header: http::HeaderName,
+    pub settings: crate::jwt::JwtSettings,
+    pub verifier: std::sync::Arc<crate::jwt::Verifier>,
+}
+
+/// Two token settings are equal when they say the same; the keys are whatever the file held
+/// when each was loaded.
+impl PartialEq for Jwt {
+    fn eq(&self, other: &Jwt) -> bool {
+        self.header == other.header && self.settings == other.settings
+    }
+}
+
+impl Eq for Jwt {}
 
 impl Config {
     /// Builds the configuration from the config file named in `opts` (if any) and `opts`.
@@ -230,8 +281,49 @@ impl Raw {
         }
         let names = |n: &Option<Setting<Vec<String>>>| n.as_ref().map(|n| n.value.iter().cloned().collect());
         let mut kernelspecs = HashMap::new();
-        for (name, envs) in s.kernelspecs.iter().flat_map(|k| &k.value) {
-            kernelspecs.entry(name.to_ascii_lowercase()).or_insert_with(NameSet::new).extend(envs.iter().cloned());
+        let mut kernelspec_set_envs: HashMap<String, Vec<SetEnv>> = HashMap::new();
+        for (name, spec) in s.kernelspecs.iter().flat_map(|k| &k.value) {
+            let k = name.to_ascii_lowercase();
+            kernelspecs.entry(k.clone()).or_insert_with(NameSet::new).extend(spec.client_envs.iter().cloned());
+            if !spec.set_envs.is_empty() {
+                let scope: std::sync::Arc<str> = format!("kernelspec:{k}").into();
+                kernelspec_set_envs.entry(k).or_default().extend(set_envs(&spec.set_envs, &scope));
+            }
+        }
+        let identity = identity(&s)?;
+        let users = blocks(&s.users, "user");
+        let groups = blocks(&s.groups, "group");
+        if identity.is_none() {
+            let needs = [("users", !users.is_empty()), ("groups", !groups.is_empty())];
+            if let Some((key, _)) = needs.iter().find(|(_, n)| *n) {
+                let at = if *key == "users" { s.users.as_ref() } else { s.groups.as_ref() };
+                return Err(at.map_or_else(
+                    || ConfigError(format!("`{key}` needs identity")),
+                    |b| b.err(key, "needs identity: set `trusted_user_header` or `jwt_keys`"),
+                ));
+            }
+        }
+        let groups_known = match identity.as_ref().map(|i| &i.from) {
+            Some(IdentityFrom::Headers { groups, .. }) => groups.is_some(),
+            Some(IdentityFrom::Jwt(_)) => true,
+            None => false,
+        };
+        if !groups.is_empty() && !groups_known {
+            return Err(s.groups.as_ref().map_or_else(
+                || ConfigError("`groups` needs a source of groups".into()),
+                |g| g.err("groups", "needs the groups: set `trusted_groups_header` (or use `jwt_keys`)"),
+            ));
+        }
+        let global_set = set_envs(s.set_envs.as_ref().map_or(&[][..], |v| v.value.as_slice()), &"global".into());
+        if identity.is_none() {
+            let all_sets = global_set.iter().chain(kernelspec_set_envs.values().flatten());
+            if let Some(t) = all_sets.into_iter().find(|t| t.template.needs_user()) {
+                return Err(ConfigError(format!(
+                    "invalid `set_envs` ({}): {} uses {{user}} or {{user_dns}}, which needs identity: set \
+                     `trusted_user_header` or `jwt_keys`",
+                    t.scope, t.name
+                )));
+            }
         }
         let mut values = ValueRules::default();
         if let Some(n) = &s.value_max_length {
@@ -262,10 +354,7 @@ impl Raw {
                 response_timeout: s.response_timeout.value,
                 body_idle_timeout: s.body_idle_timeout.value,
             },
-            identity: s
-                .trusted_user_header
-                .as_ref()
-                .map(|h| Identity { header: h.value.clone(), on_mismatch: s.user_mismatch.value }),
+            identity,
             admin_listen: s.admin_listen.as_ref().map(|a| a.value),
             shutdown_grace: s.shutdown_grace.value,
             workers,
@@ -284,14 +373,95 @@ impl Raw {
                 eg_config: s.inherit_eg_env_config.value.then(|| EgEnvs::from_env(env)),
                 values,
                 kernel_path: s.kernel_path.value,
+                set_envs: global_set,
+                kernelspec_set_envs,
+                users,
+                groups,
             },
             kernelspec_cache_ttl: s.kernelspec_cache_ttl.value,
             max_body_bytes: s.max_body_bytes.value as usize,
             audit_log: s.audit_log.value.clone(),
             log_format: s.log_format.value,
+            set_envs_mismatch: s.set_envs_mismatch.value,
             settings: s,
         })
     }
+}
+
+/// `set_envs` entries of one scope.
+fn set_envs(entries: &[(String, crate::identity::Template)], scope: &std::sync::Arc<str>) -> Vec<SetEnv> {
+    entries.iter().map(|(name, t)| SetEnv { name: name.clone(), template: t.clone(), scope: scope.clone() }).collect()
+}
+
+/// `[users.NAME]` or `[groups.NAME]` blocks, compiled; `kind`: `user` or `group`.
+fn blocks(given: &Option<Setting<Vec<(String, kinds::BlockSpec)>>>, kind: &str) -> HashMap<String, Block> {
+    let mut out: HashMap<String, Block> = HashMap::new();
+    for (name, spec) in given.iter().flat_map(|g| &g.value) {
+        let b = out.entry(name.clone()).or_insert_with(|| Block::new(&format!("{kind}:{name}")));
+        let label = b.label.clone();
+        b.client_envs.extend(spec.client_envs.iter().cloned());
+        for p in &spec.allow_prefixes {
+            if !b.prefixes.iter().any(|r| &r.prefix == p) {
+                b.prefixes.push(PrefixRule::of_block(p, &label));
+            }
+        }
+        b.deny_envs.extend(spec.deny_envs.iter().cloned());
+        b.value_patterns.extend(spec.value_patterns.iter().cloned());
+        if let Some(k) = &spec.kernelspecs {
+            b.kernelspecs.get_or_insert_with(NameSet::new).extend(k.iter().map(|k| k.to_ascii_lowercase()));
+        }
+        b.set_envs.extend(set_envs(&spec.set_envs, &label));
+        b.priority = spec.priority;
+    }
+    out
+}
+
+/// Identity from the settings: headers, or a token (the keys read now), or none.
+fn identity(s: &Settings) -> Result<Option<Identity>, ConfigError> {
+    let on_mismatch = s.user_mismatch.value;
+    if let (Some(g), None) = (&s.trusted_groups_header, &s.trusted_user_header) {
+        return Err(g.err("trusted_groups_header", "needs `trusted_user_header` too"));
+    }
+    let Some(keys) = &s.jwt_keys else {
+        for (key, given) in [("jwt_issuer", &s.jwt_issuer), ("jwt_audience", &s.jwt_audience)] {
+            if let Some(g) = given {
+                return Err(g.err(key, "needs `jwt_keys`"));
+            }
+        }
+        return Ok(s.trusted_user_header.as_ref().map(|h| Identity {
+            from: IdentityFrom::Headers {
+                user: h.value.clone(),
+                groups: s.trusted_groups_header.as_ref().map(|g| g.value.clone()),
+            },
+            on_mismatch,
+        }));
+    };
+    if let Some(h) = &s.trusted_user_header {
+        return Err(h.err(
+            "trusted_user_header",
+            "set either it (identity from a trusted proxy's headers) or `jwt_keys` (from a verified token), not both",
+        ));
+    }
+    let required = |key: &str, given: &Option<Setting<String>>| {
+        given.as_ref().map(|g| g.value.clone()).ok_or_else(|| keys.err("jwt_keys", format!("needs `{key}` too")))
+    };
+    let settings = crate::jwt::JwtSettings {
+        keys_file: keys.value.clone(),
+        issuer: required("jwt_issuer", &s.jwt_issuer)?,
+        audience: required("jwt_audience", &s.jwt_audience)?,
+        leeway: s.jwt_leeway.value,
+        user_claim: s.user_claim.value.clone(),
+        groups_claim: s.groups_claim.value.clone(),
+    };
+    let verifier = crate::jwt::Verifier::load(&settings).map_err(|e| keys.err("jwt_keys", e))?;
+    Ok(Some(Identity {
+        from: IdentityFrom::Jwt(Jwt {
+            header: s.jwt_header.value.clone(),
+            settings,
+            verifier: std::sync::Arc::new(verifier),
+        }),
+        on_mismatch,
+    }))
 }
 
 /// Parses the upstream URL: `http://host:port[/base_url]`, no query or fragment.
@@ -654,6 +824,18 @@ mod tests {
             ("upstream_token_file", "\"/a\"", "/b", "/c"),
             ("trusted_user_header", "\"X-A\"", "X-B", "X-C"),
             ("user_mismatch", "\"overwrite\"", "refuse", "overwrite"),
+            ("trusted_groups_header", "\"X-A\"", "X-B", "X-C"),
+            ("jwt_keys", "\"/a\"", "/b", "/c"),
+            ("jwt_header", "\"X-A\"", "X-B", "X-C"),
+            ("jwt_issuer", "\"a\"", "b", "c"),
+            ("jwt_audience", "\"a\"", "b", "c"),
+            ("jwt_leeway", "\"1s\"", "2s", "3s"),
+            ("user_claim", "\"a\"", "b", "c"),
+            ("groups_claim", "\"a\"", "b", "c"),
+            ("set_envs", "{ A = \"a\" }", "B=b-{user}", "C={kernelspec}"),
+            ("set_envs_mismatch", "\"overwrite\"", "refuse", "overwrite"),
+            ("users", "{ a = { client_envs = [\"A\"] } }", "b={ kernelspecs = [\"k\"] }", "c={}"),
+            ("groups", "{ a = { priority = 1 } }", "b={ deny_envs = [\"B\"] }", "c={ set_envs = { C = \"c\" } }"),
             ("admin_listen", "\"127.0.0.1:1\"", "127.0.0.1:2", "127.0.0.1:3"),
             ("shutdown_grace", "\"1s\"", "2s", "3s"),
             ("workers", "1", "2", "3"),

@@ -264,6 +264,35 @@ settings! {
     trusted_user_header: Header, "trusted-user-header", "ENVGATE_TRUSTED_USER_HEADER", "HEADER";
     /// When the body's KERNEL_USERNAME differs from the trusted user.
     user_mismatch: Choice<Mismatch> = "refuse", "user-mismatch", "ENVGATE_USER_MISMATCH", "ACTION";
+    /// A header set by the trusted authenticating proxy that lists the user's groups, comma-separated
+    /// (e.g. X-Forwarded-Groups); needs --trusted-user-header.
+    trusted_groups_header: Header, "trusted-groups-header", "ENVGATE_TRUSTED_GROUPS_HEADER", "HEADER";
+    /// Verify a JWT on every request with these public keys: a JWKS file, or PEM public keys
+    /// (re-read on reload) [default: off].
+    jwt_keys: FilePath, "jwt-keys", "ENVGATE_JWT_KEYS", "PATH";
+    /// The header holding the token: `Bearer <token>` (another header than Authorization may also
+    /// hold the bare token).
+    jwt_header: Header = "Authorization", "jwt-header", "ENVGATE_JWT_HEADER", "HEADER";
+    /// The `iss` every token must have; needed with --jwt-keys.
+    jwt_issuer: Text, "jwt-issuer", "ENVGATE_JWT_ISSUER", "ISSUER";
+    /// The `aud` every token must have (or hold); needed with --jwt-keys.
+    jwt_audience: Text, "jwt-audience", "ENVGATE_JWT_AUDIENCE", "AUDIENCE";
+    /// How far a token's exp and nbf may be off the clock.
+    jwt_leeway: Span = "30s", "jwt-leeway", "ENVGATE_JWT_LEEWAY", "DURATION";
+    /// The token claim that names the user (a dotted path reaches into nested claims).
+    user_claim: Text = "sub", "user-claim", "ENVGATE_USER_CLAIM", "CLAIM";
+    /// The token claim that lists the user's groups (a dotted path reaches into nested claims).
+    groups_claim: Text = "groups", "groups-claim", "ENVGATE_GROUPS_CLAIM", "CLAIM";
+    /// Values envgate sets on every kernel start, NAME=TEMPLATE with {user}, {user_dns} and
+    /// {kernelspec}; repeat the flag, or separate with newlines in the variable [default: none].
+    set_envs: SetEnvs, "set-env", "ENVGATE_SET_ENVS", "NAME=TEMPLATE", policy;
+    /// When a client sends another value for a name that set_envs sets.
+    set_envs_mismatch: Choice<Mismatch> = "refuse", "set-envs-mismatch", "ENVGATE_SET_ENVS_MISMATCH", "ACTION";
+    /// Per-user policy blocks, NAME={ client_envs = [...], kernelspecs = [...], ... } (inline TOML);
+    /// repeat the flag, or separate with newlines in the variable [default: none].
+    users: Users, "user-policy", "ENVGATE_USERS", "NAME={...}", policy;
+    /// Per-group policy blocks, as --user-policy plus `priority` [default: none].
+    groups: Groups, "group-policy", "ENVGATE_GROUPS", "NAME={...}", policy;
     /// Admin listener with /healthz, /readyz and /metrics [default: off].
     admin_listen: AdminAddr, "admin-listen", "ENVGATE_ADMIN_LISTEN", "ADDR";
     /// On SIGTERM, how long requests in flight and WebSockets may go on.

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::policy::{NameSet, Policy, SpecFacts};
+use crate::policy::{NameSet, Policy, SpecFacts, View};
 
 /// Largest kernelspec document envgate reads (to rewrite it, or to learn the policy facts).
 pub const MAX_BODY: usize = 8 << 20;
@@ -86,9 +86,9 @@ pub fn index(body: &[u8]) -> Result<SpecIndex, ShapeError> {
 
 /// Sets `spec.metadata.client_envs` of one entry to the names the policy allows for it,
 /// creating `metadata` when absent.
-fn inject(policy: &Policy, name: &str, entry: &mut Value) -> Result<(), ShapeError> {
+fn inject(view: &View<'_>, name: &str, entry: &mut Value) -> Result<(), ShapeError> {
     let facts = facts_of(entry);
-    let allowed = policy.allowed_names(Some(name), Some(&facts));
+    let allowed = view.allowed_names(Some(name), Some(&facts));
     let spec = entry
         .get_mut("spec")
         .and_then(Value::as_object_mut)
@@ -104,34 +104,62 @@ fn inject(policy: &Policy, name: &str, entry: &mut Value) -> Result<(), ShapeErr
 
 /// Rewrites a kernelspecs list body (`{"default", "kernelspecs": {name: entry}}`).
 pub fn rewrite_list(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError> {
+    rewrite_list_for(&policy.anonymous(), body)
+}
+
+/// Rewrites a kernelspecs list body for one identity: its own `client_envs` in each entry, and
+/// without the kernelspecs it may not start (`default` is left as the upstream says).
+pub fn rewrite_list_for(view: &View<'_>, body: &[u8]) -> Result<Vec<u8>, ShapeError> {
     let mut v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
     let specs =
         v.get_mut("kernelspecs").and_then(Value::as_object_mut).ok_or(ShapeError("no \"kernelspecs\" object"))?;
+    specs.retain(|name, _| view.may_start(Some(name)).is_ok());
     for (name, entry) in specs.iter_mut() {
-        inject(policy, name, entry)?;
+        inject(view, name, entry)?;
     }
     Ok(serde_json::to_vec(&v).expect("serializing a Value"))
 }
 
 /// Rewrites a single kernelspec body (`{"name", "spec", "resources"}`).
 pub fn rewrite_one(policy: &Policy, body: &[u8]) -> Result<Vec<u8>, ShapeError> {
+    Ok(rewrite_one_for(&policy.anonymous(), body)?.unwrap_or_default())
+}
+
+/// Rewrites a single kernelspec body for one identity; `None` when it may not start that
+/// kernelspec (the proxy then answers as EG does for one it does not have).
+pub fn rewrite_one_for(view: &View<'_>, body: &[u8]) -> Result<Option<Vec<u8>>, ShapeError> {
     let mut v: Value = serde_json::from_slice(body).map_err(|_| ShapeError("not JSON"))?;
     let name = v.get("name").and_then(Value::as_str).ok_or(ShapeError("a kernelspec without a \"name\""))?.to_string();
-    inject(policy, &name, &mut v)?;
-    Ok(serde_json::to_vec(&v).expect("serializing a Value"))
+    if view.may_start(Some(&name)).is_err() {
+        return Ok(None);
+    }
+    inject(view, &name, &mut v)?;
+    Ok(Some(serde_json::to_vec(&v).expect("serializing a Value")))
 }
 
 /// Rewritten bodies remembered by the upstream's bytes. EG serves the same few kernelspec
-/// documents over and over, and a rewrite is a pure function of (policy, route, bytes), so one
-/// policy's runtime keeps the last few results and answers a repeated body with one comparison
-/// instead of a parse and a render. Lock-free reads; a miss swaps in a new list.
+/// documents over and over, and a rewrite is a pure function of (policy, identity's view, route,
+/// bytes), so one policy's runtime keeps the last few results and answers a repeated body with
+/// one comparison instead of a parse and a render. The view is the list of blocks that apply
+/// (empty without identity): users the policy treats alike share entries, and the memo holds
+/// at most [`MEMO_SLOTS`] entries however many users there are. Lock-free reads; a miss swaps
+/// in a new list.
 #[derive(Debug)]
 pub struct Memo<T> {
-    entries: arc_swap::ArcSwap<Vec<std::sync::Arc<(bool, bytes::Bytes, T)>>>,
+    entries: arc_swap::ArcSwap<Vec<std::sync::Arc<MemoEntry<T>>>>,
 }
 
-/// How many distinct bodies a [`Memo`] keeps (the list, and a few single kernelspecs).
-const MEMO_SLOTS: usize = 16;
+#[derive(Debug)]
+struct MemoEntry<T> {
+    list: bool,
+    view: Box<[std::sync::Arc<str>]>,
+    input: bytes::Bytes,
+    output: T,
+}
+
+/// How many distinct bodies a [`Memo`] keeps (the list, and a few single kernelspecs, for a
+/// few identities' views).
+const MEMO_SLOTS: usize = 32;
 
 impl<T> Default for Memo<T> {
     fn default() -> Self {
@@ -140,16 +168,25 @@ impl<T> Default for Memo<T> {
 }
 
 impl<T: Clone> Memo<T> {
-    /// The result remembered for `input` on the list route (`list`) or the single one.
-    pub fn get(&self, list: bool, input: &[u8]) -> Option<T> {
-        self.entries.load().iter().find(|e| e.0 == list && e.1 == input).map(|e| e.2.clone())
+    /// The result remembered for `input` on the list route (`list`) or the single one, for
+    /// the view `view`.
+    pub fn get(&self, list: bool, view: &[std::sync::Arc<str>], input: &[u8]) -> Option<T> {
+        self.entries
+            .load()
+            .iter()
+            .find(|e| e.list == list && *e.view == *view && e.input == input)
+            .map(|e| e.output.clone())
     }
 
     /// Remembers `output` for `input`; the oldest entry goes when the memo is full.
-    pub fn put(&self, list: bool, input: bytes::Bytes, output: T) {
-        let entry = std::sync::Arc::new((list, input, output));
+    pub fn put(&self, list: bool, view: &[std::sync::Arc<str>], input: bytes::Bytes, output: T) {
+        let entry = std::sync::Arc::new(MemoEntry { list, view: view.into(), input, output });
         self.entries.rcu(|old| {
-            let mut v: Vec<_> = old.iter().filter(|e| !(e.0 == entry.0 && e.1 == entry.1)).cloned().collect();
+            let mut v: Vec<_> = old
+                .iter()
+                .filter(|e| !(e.list == entry.list && e.view == entry.view && e.input == entry.input))
+                .cloned()
+                .collect();
             if v.len() >= MEMO_SLOTS {
                 v.remove(0);
             }
@@ -269,17 +306,20 @@ mod tests {
     #[test]
     fn memo_remembers_by_route_and_bytes_and_forgets_the_oldest() {
         let m: Memo<u32> = Memo::default();
-        assert_eq!(m.get(true, b"a"), None);
-        m.put(true, bytes::Bytes::from_static(b"a"), 1);
-        assert_eq!(m.get(true, b"a"), Some(1));
-        assert_eq!(m.get(false, b"a"), None, "the route is part of the key");
-        assert_eq!(m.get(true, b"ab"), None);
-        m.put(true, bytes::Bytes::from_static(b"a"), 2);
-        assert_eq!(m.get(true, b"a"), Some(2), "replaced, not duplicated");
+        let none: &[std::sync::Arc<str>] = &[];
+        assert_eq!(m.get(true, none, b"a"), None);
+        m.put(true, none, bytes::Bytes::from_static(b"a"), 1);
+        assert_eq!(m.get(true, none, b"a"), Some(1));
+        assert_eq!(m.get(false, none, b"a"), None, "the route is part of the key");
+        assert_eq!(m.get(true, &["user:a".into()], b"a"), None, "the view is part of the key");
+        assert_eq!(m.get(true, none, b"ab"), None);
+        m.put(true, none, bytes::Bytes::from_static(b"a"), 2);
+        assert_eq!(m.get(true, none, b"a"), Some(2), "replaced, not duplicated");
         for i in 0..MEMO_SLOTS as u32 {
-            m.put(false, bytes::Bytes::from(i.to_string()), i);
+            m.put(false, &[format!("user:{i}").into()], bytes::Bytes::from(i.to_string()), i);
         }
-        assert_eq!(m.get(true, b"a"), None, "the oldest went");
-        assert_eq!(m.get(false, b"0"), Some(0));
+        assert_eq!(m.get(true, none, b"a"), None, "the oldest went");
+        assert_eq!(m.get(false, &["user:0".into()], b"0"), Some(0));
+        assert_eq!(m.entries.load().len(), MEMO_SLOTS, "bounded whatever the number of views");
     }
 }
