@@ -36,7 +36,7 @@ pub enum Command {
     Audit(AuditCommand),
 }
 
-/// `envgate explain [--kernelspec NAME] [--kernelspecs-file F] NAME...`
+/// `envgate explain [--kernelspec NAME] [--user U] [--groups G1,G2] [--kernelspecs-file F] NAME...`
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
     /// The kernelspec to decide for [default: the upstream's default kernelspec].
@@ -46,6 +46,12 @@ pub struct ExplainArgs {
     /// fetching them from the upstream.
     #[arg(long, value_name = "FILE")]
     pub kernelspecs_file: Option<PathBuf>,
+    /// Decide for this user (their [users.NAME] block, and the user in set_envs templates).
+    #[arg(long = "user", id = "explain_user", value_name = "USER")]
+    pub user: Option<String>,
+    /// Decide for a member of these groups, comma-separated (their [groups.NAME] blocks).
+    #[arg(long = "groups", id = "explain_groups", value_name = "GROUPS", value_delimiter = ',')]
+    pub groups: Vec<String>,
     /// EG's auth token, sent as `Authorization: token ...` when fetching kernelspecs.
     #[arg(long, env = "ENVGATE_EXPLAIN_TOKEN", value_name = "TOKEN")]
     pub token: Option<String>,

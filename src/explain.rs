@@ -1,6 +1,8 @@
-//! `envgate explain`: for each variable name, kept or rejected for a kernelspec, and the source
-//! or rule that decided. It runs [`Policy::verdict`] over a [`SpecIndex`], exactly as the proxy
-//! does for a kernel start; only where the kernelspecs come from differs (a file, or one fetch).
+//! `envgate explain`: for each variable name, kept or rejected for a kernelspec (and an identity),
+//! and the source or rule that decided; which blocks apply, whether the identity may start the
+//! kernelspec, and which `set_envs` apply. It runs [`View::verdict`] over a [`SpecIndex`],
+//! exactly as the proxy does for a kernel start; only where the kernelspecs come from differs
+//! (a file, or one fetch).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::policy::{Policy, Verdict};
+use crate::policy::{Policy, Verdict, View};
 use crate::rewrite::kernelspecs::{self, SpecIndex};
 use crate::routes::Routes;
 use crate::upstream::{SpecCache, Upstream};
@@ -30,24 +32,77 @@ pub struct Explanation {
     pub kernelspec: Option<String>,
     /// Whether the upstream serves that kernelspec (if not, only config sources apply).
     pub served: bool,
+    /// The identity decided for, if any.
+    pub user: Option<String>,
+    pub groups: Vec<String>,
+    /// The `[users.NAME]` / `[groups.NAME]` blocks that apply, in precedence order.
+    pub blocks: Vec<String>,
+    /// Whether the identity may start the kernelspec; `Some(block)`: the block that forbids it.
+    pub refused_by: Option<String>,
     /// What the policy would inject as `spec.metadata.client_envs` for it.
     pub client_envs: Vec<String>,
+    /// The values envgate would set, and the scope each comes from.
+    pub set_envs: Vec<SetLine>,
     pub names: Vec<Line>,
 }
 
-/// Explains `names` for `kernelspec` (or the upstream's default).
+/// One `set_envs` value.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct SetLine {
+    pub name: String,
+    /// The rendered value, or why it cannot be rendered.
+    pub value: Result<String, String>,
+    pub scope: String,
+}
+
+/// The identity to explain for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Asking<'a> {
+    pub user: Option<&'a str>,
+    pub groups: &'a [String],
+}
+
+/// Explains `names` for `kernelspec` (or the upstream's default), without identity.
 pub fn explain(policy: &Policy, index: &SpecIndex, kernelspec: Option<&str>, names: &[String]) -> Explanation {
+    explain_for(policy, index, kernelspec, Asking::default(), names)
+}
+
+/// Explains `names` for `kernelspec` (or the upstream's default) and the identity `who`.
+pub fn explain_for(
+    policy: &Policy,
+    index: &SpecIndex,
+    kernelspec: Option<&str>,
+    who: Asking<'_>,
+    names: &[String],
+) -> Explanation {
     let (k, facts) = index.resolve(kernelspec);
+    let view: View<'_> = policy.view(who.user, who.groups);
     let lines = names
         .iter()
-        .map(|n| match policy.verdict(k.as_deref(), facts, n) {
+        .map(|n| match view.verdict(k.as_deref(), facts, n) {
             Verdict::Keep(s) => Line { name: n.clone(), verdict: "kept", by: s.as_str().to_string() },
             Verdict::Reject(r) => Line { name: n.clone(), verdict: "rejected", by: r.as_str().to_string() },
         })
         .collect();
+    let lower = k.as_deref().map(str::to_ascii_lowercase);
+    let cx = crate::identity::Context { user: who.user, kernelspec: lower.as_deref() };
+    let set_envs = view
+        .set_envs(k.as_deref())
+        .into_iter()
+        .map(|s| SetLine {
+            name: s.name.clone(),
+            value: s.template.render(cx).map_err(str::to_string),
+            scope: s.scope.to_string(),
+        })
+        .collect();
     Explanation {
-        client_envs: policy.allowed_names(k.as_deref(), facts),
+        client_envs: view.allowed_names(k.as_deref(), facts),
         served: facts.is_some(),
+        user: who.user.map(str::to_string),
+        groups: who.groups.to_vec(),
+        blocks: view.blocks.iter().map(|b| b.label.to_string()).collect(),
+        refused_by: view.may_start(k.as_deref()).err().map(str::to_string),
+        set_envs,
         kernelspec: k,
         names: lines,
     }
@@ -60,7 +115,27 @@ impl Explanation {
             Some(k) => format!("kernelspec {k:?} (not served by the upstream: config sources only)\n"),
             None => "no kernelspec (no name given and no upstream default): config sources only\n".to_string(),
         };
+        if self.user.is_some() || !self.groups.is_empty() {
+            out.push_str(&format!(
+                "identity: user {:?}, groups {:?}\n",
+                self.user.as_deref().unwrap_or(""),
+                self.groups
+            ));
+            match self.blocks.as_slice() {
+                [] => out.push_str("blocks that apply: none\n"),
+                b => out.push_str(&format!("blocks that apply, in order: {}\n", b.join(", "))),
+            }
+        }
+        if let Some(b) = &self.refused_by {
+            out.push_str(&format!("may start this kernelspec: no ({b} does not list it)\n"));
+        }
         out.push_str(&format!("client_envs = {:?}\n", self.client_envs));
+        for s in &self.set_envs {
+            match &s.value {
+                Ok(v) => out.push_str(&format!("set {} = {v:?}  ({})\n", s.name, s.scope)),
+                Err(why) => out.push_str(&format!("set {}: cannot be rendered ({why})  ({})\n", s.name, s.scope)),
+            }
+        }
         let w = self.names.iter().map(|l| l.name.len()).max().unwrap_or(0);
         for l in &self.names {
             out.push_str(&format!("{:<w$}  {:<8}  {}\n", l.name, l.verdict, l.by));

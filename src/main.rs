@@ -95,7 +95,9 @@ fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let e = envgate::explain::explain(&config.policy, &index, args.kernelspec.as_deref(), &args.names);
+    let groups: Vec<String> = args.groups.iter().map(|g| g.trim().to_string()).filter(|g| !g.is_empty()).collect();
+    let who = envgate::explain::Asking { user: args.user.as_deref(), groups: &groups };
+    let e = envgate::explain::explain_for(&config.policy, &index, args.kernelspec.as_deref(), who, &args.names);
     if args.format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&e).expect("serializing an explanation"));
     } else {

@@ -778,11 +778,62 @@ impl fmt::Display for Policy {
         for (name, _) in values::DEFAULT_PATTERNS.iter().filter(|(n, _)| !self.values.patterns.contains_key(*n)) {
             writeln!(f, "{name:?} = \"\"  # built-in pattern removed")?;
         }
-        let mut names: Vec<&String> = self.kernelspecs.keys().collect();
+        fn set_envs(f: &mut fmt::Formatter<'_>, table: &str, sets: &[SetEnv]) -> fmt::Result {
+            if !sets.is_empty() {
+                writeln!(f, "\n[{table}]")?;
+                for s in sets {
+                    writeln!(f, "{:?} = \"{}\"", s.name, toml_escape(s.template.text()))?;
+                }
+            }
+            Ok(())
+        }
+        set_envs(f, "set_envs", &self.set_envs)?;
+        let mut names: Vec<&String> = self.kernelspecs.keys().chain(self.kernelspec_set_envs.keys()).collect();
         names.sort();
+        names.dedup();
         for k in names {
             writeln!(f, "\n[kernelspecs.{k:?}]")?;
-            writeln!(f, "client_envs = {}", list(&self.kernelspecs[k]))?;
+            writeln!(f, "client_envs = {}", list(self.kernelspecs.get(k).map_or(&BTreeSet::new(), |n| n)))?;
+            set_envs(f, &format!("kernelspecs.{k:?}.set_envs"), self.kernelspec_set_envs.get(k).map_or(&[], |v| v))?;
+        }
+        let block = |f: &mut fmt::Formatter<'_>, table: &str, b: &Block, group: bool| -> fmt::Result {
+            writeln!(f, "\n[{table}]")?;
+            if group {
+                writeln!(f, "priority = {}", b.priority)?;
+            }
+            writeln!(f, "client_envs = {}", list(&b.client_envs))?;
+            let prefixes: BTreeSet<String> = b.prefixes.iter().map(|p| p.prefix.clone()).collect();
+            writeln!(f, "allow_prefixes = {}", list(&prefixes))?;
+            writeln!(f, "deny_envs = {}", list(&b.deny_envs))?;
+            match &b.kernelspecs {
+                Some(k) => writeln!(f, "kernelspecs = {}", list(k))?,
+                None => writeln!(f, "# kernelspecs: every one")?,
+            }
+            if !b.value_patterns.is_empty() {
+                writeln!(f, "\n[{table}.value_patterns]")?;
+                for (name, p) in &b.value_patterns {
+                    writeln!(f, "{name:?} = \"{}\"", toml_escape(&p.text))?;
+                }
+            }
+            set_envs(f, &format!("{table}.set_envs"), &b.set_envs)
+        };
+        let mut users: Vec<(&String, &Block)> = self.users.iter().collect();
+        users.sort_by_key(|(name, _)| *name);
+        for (name, b) in users {
+            block(f, &format!("users.{name:?}"), b, false)?;
+        }
+        let groups = self.groups_in_order();
+        if !groups.is_empty() {
+            let order: Vec<String> = groups.iter().map(|(n, b)| format!("{n:?} ({})", b.priority)).collect();
+            writeln!(
+                f,
+                "\n# When several groups apply, their blocks apply in this order (priority, higher first; then by \
+                 name), after the user's own block: {}",
+                order.join(", ")
+            )?;
+        }
+        for (name, b) in groups {
+            block(f, &format!("groups.{name:?}"), b, true)?;
         }
         Ok(())
     }
