@@ -525,4 +525,72 @@ mod tests {
     fn no_env_gets_an_empty_env() {
         assert_eq!(forwarded(&run(&policy(Mode::Drop), r#"{"name":"python3"}"#)), json!({"name":"python3","env":{}}));
     }
+
+    fn set_value<'p>(name: &'p str, value: &str) -> SetValue<'p> {
+        SetValue { name, value: value.to_string(), scope: "global" }
+    }
+
+    #[test]
+    fn set_envs_are_added_kept_overwritten_or_refused() {
+        let env = |b: &StartBody<'_>| b.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+        let sets = [set_value("KERNEL_NAMESPACE", "ns-a"), set_value("KERNEL_IMAGE", "img")];
+        let mut b = parse(br#"{"env":{"KERNEL_IMAGE":"img","A":"1"}}"#).unwrap();
+        let applied = apply_set_envs(&mut b, &sets, Mismatch::Refuse).unwrap();
+        assert_eq!(env(&b), ["KERNEL_IMAGE=img", "A=1", "KERNEL_NAMESPACE=ns-a"]);
+        assert_eq!(
+            applied,
+            [Applied { name: "KERNEL_NAMESPACE", scope: "global" }, Applied { name: "KERNEL_IMAGE", scope: "global" }]
+        );
+        let mut b = parse(br#"{"env":{"KERNEL_IMAGE":"evil/img","KERNEL_NAMESPACE":"kube-system"}}"#).unwrap();
+        let r = apply_set_envs(&mut b, &sets, Mismatch::Refuse).unwrap_err();
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(r.extra, json!({"set_envs": ["KERNEL_NAMESPACE", "KERNEL_IMAGE"]}));
+        assert!(
+            !r.message.contains("evil") && !r.message.contains("kube-system") && !r.message.contains("ns-a"),
+            "{}",
+            r.message
+        );
+        assert_eq!(env(&b), ["KERNEL_IMAGE=evil/img", "KERNEL_NAMESPACE=kube-system"], "a refusal changes nothing");
+        apply_set_envs(&mut b, &sets, Mismatch::Overwrite).unwrap();
+        assert_eq!(env(&b), ["KERNEL_IMAGE=img", "KERNEL_NAMESPACE=ns-a"]);
+    }
+
+    #[test]
+    fn set_values_are_kept_whatever_the_name_rules_say_but_pass_the_value_rules() {
+        let mut p = policy(Mode::Reject);
+        p.prefixes.clear();
+        let sets = [set_value("KERNEL_NAMESPACE", "ns-a")];
+        let b = parse(br#"{"env":{"KERNEL_NAMESPACE":"ns-a","FOO":"1"}}"#).unwrap();
+        let plan = decide_for(&p.anonymous(), None, None, &b, Written { user: None, set: &sets });
+        assert_eq!(forwarded(&plan), json!({"env":{"KERNEL_NAMESPACE":"ns-a","FOO":"1"}}));
+        assert!(plan.decision.kept.iter().all(|k| k.name != "KERNEL_NAMESPACE"), "set names are not the client's");
+        let sets = [set_value("KERNEL_NAMESPACE", "Not_A_Label")];
+        let b = parse(br#"{"env":{"KERNEL_NAMESPACE":"Not_A_Label"}}"#).unwrap();
+        let plan = decide_for(&p.anonymous(), None, None, &b, Written { user: None, set: &sets });
+        let r = refusal(&plan);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.extra["violations"][0]["name"], "KERNEL_NAMESPACE");
+        assert!(!r.message.contains("Not_A_Label"), "{}", r.message);
+        // A user bound from a token is kept with that source.
+        let b = parse(br#"{"env":{"KERNEL_USERNAME":"alice"}}"#).unwrap();
+        let plan = decide_for(&p.anonymous(), None, None, &b, Written { user: Some(UserSource::Jwt), set: &[] });
+        assert_eq!(plan.decision.kept[0].source, Source::Jwt);
+    }
+
+    #[test]
+    fn a_kernelspec_the_identity_may_not_start_is_refused() {
+        let mut p = policy(Mode::Drop);
+        let mut b = crate::policy::Block::new("group:eng");
+        b.kernelspecs = Some(["python3".to_string()].into());
+        p.groups.insert("eng".into(), b);
+        let view = p.view(Some("u"), &["eng".to_string()]);
+        assert_eq!(may_start(&view, Some("python3")), Ok(()));
+        let r = may_start(&view, Some("r")).unwrap_err();
+        assert_eq!((r.status, r.why), (StatusCode::FORBIDDEN, "kernelspec not allowed"));
+        assert_eq!(r.message, "envgate refused the kernel start: kernelspec \"r\" is not allowed for you (group:eng)");
+        assert_eq!(may_start(&view, None).unwrap_err().status, StatusCode::FORBIDDEN);
+        assert_eq!(may_start(&p.anonymous(), Some("r")), Ok(()));
+        let r = set_values(&p.anonymous(), None, None);
+        assert_eq!(r, Ok(vec![]));
+    }
 }

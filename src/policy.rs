@@ -1066,4 +1066,160 @@ mod tests {
         assert_eq!(p.verdict(None, None, "KERNEL_USERNAME"), Verdict::Keep(Source::Config));
         assert_eq!(Source::Prefix("prefix:SPARK_".into()).as_str(), "prefix:SPARK_");
     }
+
+    fn template(name: &str, text: &str, scope: &str) -> SetEnv {
+        SetEnv { name: name.into(), template: identity::Template::parse(text).unwrap(), scope: scope.into() }
+    }
+
+    /// A policy with a user block and three group blocks.
+    fn identities() -> Policy {
+        let mut alice = Block::new("user:alice");
+        alice.client_envs = set(&["ALICE"]);
+        alice.set_envs = vec![template("KERNEL_IMAGE", "alice-image", "user:alice")];
+        let mut eng = Block::new("group:eng");
+        eng.prefixes = vec![PrefixRule::of_block("SPARK_", &eng.label)];
+        eng.deny_envs = set(&["FOO"]);
+        eng.kernelspecs = Some(set(&["python3", "spark"]));
+        eng.value_patterns = BTreeMap::from([("SPARK_OPTS".to_string(), Pattern::new("[a-z]+").unwrap())]);
+        eng.set_envs = vec![template("KERNEL_IMAGE", "eng-image", "group:eng"), template("X", "eng", "group:eng")];
+        let mut gpu = Block::new("group:gpu");
+        gpu.priority = 10;
+        gpu.client_envs = set(&["CUDA"]);
+        gpu.kernelspecs = Some(set(&["python3"]));
+        gpu.set_envs = vec![template("X", "gpu", "group:gpu")];
+        let mut ana = Block::new("group:analysts");
+        ana.set_envs = vec![template("X", "analysts", "group:analysts")];
+        Policy {
+            users: HashMap::from([("alice".to_string(), alice)]),
+            groups: HashMap::from([("eng".into(), eng), ("gpu".into(), gpu), ("analysts".into(), ana)]),
+            set_envs: vec![template("KERNEL_NAMESPACE", "ns-{user_dns}", "global"), template("X", "global", "global")],
+            kernelspec_set_envs: HashMap::from([(
+                "spark".to_string(),
+                vec![template("KERNEL_IMAGE", "spark-{kernelspec}", "kernelspec:spark")],
+            )]),
+            ..policy()
+        }
+    }
+
+    fn groups(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_user_block_applies_first_then_groups_by_priority_then_name_whatever_the_order_sent() {
+        let p = identities();
+        let labels = |u: Option<&str>, g: &[&str]| -> Vec<String> {
+            p.view(u, &groups(g)).blocks.iter().map(|b| b.label.to_string()).collect()
+        };
+        assert_eq!(
+            labels(Some("alice"), &["eng", "gpu", "analysts"]),
+            ["user:alice", "group:gpu", "group:analysts", "group:eng"]
+        );
+        assert_eq!(
+            labels(Some("alice"), &["analysts", "eng", "gpu"]),
+            labels(Some("alice"), &["eng", "gpu", "analysts"])
+        );
+        assert_eq!(labels(Some("bob"), &["nope", "eng", "eng"]), ["group:eng"]);
+        assert!(labels(None, &[]).is_empty());
+        assert_eq!(p.view(Some("bob"), &groups(&["eng"])).key(), p.view(Some("carol"), &groups(&["eng"])).key());
+        let order: Vec<&str> = p.groups_in_order().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(order, ["gpu", "analysts", "eng"]);
+    }
+
+    #[test]
+    fn blocks_widen_names_and_their_denies_win_for_their_members_only() {
+        let p = identities();
+        let eng = p.view(Some("bob"), &groups(&["eng"]));
+        assert_eq!(eng.verdict(None, None, "SPARK_HOME"), Verdict::Keep(Source::Block("group:eng".into())));
+        assert_eq!(eng.verdict(None, None, "FOO"), Verdict::Reject(Reason::Denied), "a block's deny beats client_envs");
+        assert_eq!(eng.verdict(None, None, "CUDA"), Verdict::Reject(Reason::NotAllowed));
+        let anyone = p.anonymous();
+        assert_eq!(anyone.verdict(None, None, "SPARK_HOME"), Verdict::Reject(Reason::NotAllowed));
+        assert_eq!(anyone.verdict(None, None, "FOO"), Verdict::Keep(Source::Config));
+        let both = p.view(Some("alice"), &groups(&["eng", "gpu"]));
+        assert_eq!(both.verdict(None, None, "CUDA"), Verdict::Keep(Source::Block("group:gpu".into())));
+        assert_eq!(both.verdict(None, None, "ALICE"), Verdict::Keep(Source::Block("user:alice".into())));
+        // The global deny still wins over a block's allowance.
+        let mut q = identities();
+        q.groups.get_mut("gpu").unwrap().client_envs.insert("LD_PRELOAD".into());
+        assert_eq!(q.view(None, &groups(&["gpu"])).verdict(None, None, "LD_PRELOAD"), Verdict::Reject(Reason::Denied));
+        // Global sources come first in provenance.
+        assert_eq!(both.verdict(Some("spark"), None, "SPARK_OPTS"), Verdict::Keep(Source::KernelspecConfig));
+    }
+
+    #[test]
+    fn a_value_must_pass_every_pattern_that_applies() {
+        let p = identities();
+        let eng = p.view(None, &groups(&["eng"]));
+        assert_eq!(eng.check_value("SPARK_OPTS", "abc"), None);
+        let v = eng.check_value("SPARK_OPTS", "ABC").unwrap();
+        assert_eq!((v.rule, v.detail.as_str()), (Rule::Pattern, "does not match the pattern \"[a-z]+\" of group:eng"));
+        assert_eq!(p.anonymous().check_value("SPARK_OPTS", "ABC"), None);
+        assert_eq!(eng.check_value("SPARK_OPTS", "a$b").unwrap().rule, Rule::Forbidden, "global rules first");
+    }
+
+    #[test]
+    fn a_kernelspec_list_narrows_and_never_widens() {
+        let p = identities();
+        let eng = p.view(None, &groups(&["eng"]));
+        assert_eq!(eng.may_start(Some("spark")), Ok(()));
+        assert_eq!(eng.may_start(Some("SPARK")), Ok(()), "case-insensitive, as EG");
+        assert_eq!(eng.may_start(Some("r")), Err("group:eng"));
+        assert_eq!(eng.may_start(None), Err("group:eng"), "no kernelspec known: refused");
+        let both = p.view(None, &groups(&["eng", "gpu"]));
+        assert_eq!(both.may_start(Some("python3")), Ok(()));
+        assert_eq!(both.may_start(Some("spark")), Err("group:gpu"), "every list must name it");
+        assert_eq!(p.view(Some("alice"), &[]).may_start(Some("r")), Ok(()), "no list: every kernelspec");
+        assert_eq!(p.anonymous().may_start(None), Ok(()));
+    }
+
+    #[test]
+    fn set_envs_take_the_first_scope_in_precedence_order() {
+        let p = identities();
+        let values = |u: Option<&str>, g: &[&str], k: Option<&str>| -> Vec<(String, String, String)> {
+            p.view(u, &groups(g))
+                .set_values(k, u)
+                .unwrap()
+                .into_iter()
+                .map(|s| (s.name.to_string(), s.value, s.scope.to_string()))
+                .collect()
+        };
+        let t = |n: &str, v: &str, s: &str| (n.to_string(), v.to_string(), s.to_string());
+        assert_eq!(
+            values(Some("alice"), &["eng"], Some("Spark")),
+            [
+                t("KERNEL_IMAGE", "alice-image", "user:alice"),
+                t("X", "eng", "group:eng"),
+                t("KERNEL_NAMESPACE", "ns-alice", "global")
+            ]
+        );
+        assert_eq!(
+            values(Some("Bob"), &[], Some("Spark")),
+            [
+                t("KERNEL_IMAGE", "spark-spark", "kernelspec:spark"),
+                t("KERNEL_NAMESPACE", &format!("ns-{}", identity::user_dns("Bob")), "global"),
+                t("X", "global", "global")
+            ]
+        );
+        // gpu (priority 10) over analysts and eng (0); analysts over eng by name.
+        let x = |v: Vec<(String, String, String)>| v.into_iter().find(|s| s.0 == "X").unwrap();
+        assert_eq!(x(values(Some("c"), &["eng", "analysts", "gpu"], None)), t("X", "gpu", "group:gpu"));
+        assert_eq!(x(values(Some("c"), &["eng", "analysts"], None)), t("X", "analysts", "group:analysts"));
+        let err = p.view(None, &[]).set_values(Some("r"), None).unwrap_err();
+        assert_eq!(err, ("KERNEL_NAMESPACE", "no user"));
+    }
+
+    #[test]
+    fn each_identity_is_shown_its_own_names_without_denied_or_set_ones() {
+        let p = identities();
+        assert_eq!(p.anonymous().allowed_names(Some("spark"), None), ["FOO", "SPARK_OPTS"]);
+        assert_eq!(p.view(None, &groups(&["eng"])).allowed_names(Some("spark"), None), ["SPARK_OPTS"]);
+        let mut q = identities();
+        q.groups.get_mut("gpu").unwrap().client_envs.insert("X".into());
+        assert_eq!(
+            q.view(Some("alice"), &groups(&["gpu"])).allowed_names(None, None),
+            ["ALICE", "CUDA", "FOO"],
+            "X is set, not sent"
+        );
+    }
 }

@@ -99,7 +99,7 @@ pub async fn handle(
                 }
                 Route::Other => pass(req, &cx).await,
             },
-            Err(refusal) if route.starts_kernel() => Box::pin(refuse(req.headers(), route, refusal, &cx)).await,
+            Err(refusal) if route.starts_kernel() => Box::pin(refuse(req.headers(), route, *refusal, &cx)).await,
             Err(refusal) => refusal.into_response(),
         }
     };
@@ -112,7 +112,7 @@ pub async fn handle(
 /// The request's identity, where the route needs one: every route with a token (envgate then
 /// trusts no request without one), the kernel start, session start and kernelspec routes with
 /// a trusted proxy's headers.
-fn identity_for(route: Route, req: &Request<Incoming>, cx: &Ctx<'_>) -> Result<Option<Who>, Refusal> {
+fn identity_for(route: Route, req: &Request<Incoming>, cx: &Ctx<'_>) -> Result<Option<Who>, Box<Refusal>> {
     let needed = match cx.rt.config.identity.as_ref().map(|i| &i.from) {
         None => false,
         Some(IdentityFrom::Jwt(_)) => true,
@@ -402,12 +402,12 @@ fn token_pair(query: &str) -> Option<&str> {
 /// Who is asking, when identity is configured: the trusted proxy's headers (refused, 403,
 /// without the user header) or a verified token (refused, 401, without a valid one).
 /// `Ok(None)` when identity is off.
-fn identify(cx: &Ctx<'_>, headers: &HeaderMap) -> Result<Option<Who>, Refusal> {
+fn identify(cx: &Ctx<'_>, headers: &HeaderMap) -> Result<Option<Who>, Box<Refusal>> {
     let Some(identity) = &cx.rt.config.identity else { return Ok(None) };
     match &identity.from {
         IdentityFrom::Headers { user, groups } => {
             let value = headers.get(user).and_then(|v| v.to_str().ok());
-            let user = decide::trusted_user(user.as_str(), value)?.to_string();
+            let user = decide::trusted_user(user.as_str(), value).map_err(|r| Box::new(r.into()))?.to_string();
             let groups = match groups {
                 Some(h) => identity::groups_from_header(headers.get_all(h).iter().filter_map(|v| v.to_str().ok())),
                 None => Vec::new(),
@@ -424,7 +424,7 @@ fn identify(cx: &Ctx<'_>, headers: &HeaderMap) -> Result<Option<Who>, Refusal> {
                 Ok(c) => Ok(Some(Who { user: c.user.clone(), groups: c.groups.clone(), source: IdentitySource::Jwt })),
                 Err(e) => {
                     cx.st.metrics.token_refused.get_or_create(&ReasonLabel { reason: e.as_str() }).inc();
-                    Err(Refusal::Token { error: e, bearer: j.header == header::AUTHORIZATION })
+                    Err(Box::new(Refusal::Token { error: e, bearer: j.header == header::AUTHORIZATION }))
                 }
             }
         }

@@ -787,6 +787,93 @@ mod tests {
     /// variable wins over the file, and the flag over both. One sample per setting, in the table's
     /// order: a file value (TOML), a variable's and a flag's, all different.
     #[test]
+    fn user_and_group_blocks_and_set_envs_are_read_and_compiled() {
+        let c = load_toml(
+            r#"
+            trusted_user_header = "X-Forwarded-User"
+            trusted_groups_header = "X-Forwarded-Groups"
+            set_envs_mismatch = "overwrite"
+            [set_envs]
+            KERNEL_NAMESPACE = "jupyter-{user_dns}"
+            [kernelspecs.Spark]
+            client_envs = ["SPARK_OPTS"]
+            set_envs = { KERNEL_IMAGE = "reg/{kernelspec}:1" }
+            [users.alice]
+            client_envs = ["A"]
+            kernelspecs = ["Python3"]
+            [groups.data-eng]
+            priority = 5
+            allow_prefixes = ["SPARK_"]
+            deny_envs = ["FOO"]
+            value_patterns = { SPARK_OPTS = "[a-z]*" }
+            set_envs = { KERNEL_IMAGE = "reg/eng:1" }
+            "#,
+        )
+        .unwrap();
+        let p = &c.policy;
+        assert_eq!(c.set_envs_mismatch, Mismatch::Overwrite);
+        assert_eq!(p.set_envs[0].name, "KERNEL_NAMESPACE");
+        assert_eq!(&*p.set_envs[0].scope, "global");
+        assert_eq!(&*p.kernelspec_set_envs["spark"][0].scope, "kernelspec:spark");
+        let alice = &p.users["alice"];
+        assert_eq!(&*alice.label, "user:alice");
+        assert_eq!(alice.kernelspecs.as_ref().unwrap(), &BTreeSet::from(["python3".to_string()]));
+        let eng = &p.groups["data-eng"];
+        assert_eq!((eng.priority, eng.prefixes[0].prefix.as_str()), (5, "SPARK_"));
+        assert!(eng.deny_envs.contains("FOO") && eng.value_patterns.contains_key("SPARK_OPTS"));
+        assert_eq!(&*eng.set_envs[0].scope, "group:data-eng");
+        let Some(Identity { from: IdentityFrom::Headers { user, groups: Some(g) }, .. }) = &c.identity else {
+            panic!("header identity: {:?}", c.identity)
+        };
+        assert_eq!((user.as_str(), g.as_str()), ("x-forwarded-user", "x-forwarded-groups"));
+        // What `envgate check` prints reads back as the same policy.
+        let again = load_toml(&c.effective()).unwrap();
+        assert_eq!(again.policy, c.policy);
+        assert_eq!(again.identity, c.identity);
+    }
+
+    #[test]
+    fn blocks_come_from_flags_as_inline_tables() {
+        let o = Opts {
+            trusted_user_header: Some("X-User".into()),
+            users: Some(vec!["bob={ client_envs = [\"B\"], kernelspecs = [\"r\"] }".into()]),
+            set_envs: Some(vec!["KERNEL_NAMESPACE=ns-{user}".into()]),
+            ..opts()
+        };
+        let c = Config::load(&o).unwrap();
+        assert!(c.policy.users["bob"].client_envs.contains("B"));
+        assert_eq!(c.policy.set_envs[0].template.text(), "ns-{user}");
+        let bad = Opts { users: Some(vec!["bob=[1]".into()]), ..o.clone() };
+        assert!(Config::load(&bad).unwrap_err().0.contains("`users.bob`"), "{:?}", Config::load(&bad));
+    }
+
+    #[test]
+    fn identity_settings_that_cannot_work_are_refused() {
+        let cases = [
+            ("[users.a]\nclient_envs = [\"A\"]", "needs identity"),
+            ("trusted_user_header = \"X-U\"\n[groups.g]\nclient_envs = [\"A\"]", "trusted_groups_header"),
+            ("trusted_groups_header = \"X-G\"", "needs `trusted_user_header` too"),
+            ("jwt_issuer = \"i\"", "needs `jwt_keys`"),
+            ("jwt_keys = \"/k\"\njwt_audience = \"a\"", "needs `jwt_issuer` too"),
+            ("jwt_keys = \"/k\"\ntrusted_user_header = \"X-U\"", "not both"),
+            ("[set_envs]\nKERNEL_NAMESPACE = \"ns-{user_dns}\"", "needs identity"),
+            ("[set_envs]\nKERNEL_USERNAME = \"x\"", "user_mismatch"),
+            ("[set_envs]\nA = \"{usr}\"", "unknown placeholder `{usr}`"),
+            ("trusted_user_header = \"X-U\"\n[users.a]\nkernelspec = [\"x\"]", "did you mean `users.a.kernelspecs`?"),
+            ("trusted_user_header = \"X-U\"\n[users.a]\npriority = 1", "unknown key `users.a.priority`"),
+            ("trusted_user_header = \"X-U\"\n[users.a.value_patterns]\nA = \"\"", "an empty pattern"),
+            ("trusted_user_header = \"X-U\"\n[users.a.value_patterns]\nA = \"(\"", "not a valid regular expression"),
+            ("[kernelspecs.k.set_envs]\nA = \"{user}\"", "needs identity"),
+        ];
+        for (text, expected) in cases {
+            let e = load_toml(text).unwrap_err().0;
+            assert!(e.contains(expected), "{text:?}: {e}");
+        }
+        // A set value without the user needs no identity.
+        assert!(load_toml("[set_envs]\nKERNEL_IMAGE = \"img-{kernelspec}\"").is_ok());
+    }
+
+    #[test]
     fn every_setting_from_file_environment_and_flag_in_that_order() {
         use clap::{Args, FromArgMatches};
         let samples: &[(&str, &str, &str, &str)] = &[
