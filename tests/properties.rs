@@ -13,7 +13,11 @@
 //!   `refuse` is a 403, otherwise the kernel's `KERNEL_USERNAME` is the trusted user, once;
 //! - kernelspecs: generated and mutated documents: never a panic, the output is the input with
 //!   `client_envs` injected as the policy computes it, nothing else changed;
-//! - routes: a POST that normalizes to a kernel-starting route is ambiguous, never `Other`.
+//! - routes: a POST that normalizes to a kernel-starting route is ambiguous, never `Other`;
+//! - per-identity policy: for random global, user and group blocks and random identities, the
+//!   view keeps exactly the names a model of the documented precedence keeps, applies the blocks
+//!   in the documented order whatever the order of the groups sent, narrows kernelspecs, picks
+//!   each `set_envs` value from the first scope, and shows each identity its own names.
 
 mod oracle;
 
@@ -1007,4 +1011,174 @@ fn samples_pass_the_checks() {
         }
     }
     assert_eq!(Routes::new("/").classify(&Method::POST, "/api/kernels"), Route::KernelStart);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-identity policy: the view of a random policy for a random identity, held to a model of the
+// documented precedence written here from the README's rules, not from the code.
+
+mod per_identity {
+    use super::*;
+    use envgate::identity::{SetEnv, Template};
+    use envgate::policy::{Block, Source, Verdict};
+
+    const NAMES: &[&str] = &["A", "B", "BX", "C", "SPARK_X", "KERNEL_Y", "LD_PRELOAD", "X=Y", ""];
+    const PREFIXES: &[&str] = &["SPARK_", "KERNEL_", "B"];
+    const GROUPS: &[&str] = &["eng", "gpu", "ana", "ops"];
+    const SPECS: &[&str] = &["python3", "spark", "r"];
+    const SET: &[&str] = &["KERNEL_NAMESPACE", "KERNEL_IMAGE", "A"];
+
+    #[derive(Debug, Clone)]
+    struct Given {
+        client_envs: Vec<&'static str>,
+        prefixes: Vec<&'static str>,
+        deny: Vec<&'static str>,
+        kernelspecs: Option<Vec<&'static str>>,
+        set: Vec<&'static str>,
+        priority: i64,
+    }
+
+    fn given() -> impl Strategy<Value = Given> {
+        (
+            subsequence(NAMES, 0..3),
+            subsequence(PREFIXES, 0..2),
+            subsequence(NAMES, 0..2),
+            prop::option::of(subsequence(SPECS, 0..3)),
+            subsequence(SET, 0..3),
+            -2i64..3,
+        )
+            .prop_map(|(client_envs, prefixes, deny, kernelspecs, set, priority)| Given {
+                client_envs,
+                prefixes,
+                deny,
+                kernelspecs,
+                set,
+                priority,
+            })
+    }
+
+    fn block(label: &str, g: &Given) -> Block {
+        let mut b = Block::new(label);
+        b.client_envs = g.client_envs.iter().copied().collect();
+        b.prefixes = g.prefixes.iter().map(|p| PrefixRule::of_block(p, &b.label)).collect();
+        b.deny_envs = g.deny.iter().copied().collect();
+        b.kernelspecs = g.kernelspecs.as_ref().map(|k| k.iter().copied().collect());
+        b.set_envs = g.set.iter().map(|n| set_env(n, label)).collect();
+        b.priority = g.priority;
+        b
+    }
+
+    fn set_env(name: &str, scope: &str) -> SetEnv {
+        SetEnv { name: name.into(), template: Template::parse(scope).unwrap(), scope: scope.into() }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        global: Given,
+        user: Option<Given>,
+        groups: Vec<(&'static str, Given)>,
+        /// The identity's groups, in the order sent (repeats and groups without a block too).
+        asking: Vec<&'static str>,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            given(),
+            prop::option::of(given()),
+            prop::collection::vec((select(GROUPS), given()), 0..4),
+            prop::collection::vec(select(GROUPS), 0..5),
+        )
+            .prop_map(|(global, user, groups, asking)| Case { global, user, groups, asking })
+    }
+
+    fn policy_of(c: &Case) -> Policy {
+        let mut p = Policy {
+            client_envs: c.global.client_envs.iter().copied().collect(),
+            deny_envs: c.global.deny.iter().copied().collect(),
+            prefixes: c.global.prefixes.iter().map(|p| PrefixRule::new(p)).collect(),
+            set_envs: c.global.set.iter().map(|n| set_env(n, "global")).collect(),
+            ..Policy::default()
+        };
+        if let Some(u) = &c.user {
+            p.users.insert("alice".into(), block("user:alice", u));
+        }
+        for (name, g) in &c.groups {
+            // A repeated group name: the last block given is the group's (as a map keeps it).
+            p.groups.insert(name.to_string(), block(&format!("group:{name}"), g));
+        }
+        p
+    }
+
+    /// The blocks that apply, in the documented order: the user's, then the groups' by priority
+    /// (higher first), then by name.
+    fn model_blocks<'a>(c: &'a Case) -> Vec<(String, &'a Given)> {
+        let last = |name: &str| c.groups.iter().rev().find(|(n, _)| *n == name).map(|(_, g)| g);
+        let mut groups: Vec<&str> = c.asking.clone();
+        groups.sort();
+        groups.dedup();
+        let mut gs: Vec<(String, &Given)> =
+            groups.into_iter().filter_map(|n| last(n).map(|g| (format!("group:{n}"), g))).collect();
+        gs.sort_by(|a, b| b.1.priority.cmp(&a.1.priority).then_with(|| a.0.cmp(&b.0)));
+        c.user.iter().map(|u| ("user:alice".to_string(), u)).chain(gs).collect()
+    }
+
+    fn model_keeps(c: &Case, name: &str) -> bool {
+        let blocks = model_blocks(c);
+        let valid = !name.is_empty() && !name.contains('=');
+        let denied = c.global.deny.contains(&name) || blocks.iter().any(|(_, b)| b.deny.contains(&name));
+        let listed = c.global.client_envs.contains(&name) || blocks.iter().any(|(_, b)| b.client_envs.contains(&name));
+        let prefixed =
+            c.global.prefixes.iter().chain(blocks.iter().flat_map(|(_, b)| &b.prefixes)).any(|p| name.starts_with(p));
+        valid && !denied && (listed || prefixed)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_view_keeps_exactly_what_the_documented_precedence_keeps(c in case(), k in select(SPECS)) {
+            let p = policy_of(&c);
+            let asking: Vec<String> = c.asking.iter().map(|g| g.to_string()).collect();
+            let view = p.view(Some("alice"), &asking);
+            let blocks = model_blocks(&c);
+            let labels: Vec<String> = view.blocks.iter().map(|b| b.label.to_string()).collect();
+            prop_assert_eq!(&labels, &blocks.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>());
+            for name in NAMES {
+                let keeps = model_keeps(&c, name);
+                match view.verdict(Some(k), None, name) {
+                    Verdict::Keep(source) => {
+                        prop_assert!(keeps, "{name:?} kept by {source:?}, the model rejects it");
+                        if let Source::Block(label) = source {
+                            let (_, b) = blocks.iter().find(|(l, _)| **l == *label).expect("an applying block");
+                            prop_assert!(b.client_envs.contains(name) || b.prefixes.iter().any(|p| name.starts_with(p)));
+                        }
+                    }
+                    Verdict::Reject(_) => prop_assert!(!keeps, "{name:?} rejected, the model keeps it"),
+                }
+            }
+            // A kernelspec list narrows and never widens.
+            let may = blocks.iter().all(|(_, b)| b.kernelspecs.as_ref().map_or(true, |l| l.contains(&k)));
+            prop_assert_eq!(view.may_start(Some(k)).is_ok(), may);
+            // set_envs: the first scope in precedence order for each name, then the global one.
+            let mut want: Vec<(String, String)> = Vec::new();
+            let scopes = blocks.iter().map(|(l, b)| (l.clone(), &b.set)).chain([("global".to_string(), &c.global.set)]);
+            for (scope, names) in scopes {
+                for n in names {
+                    if !want.iter().any(|(have, _)| have == n) {
+                        want.push((n.to_string(), scope.clone()));
+                    }
+                }
+            }
+            let got: Vec<(String, String)> =
+                view.set_envs(Some(k)).iter().map(|s| (s.name.clone(), s.scope.to_string())).collect();
+            prop_assert_eq!(&got, &want);
+            // What the identity is shown: listed names it may send, minus what is denied or set.
+            let shown = view.allowed_names(Some(k), None);
+            for name in NAMES {
+                let listed = c.global.client_envs.contains(name) || blocks.iter().any(|(_, b)| b.client_envs.contains(name));
+                let expect = listed && model_keeps(&c, name) && !want.iter().any(|(n, _)| n == name);
+                prop_assert_eq!(shown.iter().any(|s| s == name), expect, "{:?} in client_envs", name);
+            }
+        }
+    }
 }
