@@ -1111,7 +1111,7 @@ mod per_identity {
 
     /// The blocks that apply, in the documented order: the user's, then the groups' by priority
     /// (higher first), then by name.
-    fn model_blocks<'a>(c: &'a Case) -> Vec<(String, &'a Given)> {
+    fn model_blocks(c: &Case) -> Vec<(String, &Given)> {
         let last = |name: &str| c.groups.iter().rev().find(|(n, _)| *n == name).map(|(_, g)| g);
         let mut groups: Vec<&str> = c.asking.clone();
         groups.sort();
