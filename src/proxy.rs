@@ -93,7 +93,7 @@ pub async fn handle(
             Ok(who) => match route {
                 Route::KernelStart => Box::pin(kernel_start(req, who, &cx)).await,
                 Route::SessionStart => Box::pin(session_start(req, who, &cx)).await,
-                Route::KernelspecList | Route::KernelspecOne => Box::pin(kernelspecs(req, route, who, &cx)).await,
+                Route::KernelspecList | Route::KernelspecOne => kernelspecs(req, route, who, &cx).await,
                 Route::AmbiguousKernelStart | Route::AmbiguousSessionStart => {
                     Box::pin(ambiguous(req, route, &cx)).await
                 }

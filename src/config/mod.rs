@@ -211,7 +211,11 @@ impl Config {
 
     /// Every setting in force, as a valid config file (secrets shown as set, never their value).
     pub fn effective(&self) -> String {
-        format!("{}{}", self.settings.effective(), self.policy)
+        let keys = match self.identity.as_ref().map(|i| &i.from) {
+            Some(IdentityFrom::Jwt(j)) => format!("# jwt_keys holds {}\n", j.verifier.describe()),
+            _ => String::new(),
+        };
+        format!("{}{keys}{}", self.settings.effective(), self.policy)
     }
 }
 
