@@ -226,16 +226,38 @@ pub fn apply_set_envs<'p>(
 
 /// The `set_envs` values for a kernel start, or a refusal (400) when a template needs what the
 /// request does not tell (a kernelspec, when no name is given and the gateway has no default).
+///
+/// A rendered value must pass the value rules that apply to its name, in every mode (`report`
+/// included): it is envgate's own value, and a template must never hand EG a value it would
+/// mis-handle (a user name holding `$(...)`, say). The refusal names the variable and the rule,
+/// never the value.
 pub fn set_values<'p>(
     view: &View<'p>,
     kernelspec: Option<&str>,
     user: Option<&str>,
 ) -> Result<Vec<SetValue<'p>>, Refusal> {
-    view.set_values(kernelspec, user).map_err(|(name, missing)| Refusal {
+    let values = view.set_values(kernelspec, user).map_err(|(name, missing)| Refusal {
         status: StatusCode::BAD_REQUEST,
         message: format!("envgate cannot set {name} (set_envs) for this kernel start: {missing}"),
         extra: json!({}),
         why: "set_envs cannot be rendered",
+    })?;
+    let violations: Vec<Violation> = values.iter().filter_map(|s| view.check_value(s.name, &s.value)).collect();
+    if violations.is_empty() {
+        return Ok(values);
+    }
+    let list: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+    Err(Refusal {
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "envgate refused the kernel start: values it sets from your identity (set_envs) break the value rules: {}",
+            list.join(", ")
+        ),
+        extra: json!({
+            "violations": violations.iter().map(|v| json!({"name": v.name, "rule": v.rule.as_str(), "detail": v.detail}))
+                .collect::<Vec<_>>()
+        }),
+        why: "set_envs value breaks the value rules",
     })
 }
 
@@ -592,5 +614,20 @@ mod tests {
         assert_eq!(may_start(&p.anonymous(), Some("r")), Ok(()));
         let r = set_values(&p.anonymous(), None, None);
         assert_eq!(r, Ok(vec![]));
+    }
+
+    #[test]
+    fn a_set_value_that_breaks_the_value_rules_is_refused_in_every_mode() {
+        for mode in [Mode::Drop, Mode::Reject, Mode::Report] {
+            let mut p = policy(mode);
+            let t = crate::identity::Template::parse("jupyter-{user}").unwrap();
+            p.set_envs =
+                vec![crate::identity::SetEnv { name: "KERNEL_NAMESPACE".into(), template: t, scope: "global".into() }];
+            let r = set_values(&p.anonymous(), None, Some("bob$(id)")).unwrap_err();
+            assert_eq!((r.status, r.why), (StatusCode::BAD_REQUEST, "set_envs value breaks the value rules"));
+            assert_eq!(r.extra["violations"][0]["name"], "KERNEL_NAMESPACE");
+            assert!(!r.message.contains("bob"), "{}", r.message);
+            assert_eq!(set_values(&p.anonymous(), None, Some("bob")).unwrap()[0].value, "jupyter-bob");
+        }
     }
 }
