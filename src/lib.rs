@@ -19,12 +19,15 @@
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
 //! - [`server`]: listener, workers, connections, signals;
+//! - [`rawhead`]: what hyper's parsed head hides (a `Content-Length` next to chunked), from the
+//!   bytes it reads;
 //! - [`limits`]: the open-file limit raised at start-up;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names;
 //! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
 //!
-//! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules; [`runtime`] is
+//! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules ([`server`] and
+//! [`proxy`] -> [`rawhead`] -> [`wire`] too); [`runtime`] is
 //! read by both [`server`] and [`proxy`] and imports neither.
 
 #![forbid(unsafe_code)]
@@ -43,6 +46,7 @@ pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod proxy;
+pub mod rawhead;
 pub mod rewrite;
 pub mod routes;
 pub mod runtime;

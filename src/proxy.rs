@@ -38,6 +38,7 @@ use crate::identity::{self, IdentitySource, Who};
 use crate::jwt;
 use crate::metrics::{DecisionLabel, KindLabel, ReasonLabel, RouteLabel, RouteStatus, RuleLabel};
 use crate::policy::{Decision, Sessions, View};
+use crate::rawhead::Watch;
 use crate::rewrite::kernelspecs;
 use crate::rewrite::start::{self, StartBody};
 use crate::routes::Route;
@@ -59,12 +60,18 @@ struct Ctx<'a> {
     forwarded_for: &'a HeaderValue,
     /// `http` or `https`: how the client reached envgate.
     proto: &'static str,
+    /// The client connection's watch, told when the connection switches protocols.
+    watch: &'a Watch,
 }
 
-/// Serves one request, on `worker`. `forwarded_for`: `peer`'s IP as a header value
+/// Serves one request, on `worker`. `raw`: what its head held that hyper's parse dropped, from
+/// the connection's `watch` ([`crate::rawhead`]). `forwarded_for`: `peer`'s IP as a header value
 /// ([`wire::forwarded_for`]), made once per connection.
+#[allow(clippy::too_many_arguments)]
 pub async fn handle(
     req: Request<Incoming>,
+    raw: wire::RawHead,
+    watch: Arc<Watch>,
     peer: SocketAddr,
     forwarded_for: HeaderValue,
     proto: &'static str,
@@ -73,10 +80,18 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let rt = st.runtime.load_full();
-    let cx =
-        Ctx { st: &st, rt: &rt, upstream: rt.upstream(worker), worker, peer, forwarded_for: &forwarded_for, proto };
+    let cx = Ctx {
+        st: &st,
+        rt: &rt,
+        upstream: rt.upstream(worker),
+        worker,
+        peer,
+        forwarded_for: &forwarded_for,
+        proto,
+        watch: &watch,
+    };
     let route = rt.routes.classify_target(req.method(), req.uri());
-    let resp = if let Err(bad) = wire::framing(req.headers()) {
+    let resp = if let Err(bad) = wire::framing(req.headers(), raw) {
         // On every route: a request a front proxy frames differently hides another one.
         st.metrics.framing_refused.get_or_create(&KindLabel { kind: bad.kind() }).inc();
         tracing::warn!(kind = bad.kind(), %peer, route = route.as_str(), "refused a request's framing");
@@ -180,6 +195,8 @@ async fn pass(mut req: Request<Incoming>, cx: &Ctx<'_>) -> Response<ProxyBody> {
     };
     match upgrade {
         Some((client_upgrade, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            // Before hyper reads on: what the client sends next is the new protocol's.
+            cx.watch.upgraded();
             splice(cx.st, client_upgrade, resp)
         }
         _ => from_upstream(resp),

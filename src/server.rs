@@ -26,6 +26,7 @@ use crate::body::ProxyBody;
 use crate::config::{Config, Opts};
 use crate::metrics::ResultLabel;
 use crate::proxy;
+use crate::rawhead::Watched;
 use crate::runtime::{Runtime, StartError, State, Worker};
 use crate::{tls, wire};
 
@@ -269,7 +270,12 @@ async fn serve_conn<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let forwarded_for = crate::wire::forwarded_for(peer.ip());
-    let svc = service_fn(move |req| proxy::handle(req, peer, forwarded_for.clone(), proto, worker, st.clone()));
+    let (io, watch) = Watched::new(io);
+    // Read in hyper's call of the service, once per request, right after it parsed the head.
+    let svc = service_fn(move |req| {
+        let raw = watch.next_head();
+        proxy::handle(req, raw, watch.clone(), peer, forwarded_for.clone(), proto, worker, st.clone())
+    });
     let mut builder = http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();

@@ -92,6 +92,16 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
     }
 }
 
+/// What the raw request head said that hyper's parsed head no longer shows: hyper drops
+/// `Content-Length` when `Transfer-Encoding` is there too. Read from the bytes hyper reads by
+/// [`crate::rawhead`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawHead {
+    /// The head had both a `Content-Length` and a `Transfer-Encoding` line (or envgate could not
+    /// follow the connection's bytes up to it, and cannot say it had not).
+    pub length_and_chunks: bool,
+}
+
 /// A request whose body framing envgate refuses: a front proxy could read it differently (take
 /// `Content-Length` where envgate takes the chunks, or skip a coding envgate does not know), and
 /// then see a request where envgate sees body bytes.
@@ -149,14 +159,12 @@ impl BadFraming {
 
 /// Whether envgate accepts the request's body framing: `Content-Length` alone, a single
 /// `Transfer-Encoding: chunked` (any case, surrounding blanks ignored) alone, or neither.
-/// `headers` as hyper parsed them. hyper drops `Content-Length` from a head that also has
-/// `Transfer-Encoding` (it reads the chunks and closes the connection after the answer, so
-/// nothing behind them is read as a request); should a `Content-Length` still be there, the
-/// request is refused.
-pub fn framing(headers: &HeaderMap) -> Result<(), BadFraming> {
+/// `headers` as hyper parsed them, `raw` for the `Content-Length` hyper drops from a head that
+/// also has `Transfer-Encoding`. A request without `Transfer-Encoding` needs no look at `raw`.
+pub fn framing(headers: &HeaderMap, raw: RawHead) -> Result<(), BadFraming> {
     let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
     let Some(first) = te.next() else { return Ok(()) };
-    if headers.contains_key(header::CONTENT_LENGTH) {
+    if raw.length_and_chunks || headers.contains_key(header::CONTENT_LENGTH) {
         return Err(BadFraming::LengthAndChunks);
     }
     let chunked = first.to_str().is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked"));
@@ -314,23 +322,32 @@ mod tests {
         assert!(!if_none_match(HeaderMap::new().get_all("if-none-match"), &a));
     }
 
+    const NO: RawHead = RawHead { length_and_chunks: false };
+    const BOTH: RawHead = RawHead { length_and_chunks: true };
+
     #[test]
     fn framing_accepts_one_length_or_one_chunked() {
-        assert_eq!(framing(&HeaderMap::new()), Ok(()));
-        assert_eq!(framing(&map(&[("content-length", "12")])), Ok(()));
+        assert_eq!(framing(&HeaderMap::new(), NO), Ok(()));
+        assert_eq!(framing(&map(&[("content-length", "12")]), NO), Ok(()));
+        // Without Transfer-Encoding the raw head is not looked at.
+        assert_eq!(framing(&map(&[("content-length", "12")]), BOTH), Ok(()));
+        assert_eq!(framing(&HeaderMap::new(), BOTH), Ok(()));
         for v in ["chunked", "Chunked", "CHUNKED", " chunked ", "\tchunked", "chunked\t"] {
-            assert_eq!(framing(&map(&[("transfer-encoding", v)])), Ok(()), "{v:?}");
+            assert_eq!(framing(&map(&[("transfer-encoding", v)]), NO), Ok(()), "{v:?}");
         }
     }
 
     #[test]
     fn framing_refuses_length_with_chunks() {
-        // Should the parser keep both, the request is refused.
+        // What hyper hands on: Content-Length dropped, so only the raw head tells.
+        assert_eq!(framing(&map(&[("transfer-encoding", "chunked")]), BOTH), Err(BadFraming::LengthAndChunks));
+        assert_eq!(framing(&map(&[("transfer-encoding", "gzip, chunked")]), BOTH), Err(BadFraming::LengthAndChunks));
+        // Should the parser keep both, the parsed head tells.
         let both = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
-        assert_eq!(framing(&both), Err(BadFraming::LengthAndChunks));
+        assert_eq!(framing(&both, NO), Err(BadFraming::LengthAndChunks));
         // Both and a bad coding: the ambiguous length comes first.
         let both = map(&[("content-length", "5"), ("transfer-encoding", "gzip, chunked")]);
-        assert_eq!(framing(&both), Err(BadFraming::LengthAndChunks));
+        assert_eq!(framing(&both, NO), Err(BadFraming::LengthAndChunks));
         let r = BadFraming::LengthAndChunks.response();
         assert_eq!(r.status(), 400);
         assert_eq!(r.headers()["connection"], "close");
@@ -354,15 +371,15 @@ mod tests {
             "chunked chunked",
             "x-chunked",
         ] {
-            assert_eq!(framing(&map(&[("transfer-encoding", v)])), Err(BadFraming::Coding), "{v:?}");
+            assert_eq!(framing(&map(&[("transfer-encoding", v)]), NO), Err(BadFraming::Coding), "{v:?}");
         }
         let not_ascii = HeaderValue::from_bytes(b"chunked\xff").unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::TRANSFER_ENCODING, not_ascii);
-        assert_eq!(framing(&h), Err(BadFraming::Coding));
+        assert_eq!(framing(&h, NO), Err(BadFraming::Coding));
         for lines in [["chunked", "chunked"], ["gzip", "chunked"], ["chunked", "gzip"]] {
             let h = map(&[("transfer-encoding", lines[0]), ("transfer-encoding", lines[1])]);
-            assert_eq!(framing(&h), Err(BadFraming::Coding), "{lines:?}");
+            assert_eq!(framing(&h, NO), Err(BadFraming::Coding), "{lines:?}");
         }
         let r = BadFraming::Coding.response();
         assert_eq!(r.status(), 501);

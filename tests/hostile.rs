@@ -185,9 +185,9 @@ async fn request_framing_is_strict_and_correct() {
     let n = b.len();
     let before = kernels(&eg).await;
 
-    // Content-Length with Transfer-Encoding: hyper lets Transfer-Encoding win and closes the
-    // connection after answering (RFC 9112, 6.1), so a request smuggled behind the chunked body
-    // is never read, and the body envgate decides on is the chunked one (here: empty, 400).
+    // Content-Length with Transfer-Encoding: envgate's own 400, and the connection closed after
+    // it, so a request smuggled behind the body is never read (more in
+    // `length_and_chunks_together_are_refused_wherever_they_are`).
     let smuggled = String::from_utf8(body()).unwrap();
     let both = format!(
         "POST /api/kernels HTTP/1.1\nHost: {a}\nContent-Length: 60\nTransfer-Encoding: chunked\n\n0\n\n\
@@ -197,6 +197,10 @@ async fn request_framing_is_strict_and_correct() {
     let answer = until_closed(&a, both.replace('\n', "\r\n").as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "CL + TE: {answer}");
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "one answer, then the connection closed: {answer}");
+    assert_eq!(
+        json_of(&answer)["message"],
+        "envgate refuses a request with both Content-Length and Transfer-Encoding: its length is ambiguous"
+    );
     let dup = format!(
         "POST /api/kernels HTTP/1.1\nHost: {a}\nContent-Length: {n}\nContent-Length: {}\nConnection: close\n\n",
         n + 1
@@ -260,6 +264,14 @@ async fn request_framing_is_strict_and_correct() {
     }
 }
 
+/// For requests to envgate at `addr`: the length of [`body`], the body in chunks, and a kernel
+/// start of it to smuggle behind a body (never to be answered).
+fn smuggling(addr: &str) -> (usize, String, String) {
+    let b = String::from_utf8(body()).unwrap();
+    let hidden = format!("POST /api/kernels HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{b}", b.len());
+    (b.len(), String::from_utf8(chunked(b.as_bytes(), 16)).unwrap(), hidden)
+}
+
 /// Framing that a front proxy could read differently from envgate, on any route: refused with
 /// envgate's JSON error, the connection closed after it, nothing behind it read, nothing sent to
 /// EG, and on the policy routes audited.
@@ -269,11 +281,7 @@ async fn framing_a_front_proxy_could_read_differently_is_refused() {
     let gate = Envgate::start(&eg.url, &["--client-envs", "ALLOWED"]);
     let a = gate.addr.clone();
     let before = kernels(&eg).await;
-    let b = String::from_utf8(body()).unwrap();
-    let n = b.len();
-    // A kernel start smuggled behind the body: never answered.
-    let hidden = format!("POST /api/kernels HTTP/1.1\r\nHost: {a}\r\nContent-Length: {n}\r\n\r\n{b}");
-    let chunks = String::from_utf8(chunked(b.as_bytes(), 16)).unwrap();
+    let (_, chunks, hidden) = smuggling(&a);
     let start = |headers: &str| format!("POST /api/kernels HTTP/1.1\r\nHost: {a}\r\n{headers}\r\n{chunks}{hidden}");
 
     let cases = [
@@ -348,6 +356,19 @@ async fn framing_a_front_proxy_could_read_differently_is_refused() {
     request(&a, "DELETE", &format!("/api/kernels/{id}"), &[], b"").await.unwrap();
 }
 
+/// EG's log once it holds a request sent through envgate now: had EG seen any request sent
+/// before it, the log would show that one too.
+async fn eg_log_after_a_probe(envgate: &str, eg: &Eg) -> String {
+    let r = request(envgate, "GET", "/api/framing-probe-seen", &[], b"").await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !eg.log().contains("framing-probe-seen") {
+        assert!(std::time::Instant::now() < deadline, "EG never logged a request:\n{}", eg.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eg.log()
+}
+
 /// A pass-through route is refused the same way, and nothing of it reaches EG: not the request,
 /// not what is smuggled behind it.
 #[tokio::test(flavor = "multi_thread")]
@@ -366,21 +387,174 @@ async fn framing_a_front_proxy_could_read_differently_never_reaches_eg_on_pass_t
         assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{te}: {answer}");
         assert!(json_of(&answer)["message"].as_str().unwrap().contains("Transfer-Encoding"), "{answer}");
     }
-    // A request EG does see, sent after them: once EG logged it, it would have logged them.
-    let r = request(&a, "GET", "/api/framing-probe-seen", &[], b"").await.unwrap();
-    assert_eq!(r.status, 404, "{}", r.text());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !eg.log().contains("framing-probe-seen") {
-        assert!(std::time::Instant::now() < deadline, "EG never logged a request:\n{}", eg.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let log = eg.log();
+    let log = eg_log_after_a_probe(&a, &eg).await;
     assert!(!log.contains("framing-probe-refused") && !log.contains("framing-probe-hidden"), "EG saw:\n{log}");
     assert!(gate.audit_text().is_empty(), "a pass-through route writes no audit record");
     let metrics = request(&admin, "GET", "/metrics", &[], b"").await.unwrap().text();
     for want in [
         "envgate_framing_refused_total{kind=\"transfer_encoding\"} 2",
         "envgate_requests_total{route=\"other\",status=\"501\"} 2",
+    ] {
+        assert!(metrics.contains(want), "{want}:\n{metrics}");
+    }
+}
+
+/// Header text a body may hold: read as a head, it would be one with both framings.
+const FAKE_HEAD: &str = "\r\n\r\nPOST /api/kernels HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n";
+
+/// Both `Content-Length` and `Transfer-Encoding`, in either order, in any case, with the length
+/// given twice: envgate's JSON 400 with `Connection: close`, first on a connection, after a
+/// kept-alive request and pipelined behind one; audited on the policy routes; nothing smuggled
+/// behind it is read. A body that merely holds such header text is a body.
+#[tokio::test(flavor = "multi_thread")]
+async fn length_and_chunks_together_are_refused_wherever_they_are() {
+    let eg = eg(None, None);
+    let gate = Envgate::start(&eg.url, &["--client-envs", "ALLOWED"]);
+    let a = gate.addr.clone();
+    let before = kernels(&eg).await;
+    let (n, chunks, hidden) = smuggling(&a);
+    let on = |path: &str, headers: &str| format!("POST {path} HTTP/1.1\r\nHost: {a}\r\n{headers}\r\n{chunks}{hidden}");
+    let cases = [
+        ("length first", format!("Content-Length: {n}\r\nTransfer-Encoding: chunked\r\n")),
+        ("chunks first", format!("Transfer-Encoding: chunked\r\nContent-Length: {n}\r\n")),
+        ("mixed case", format!("tRANSFER-eNCODING: Chunked\r\ncontent-LENGTH: {n}\r\n")),
+        ("length twice", format!("Content-Length: {n}\r\nTransfer-Encoding: chunked\r\nContent-Length: {n}\r\n")),
+        ("length zero", "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n".to_string()),
+    ];
+    let refused = |what: &str, answer: &str| {
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{what}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{what}: one answer, then closed: {answer}");
+        assert!(answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{what}: {answer}");
+        let v = json_of(answer);
+        assert_eq!(v["reason"], "Bad Request", "{what}");
+        let m = v["message"].as_str().unwrap();
+        assert!(m.contains("Content-Length") && m.contains("Transfer-Encoding"), "{what}: {v}");
+    };
+    let mut audited = 0;
+    for (what, headers) in &cases {
+        refused(what, &until_closed(&a, on("/api/kernels", headers).as_bytes()).await);
+        let lf = on("/api/kernels", headers).replace("\r\n", "\n");
+        refused(&format!("{what}, LF line ends"), &until_closed(&a, lf.as_bytes()).await);
+        audited += 2;
+    }
+    // Behind a request on a kept-alive connection, and pipelined right after one.
+    let first_req = format!("GET /api/kernelspecs HTTP/1.1\r\nHost: {a}\r\n\r\n");
+    for (what, headers) in &cases[..2] {
+        let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
+        let first = support::http::request_raw_on(&mut s, first_req.as_bytes(), false).await.unwrap();
+        assert_eq!(first.status, 200, "{}", first.text());
+        s.write_all(on("/api/kernels", headers).as_bytes()).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await.expect("closed");
+        refused(&format!("{what}, after a kept-alive request"), &String::from_utf8_lossy(&rest));
+        let answer = until_closed(&a, format!("{first_req}{}", on("/api/kernels", headers)).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{what}, pipelined: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "{what}, pipelined: two answers, then closed: {answer}");
+        refused(&format!("{what}, pipelined"), &answer[answer.rfind("HTTP/1.1 ").unwrap()..]);
+        audited += 2;
+    }
+    // A session start and an ambiguous kernel-start path: the same.
+    for path in ["/api/sessions", "/api/kernels/"] {
+        refused(path, &until_closed(&a, on(path, &cases[1].1).as_bytes()).await);
+        audited += 1;
+    }
+    // A Transfer-Encoding folded over two lines: the HTTP parser's own 400 (it takes no folded
+    // request header), before envgate sees the request.
+    let folded = on("/api/kernels", &format!("Content-Length: {n}\r\nTransfer-Encoding:\r\n chunked\r\n"));
+    let answer = until_closed(&a, folded.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "obs-fold: {answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "obs-fold: {answer}");
+    assert_eq!(kernels(&eg).await, before, "no kernel started");
+
+    // Audited as refused, with the problem and never a value.
+    let recs = gate.audit(audited);
+    let both: Vec<&serde_json::Value> =
+        recs.iter().filter(|r| r["error"] == "both content-length and transfer-encoding").collect();
+    assert_eq!(both.len(), audited, "{recs:?}");
+    assert!(both.iter().all(|r| r["outcome"] == "refused" && r["status"] == 400), "{both:?}");
+    assert!(both.iter().any(|r| r["event"] == "session_start"), "{both:?}");
+
+    // Header text inside bodies is not a head: behind a body of known length that ends in it, on
+    // the same connection and pipelined, and in a chunked body's data and trailers, a chunked
+    // kernel start is accepted.
+    let probe = format!("{FAKE_HEAD}{FAKE_HEAD}");
+    let by_length =
+        format!("POST /api/framing-probe-body HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n{probe}", probe.len());
+    let by_chunks = format!(
+        "POST /api/framing-probe-body HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{probe}\r\n0\r\n\r\n",
+        probe.len()
+    );
+    let trailers = format!(
+        "POST /api/kernels HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n{}X-Trailer: 1\r\nContent-Length: 5\r\n\r\n",
+        chunks.strip_suffix("\r\n").unwrap()
+    );
+    let start = format!("POST /api/kernels HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}");
+    let mut ids = Vec::new();
+    for (what, before_start) in [("length", &by_length), ("chunks", &by_chunks), ("trailers", &trailers)] {
+        let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
+        let first = support::http::request_raw_on(&mut s, before_start.as_bytes(), false).await.unwrap();
+        assert_ne!(first.status, 400, "{what}: {}", first.text());
+        let r = support::http::request_raw_on(&mut s, start.as_bytes(), false).await.unwrap();
+        assert_eq!(r.status, 201, "{what}, kept alive: {}", r.text());
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+        let close = start.replacen("\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1);
+        let answer = until_closed(&a, format!("{before_start}{close}").as_bytes()).await;
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "{what}, pipelined: {answer}");
+        assert!(
+            answer[answer.rfind("HTTP/1.1 ").unwrap()..].starts_with("HTTP/1.1 201 "),
+            "{what}, pipelined: {answer}"
+        );
+        let id = answer.rsplit("\"id\"").next().unwrap();
+        ids.push(id[id.find('"').unwrap() + 1..][..36].to_string());
+    }
+    for id in &ids {
+        let r = request(&a, "DELETE", &format!("/api/kernels/{id}"), &[], b"").await.unwrap();
+        assert_eq!(r.status, 204, "{id}: {}", r.text());
+    }
+}
+
+/// On a pass-through route too: refused, counted, and neither the request nor what is smuggled
+/// behind it reaches EG.
+#[tokio::test(flavor = "multi_thread")]
+async fn length_and_chunks_together_never_reach_eg_on_pass_through() {
+    let eg = eg(None, None);
+    let admin = format!("127.0.0.1:{}", support::eg::free_port());
+    let gate = Envgate::start(&eg.url, &["--admin-listen", &admin]);
+    let a = gate.addr.clone();
+    let hidden = format!("GET /api/framing-probe-hidden HTTP/1.1\r\nHost: {a}\r\n\r\n");
+    let refused = |headers: &str| {
+        format!("GET /api/framing-probe-refused HTTP/1.1\r\nHost: {a}\r\n{headers}\r\n0\r\n\r\n{hidden}")
+    };
+    for headers in
+        ["Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "transfer-encoding: CHUNKED\r\ncontent-length: 5\r\n"]
+    {
+        let answer = until_closed(&a, refused(headers).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{headers:?}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{headers:?}: {answer}");
+        assert!(json_of(&answer)["message"].as_str().unwrap().contains("Content-Length"), "{answer}");
+    }
+    // After a kept-alive pass-through request whose body holds the same header text.
+    let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
+    let first = format!(
+        "POST /api/framing-probe-first HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n{FAKE_HEAD}",
+        FAKE_HEAD.len()
+    );
+    let r = support::http::request_raw_on(&mut s, first.as_bytes(), false).await.unwrap();
+    assert_ne!(r.status, 400, "{}", r.text());
+    s.write_all(refused("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n").as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await.expect("closed");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 400 "), "after a kept-alive request: {rest}");
+    assert_eq!(rest.matches("HTTP/1.1 ").count(), 1, "{rest}");
+
+    let log = eg_log_after_a_probe(&a, &eg).await;
+    assert!(log.contains("framing-probe-first"), "EG saw the kept-alive request:\n{log}");
+    assert!(!log.contains("framing-probe-refused") && !log.contains("framing-probe-hidden"), "EG saw:\n{log}");
+    let metrics = request(&admin, "GET", "/metrics", &[], b"").await.unwrap().text();
+    for want in [
+        "envgate_framing_refused_total{kind=\"content_length_and_transfer_encoding\"} 3",
+        "envgate_requests_total{route=\"other\",status=\"400\"} 3",
     ] {
         assert!(metrics.contains(want), "{want}:\n{metrics}");
     }
