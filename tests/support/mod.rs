@@ -6,3 +6,4 @@ pub mod fake_upstream;
 pub mod http;
 pub mod jupyter;
 pub mod kernel;
+pub mod jwt;
