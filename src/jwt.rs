@@ -45,14 +45,8 @@ const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const MAX_USER_BYTES: usize = 256;
 
 /// The algorithms a key can verify. None of them is an HMAC.
-const RSA_ALGS: &[Algorithm] = &[
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
+const RSA_ALGS: &[Algorithm] =
+    &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS384, Algorithm::PS512];
 const EC_ALGS: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
 const ED_ALGS: &[Algorithm] = &[Algorithm::EdDSA];
 
@@ -163,10 +157,8 @@ pub fn token_in<'v>(header: &http::HeaderName, value: &'v http::HeaderValue) -> 
     if v.is_empty() {
         return Err(JwtError::Missing);
     }
-    let bearer = v
-        .split_once(' ')
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim_start());
+    let bearer =
+        v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, t)| t.trim_start());
     let token = match bearer {
         Some(t) => t,
         None if header == http::header::AUTHORIZATION => return Err(JwtError::Malformed),
@@ -357,9 +349,10 @@ fn accepted_alg(alg: &str) -> Result<Algorithm, JwtError> {
 
 fn classify(kind: &ErrorKind) -> JwtError {
     match kind {
-        ErrorKind::InvalidSignature | ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidRsaKey(_) | ErrorKind::Crypto(_) => {
-            JwtError::BadSignature
-        }
+        ErrorKind::InvalidSignature
+        | ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidRsaKey(_)
+        | ErrorKind::Crypto(_) => JwtError::BadSignature,
         ErrorKind::ExpiredSignature => JwtError::Expired,
         ErrorKind::ImmatureSignature => JwtError::NotYetValid,
         ErrorKind::InvalidIssuer => JwtError::WrongIssuer,

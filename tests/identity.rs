@@ -279,8 +279,12 @@ async fn each_identity_sees_its_own_kernelspecs() {
     let lc = get(carol, "/api/kernelspecs").await;
     for r in [&la, &lb, &lc] {
         assert_eq!(r.status, 200, "{}", r.text());
-        let vary: Vec<String> =
-            r.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("vary")).map(|(_, v)| v.to_ascii_lowercase()).collect();
+        let vary: Vec<String> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("vary"))
+            .map(|(_, v)| v.to_ascii_lowercase())
+            .collect();
         let vary = vary.join(", ");
         assert!(vary.contains("x-forwarded-user") && vary.contains("x-forwarded-groups"), "Vary: {vary}");
     }
@@ -307,9 +311,8 @@ async fn each_identity_sees_its_own_kernelspecs() {
         .await
         .unwrap();
     assert_eq!(r.status, 304);
-    let r = request(&gate.addr, "GET", "/api/kernelspecs", &[bob[0], bob[1], ("If-None-Match", &etag)], b"")
-        .await
-        .unwrap();
+    let r =
+        request(&gate.addr, "GET", "/api/kernelspecs", &[bob[0], bob[1], ("If-None-Match", &etag)], b"").await.unwrap();
     assert_eq!(r.status, 200, "alice's ETag must not match bob's body");
 }
 
@@ -384,7 +387,11 @@ async fn tokens_are_verified_on_every_request_and_bad_ones_start_nothing() {
         ("unsupported_algorithm", jwt::alg_none(&jwt::claims(ISS, AUD, "alice", &[]))),
         (
             "unsupported_algorithm",
-            jwt::hmac(keys.rsa_public_pem().as_bytes(), Some(keys.kid(Kind::Rsa)), &jwt::claims(ISS, AUD, "alice", &[])),
+            jwt::hmac(
+                keys.rsa_public_pem().as_bytes(),
+                Some(keys.kid(Kind::Rsa)),
+                &jwt::claims(ISS, AUD, "alice", &[]),
+            ),
         ),
         ("malformed", "not.a-token".to_string()),
     ];
@@ -418,9 +425,8 @@ async fn tokens_are_verified_on_every_request_and_bad_ones_start_nothing() {
     }
     assert!(!text.contains(&good), "the good token reached the logs");
 
-    let r = request(&gate.addr, "DELETE", &format!("/api/kernels/{id}"), &[("Authorization", &bearer)], b"")
-        .await
-        .unwrap();
+    let r =
+        request(&gate.addr, "DELETE", &format!("/api/kernels/{id}"), &[("Authorization", &bearer)], b"").await.unwrap();
     assert_eq!(r.status, 204, "{}", r.text());
 }
 
@@ -450,11 +456,7 @@ async fn a_reload_applies_changed_blocks_and_rotated_keys() {
 
     // Rotate: only the new keys; data-eng now sends LAB_VAR instead of SPARK_*, and may start only spark.
     write(dir.path(), "jwks.json", &new.jwks());
-    write(
-        dir.path(),
-        "envgate.toml",
-        "[groups.data-eng]\nclient_envs = [\"LAB_VAR\"]\nkernelspecs = [\"spark\"]\n",
-    );
+    write(dir.path(), "envgate.toml", "[groups.data-eng]\nclient_envs = [\"LAB_VAR\"]\nkernelspecs = [\"spark\"]\n");
     gate.signal("HUP");
     assert!(gate.wait_log("configuration reloaded"), "{}", gate.log());
 

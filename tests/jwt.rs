@@ -111,7 +111,11 @@ fn each_failed_check_has_its_own_name() {
             },
             JwtError::BadSignature,
         ),
-        ("signed by another key, no kid", other_keys().sign_with(Kind::Rsa, Header::new(jsonwebtoken::Algorithm::RS256), &good), JwtError::BadSignature),
+        (
+            "signed by another key, no kid",
+            other_keys().sign_with(Kind::Rsa, Header::new(jsonwebtoken::Algorithm::RS256), &good),
+            JwtError::BadSignature,
+        ),
         ("unknown kid", other_keys().sign(Kind::Ec, &good), JwtError::UnknownKey),
         (
             "payload changed after signing",

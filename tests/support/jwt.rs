@@ -62,11 +62,8 @@ impl Keys {
         let sys = ring::rand::SystemRandom::new();
         let ec_alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
         let ec_pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(ec_alg, &sys).unwrap().as_ref().to_vec();
-        let ec_public = ring::signature::EcdsaKeyPair::from_pkcs8(ec_alg, &ec_pkcs8, &sys)
-            .unwrap()
-            .public_key()
-            .as_ref()
-            .to_vec();
+        let ec_public =
+            ring::signature::EcdsaKeyPair::from_pkcs8(ec_alg, &ec_pkcs8, &sys).unwrap().public_key().as_ref().to_vec();
         let ed_pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&sys).unwrap().as_ref().to_vec();
         let ed_public = ring::signature::Ed25519KeyPair::from_pkcs8(&ed_pkcs8).unwrap().public_key().as_ref().to_vec();
         Keys {
@@ -107,7 +104,12 @@ impl Keys {
 
     /// The public keys as PEM (`PUBLIC KEY` blocks, SPKI), one after the other.
     pub fn pem(&self) -> String {
-        format!("{}{}{}", self.rsa_public_pem, spki_pem(&EC_SPKI_PREFIX, &self.ec_public), spki_pem(&ED_SPKI_PREFIX, &self.ed_public))
+        format!(
+            "{}{}{}",
+            self.rsa_public_pem,
+            spki_pem(&EC_SPKI_PREFIX, &self.ec_public),
+            spki_pem(&ED_SPKI_PREFIX, &self.ed_public)
+        )
     }
 
     /// The RSA public key PEM: the "secret" of an HMAC forgery.

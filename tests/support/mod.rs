@@ -5,5 +5,5 @@ pub mod envgate;
 pub mod fake_upstream;
 pub mod http;
 pub mod jupyter;
-pub mod kernel;
 pub mod jwt;
+pub mod kernel;
