@@ -319,7 +319,7 @@ async fn each_identity_sees_its_own_kernelspecs() {
 const ISS: &str = "https://idp.example.org/realms/jupyter";
 const AUD: &str = "enterprise-gateway";
 
-fn jwt_args<'a>(keys: &'a str) -> Vec<&'a str> {
+fn jwt_args(keys: &str) -> Vec<&str> {
     vec!["--jwt-keys", keys, "--jwt-issuer", ISS, "--jwt-audience", AUD, "--jwt-leeway", "5s"]
 }
 
