@@ -329,6 +329,28 @@ impl Raw {
                 )));
             }
         }
+        // A session start carries no env and names its kernelspec where envgate does not look: the
+        // values `set_envs` promises and a block's `kernelspecs` list could not hold for it.
+        if s.sessions.value == crate::policy::Sessions::Allow {
+            let blocks = || users.values().chain(groups.values());
+            let set =
+                !global_set.is_empty() || !kernelspec_set_envs.is_empty() || blocks().any(|b| !b.set_envs.is_empty());
+            let narrowed = blocks().find(|b| b.kernelspecs.is_some());
+            let what = match (set, narrowed) {
+                (true, _) => Some("`set_envs`".to_string()),
+                (false, Some(b)) => Some(format!("the `kernelspecs` list of {}", b.label)),
+                (false, None) => None,
+            };
+            if let Some(what) = what {
+                return Err(s.sessions.err(
+                    "sessions",
+                    format!(
+                        "\"allow\" cannot be combined with {what}: a session start carries no env and its \
+                         kernelspec is not checked, so neither could be enforced for it; keep sessions = \"deny\""
+                    ),
+                ));
+            }
+        }
         let mut values = ValueRules::default();
         if let Some(n) = &s.value_max_length {
             values.max_length = n.value as usize;
@@ -449,6 +471,10 @@ fn identity(s: &Settings) -> Result<Option<Identity>, ConfigError> {
     let required = |key: &str, given: &Option<Setting<String>>| {
         given.as_ref().map(|g| g.value.clone()).ok_or_else(|| keys.err("jwt_keys", format!("needs `{key}` too")))
     };
+    // Slack for clocks that disagree, not a way to accept expired tokens.
+    if s.jwt_leeway.value > std::time::Duration::from_secs(300) {
+        return Err(s.jwt_leeway.err("jwt_leeway", "at most 5m: it is slack for clock skew"));
+    }
     let settings = crate::jwt::JwtSettings {
         keys_file: keys.value.clone(),
         issuer: required("jwt_issuer", &s.jwt_issuer)?,
@@ -860,6 +886,7 @@ mod tests {
             ("jwt_issuer = \"i\"", "needs `jwt_keys`"),
             ("jwt_keys = \"/k\"\njwt_audience = \"a\"", "needs `jwt_issuer` too"),
             ("jwt_keys = \"/k\"\ntrusted_user_header = \"X-U\"", "not both"),
+            ("jwt_keys = \"/k\"\njwt_issuer = \"i\"\njwt_audience = \"a\"\njwt_leeway = \"6m\"", "at most 5m"),
             ("[set_envs]\nKERNEL_NAMESPACE = \"ns-{user_dns}\"", "needs identity"),
             ("[set_envs]\nKERNEL_USERNAME = \"x\"", "user_mismatch"),
             ("[set_envs]\nA = \"{usr}\"", "unknown placeholder `{usr}`"),
@@ -868,6 +895,15 @@ mod tests {
             ("trusted_user_header = \"X-U\"\n[users.a.value_patterns]\nA = \"\"", "an empty pattern"),
             ("trusted_user_header = \"X-U\"\n[users.a.value_patterns]\nA = \"(\"", "not a valid regular expression"),
             ("[kernelspecs.k.set_envs]\nA = \"{user}\"", "needs identity"),
+            ("sessions = \"allow\"\n[set_envs]\nKERNEL_IMAGE = \"i\"", "cannot be combined with `set_envs`"),
+            (
+                "sessions = \"allow\"\ntrusted_user_header = \"X-U\"\n[users.a]\nkernelspecs = [\"k\"]",
+                "cannot be combined with the `kernelspecs` list of user:a",
+            ),
+            (
+                "sessions = \"allow\"\ntrusted_user_header = \"X-U\"\n[users.a.set_envs]\nA = \"{user}\"",
+                "cannot be combined with `set_envs`",
+            ),
         ];
         for (text, expected) in cases {
             let e = load_toml(text).unwrap_err().0;
@@ -875,6 +911,10 @@ mod tests {
         }
         // A set value without the user needs no identity.
         assert!(load_toml("[set_envs]\nKERNEL_IMAGE = \"img-{kernelspec}\"").is_ok());
+        // Sessions with identity but nothing a session start could not keep.
+        assert!(
+            load_toml("sessions = \"allow\"\ntrusted_user_header = \"X-U\"\n[users.a]\nclient_envs = [\"A\"]").is_ok()
+        );
     }
 
     #[test]
