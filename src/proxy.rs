@@ -160,6 +160,10 @@ fn to_upstream(parts: &mut Parts, cx: &Ctx<'_>) {
 fn clean_for_upstream(headers: &mut HeaderMap, cx: &Ctx<'_>) {
     wire::strip_hop_by_hop(headers);
     wire::add_forwarded(headers, cx.forwarded_for, cx.proto);
+    // The user's token is envgate's to check, not EG's to see: it may open other services too.
+    if let Some(IdentityFrom::Jwt(j)) = cx.rt.config.identity.as_ref().map(|i| &i.from) {
+        headers.remove(&j.header);
+    }
     if let Some(auth) = &cx.upstream.auth {
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
@@ -797,7 +801,8 @@ async fn kernelspecs_for(req: Request<Incoming>, route: Route, view: &View<'_>, 
                         let etag = wire::etag(&new);
                         (new, etag)
                     });
-                    cx.rt.rewrites.put(list, &key, buf.clone().freeze(), out.clone());
+                    let held = out.as_ref().map_or(0, |(b, _)| b.len());
+                    cx.rt.rewrites.put(list, &key, buf.clone().freeze(), out.clone(), held);
                     out
                 }
                 Err(e) => {

@@ -443,20 +443,27 @@ async fn a_reload_applies_changed_blocks_and_rotated_keys() {
     let gate = Envgate::start(&eg.url, &args);
     let old_token = format!("Bearer {}", old.sign(Kind::Rsa, &jwt::claims(ISS, AUD, "alice", &["data-eng"])));
     let new_token = format!("Bearer {}", new.sign(Kind::Ed, &jwt::claims(ISS, AUD, "alice", &["data-eng"])));
-    let body = json!({"name": "python3", "env": {"SPARK_HOME": "/opt/spark", "LAB_VAR": "l"}});
+    let body = json!({"name": "python3", "env": {"SPARK_HOME": "/opt/spark", "LAB_VAR": "l", "USER_VAR": "u"}});
 
     let r = start(&gate.addr, &[("Authorization", &old_token)], &body).await;
     let first = started_id(&r).await;
     let rec = record_of(&gate, &r);
     assert_eq!(by_name(&rec["kept"], "source")["SPARK_HOME"], "group:data-eng");
     assert_eq!(by_name(&rec["rejected"], "reason")["LAB_VAR"], "not_allowed");
+    assert_eq!(by_name(&rec["rejected"], "reason")["USER_VAR"], "not_allowed");
     let r = start(&gate.addr, &[("Authorization", &new_token)], &body).await;
     assert_eq!(r.status, 401);
     assert_eq!(record_of(&gate, &r)["error"], "token unknown_key");
 
-    // Rotate: only the new keys; data-eng now sends LAB_VAR instead of SPARK_*, and may start only spark.
+    // Rotate: only the new keys; data-eng now sends LAB_VAR instead of SPARK_*, and may start only spark;
+    // alice gains a block of her own.
     write(dir.path(), "jwks.json", &new.jwks());
-    write(dir.path(), "envgate.toml", "[groups.data-eng]\nclient_envs = [\"LAB_VAR\"]\nkernelspecs = [\"spark\"]\n");
+    write(
+        dir.path(),
+        "envgate.toml",
+        "[groups.data-eng]\nclient_envs = [\"LAB_VAR\"]\nkernelspecs = [\"spark\"]\n\
+         [users.alice]\nclient_envs = [\"USER_VAR\"]\n",
+    );
     gate.signal("HUP");
     assert!(gate.wait_log("configuration reloaded"), "{}", gate.log());
 
@@ -469,8 +476,10 @@ async fn a_reload_applies_changed_blocks_and_rotated_keys() {
     spark["name"] = json!("spark");
     let r = start(&gate.addr, &[("Authorization", &new_token)], &spark).await;
     let second = started_id(&r).await;
+    assert_eq!(by_name(&record_of(&gate, &r)["kept"], "source")["USER_VAR"], "user:alice");
     let env = kernel_env(&gate, &second, &[("Authorization", &new_token)]).await;
     assert_eq!(env.get("LAB_VAR").map(String::as_str), Some("l"));
+    assert_eq!(env.get("USER_VAR").map(String::as_str), Some("u"));
     assert!(!env.contains_key("SPARK_HOME"));
     assert!(!env.contains_key("KERNEL_NAMESPACE"), "the reload removed the global set_envs");
 
@@ -480,4 +489,64 @@ async fn a_reload_applies_changed_blocks_and_rotated_keys() {
             .unwrap();
         assert_eq!(r.status, 204, "{}", r.text());
     }
+}
+
+/// The token is envgate's to check: it never reaches the gateway (a recording upstream stands in
+/// for EG here, since EG cannot show the headers it was sent), and every refusal is counted by
+/// reason on `/metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_not_forwarded_and_refusals_are_counted() {
+    use support::fake_upstream::{listen, read_request};
+    use tokio::io::AsyncWriteExt;
+
+    let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let upstream = listen(support::fake_upstream::any_port(), move |mut c| {
+        let tx = tx.clone();
+        async move {
+            while let Some(head) = read_request(&mut c).await {
+                let _ = tx.send(head.text);
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]";
+                if c.get_mut().write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let keys = Keys::generate("idp");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = write(dir.path(), "jwks.json", &keys.jwks());
+    let admin = format!("127.0.0.1:{}", support::eg::free_port());
+    let mut args = jwt_args(&jwks);
+    args.extend(["--admin-listen", &admin]);
+    let gate = Envgate::start(&format!("http://{upstream}"), &args);
+
+    let token = keys.sign(Kind::Rsa, &jwt::claims(ISS, AUD, "alice", &[]));
+    let bearer = format!("Bearer {token}");
+    let r = request(&gate.addr, "GET", "/api/kernels", &[("Authorization", &bearer)], b"").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let head = heads.recv().await.unwrap();
+    assert!(head.starts_with("GET /api/kernels "), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("authorization"), "the token reached the gateway: {head}");
+    assert!(!head.contains(&token));
+
+    let expired = keys.sign(Kind::Rsa, &{
+        let mut c = jwt::claims(ISS, AUD, "alice", &[]);
+        c["exp"] = json!(jwt::now() - 600);
+        c
+    });
+    for t in [expired.as_str(), expired.as_str(), "x.y.z"] {
+        let b = format!("Bearer {t}");
+        let r = request(&gate.addr, "GET", "/api/kernels", &[("Authorization", &b)], b"").await.unwrap();
+        assert_eq!(r.status, 401);
+    }
+    let r = request(&gate.addr, "GET", "/api/kernels", &[], b"").await.unwrap();
+    assert_eq!(r.status, 401);
+    assert!(heads.try_recv().is_err(), "a refused request reached the gateway");
+    let m = request(&admin, "GET", "/metrics", &[], b"").await.unwrap().text();
+    for (reason, n) in [("expired", 2), ("malformed", 1), ("missing", 1)] {
+        let line = format!("envgate_token_refused_total{{reason=\"{reason}\"}} {n}");
+        assert!(m.lines().any(|l| l == line), "no `{line}` in:\n{m}");
+    }
+    assert!(!m.contains("alice"), "no user label");
 }

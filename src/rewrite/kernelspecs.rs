@@ -142,8 +142,8 @@ pub fn rewrite_one_for(view: &View<'_>, body: &[u8]) -> Result<Option<Vec<u8>>, 
 /// bytes), so one policy's runtime keeps the last few results and answers a repeated body with
 /// one comparison instead of a parse and a render. The view is the list of blocks that apply
 /// (empty without identity): users the policy treats alike share entries, and the memo holds
-/// at most [`MEMO_SLOTS`] entries however many users there are. Lock-free reads; a miss swaps
-/// in a new list.
+/// at most [`MEMO_SLOTS`] entries, and at most [`MEMO_BYTES`] of bodies, however many users
+/// there are. Lock-free reads; a miss swaps in a new list.
 #[derive(Debug)]
 pub struct Memo<T> {
     entries: arc_swap::ArcSwap<Vec<std::sync::Arc<MemoEntry<T>>>>,
@@ -155,11 +155,18 @@ struct MemoEntry<T> {
     view: Box<[std::sync::Arc<str>]>,
     input: bytes::Bytes,
     output: T,
+    /// The bytes it holds: its input and its output.
+    cost: usize,
 }
 
 /// How many distinct bodies a [`Memo`] keeps (the list, and a few single kernelspecs, for a
 /// few identities' views).
 const MEMO_SLOTS: usize = 32;
+
+/// How many bytes of bodies (upstream and rewritten) a [`Memo`] holds at most; a body larger than a
+/// quarter of it is not remembered (EG's kernelspec documents are a few KiB; the request body limit
+/// is far larger).
+const MEMO_BYTES: usize = 16 << 20;
 
 impl<T> Default for Memo<T> {
     fn default() -> Self {
@@ -178,17 +185,23 @@ impl<T: Clone> Memo<T> {
             .map(|e| e.output.clone())
     }
 
-    /// Remembers `output` for `input`; the oldest entry goes when the memo is full.
-    pub fn put(&self, list: bool, view: &[std::sync::Arc<str>], input: bytes::Bytes, output: T) {
-        let entry = std::sync::Arc::new(MemoEntry { list, view: view.into(), input, output });
+    /// Remembers `output` for `input`, `output_bytes` being the size of what `output` holds; the
+    /// oldest entries go when the memo is full, by count or by bytes.
+    pub fn put(&self, list: bool, view: &[std::sync::Arc<str>], input: bytes::Bytes, output: T, output_bytes: usize) {
+        let cost = input.len().saturating_add(output_bytes);
+        if cost > MEMO_BYTES / 4 {
+            return;
+        }
+        let entry = std::sync::Arc::new(MemoEntry { list, view: view.into(), input, output, cost });
         self.entries.rcu(|old| {
             let mut v: Vec<_> = old
                 .iter()
                 .filter(|e| !(e.list == entry.list && e.view == entry.view && e.input == entry.input))
                 .cloned()
                 .collect();
-            if v.len() >= MEMO_SLOTS {
-                v.remove(0);
+            let mut held: usize = v.iter().map(|e| e.cost).sum();
+            while !v.is_empty() && (v.len() >= MEMO_SLOTS || held + cost > MEMO_BYTES) {
+                held -= v.remove(0).cost;
             }
             v.push(entry.clone());
             v
@@ -308,18 +321,37 @@ mod tests {
         let m: Memo<u32> = Memo::default();
         let none: &[std::sync::Arc<str>] = &[];
         assert_eq!(m.get(true, none, b"a"), None);
-        m.put(true, none, bytes::Bytes::from_static(b"a"), 1);
+        m.put(true, none, bytes::Bytes::from_static(b"a"), 1, 0);
         assert_eq!(m.get(true, none, b"a"), Some(1));
         assert_eq!(m.get(false, none, b"a"), None, "the route is part of the key");
         assert_eq!(m.get(true, &["user:a".into()], b"a"), None, "the view is part of the key");
         assert_eq!(m.get(true, none, b"ab"), None);
-        m.put(true, none, bytes::Bytes::from_static(b"a"), 2);
+        m.put(true, none, bytes::Bytes::from_static(b"a"), 2, 0);
         assert_eq!(m.get(true, none, b"a"), Some(2), "replaced, not duplicated");
         for i in 0..MEMO_SLOTS as u32 {
-            m.put(false, &[format!("user:{i}").into()], bytes::Bytes::from(i.to_string()), i);
+            m.put(false, &[format!("user:{i}").into()], bytes::Bytes::from(i.to_string()), i, 0);
         }
         assert_eq!(m.get(true, none, b"a"), None, "the oldest went");
         assert_eq!(m.get(false, &["user:0".into()], b"0"), Some(0));
         assert_eq!(m.entries.load().len(), MEMO_SLOTS, "bounded whatever the number of views");
+    }
+
+    #[test]
+    fn memo_holds_a_bounded_number_of_bytes() {
+        let m: Memo<u32> = Memo::default();
+        let none: &[std::sync::Arc<str>] = &[];
+        let big = |c: u8| bytes::Bytes::from(vec![c; MEMO_BYTES / 8]);
+        m.put(true, none, bytes::Bytes::from(vec![0u8; MEMO_BYTES / 4 + 1]), 0, 0);
+        assert_eq!(m.entries.load().len(), 0, "too large to remember");
+        m.put(true, none, big(1), 1, MEMO_BYTES / 8);
+        assert_eq!(m.get(true, none, &big(1)), Some(1));
+        for c in 2..=4u8 {
+            m.put(true, none, big(c), c as u32, MEMO_BYTES / 8);
+        }
+        assert_eq!(m.get(true, none, &big(1)), Some(1), "four quarters fit");
+        m.put(true, none, big(5), 5, MEMO_BYTES / 8);
+        assert_eq!(m.get(true, none, &big(1)), None, "a fifth does not: the oldest went");
+        assert_eq!(m.get(true, none, &big(5)), Some(5));
+        assert!(m.entries.load().iter().map(|e| e.cost).sum::<usize>() <= MEMO_BYTES);
     }
 }
