@@ -14,6 +14,7 @@ const CELLS: &[(&str, &str, &str)] = &[
     ("ks_c64", "GET /api/kernelspecs, 64 conns", "req/s"),
     ("post_c1", "POST /api/kernels (40 env, 20 allowed, audit on), 1 conn", "req/s"),
     ("post_c64", "POST /api/kernels (40 env, 20 allowed, audit on), 64 conns", "req/s"),
+    ("post_jwt_c64", "POST /api/kernels as post_c64, with an RS256 JWT (envgate verifies it), 64 conns", "req/s"),
     ("ws_rtt_c1", "WS round trip 64 B, 1 conn", "msg/s"),
     ("ws_rtt_c64", "WS round trip 64 B, 64 conns", "msg/s"),
     ("ws_tput", "WS echo of 1 MB messages, 1 conn (4 in flight)", "MB/s"),
