@@ -356,6 +356,13 @@ async fn tokens_are_verified_on_every_request_and_bad_ones_start_nothing() {
     assert_eq!(rec["groups"], json!(["data-eng"]));
     assert_eq!(by_name(&rec["kept"], "source")["SPARK_HOME"], "group:data-eng");
 
+    // The kernelspec list depends on the token: a shared cache must key it by that header.
+    let r = request(&gate.addr, "GET", "/api/kernelspecs", &[("Authorization", &bearer)], b"").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let vary: Vec<String> =
+        r.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("vary")).map(|(_, v)| v.to_ascii_lowercase()).collect();
+    assert!(vary.iter().any(|v| v.contains("authorization")), "Vary: {vary:?}");
+
     // The WebSocket needs the token too.
     let url = format!("ws://{}/api/kernels/{id}/channels", gate.addr);
     let err = run_code(&url, &[], Protocol::V1, PRINT_ENV).await.unwrap_err();
