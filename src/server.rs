@@ -197,8 +197,9 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
     });
     let Workers { senders, threads } = start_workers(workers, &shared)?;
     let stop = shared.stop.clone();
+    let files = std::sync::Mutex::new(crate::watch::read(&opts, &[]));
     let reloader =
-        Arc::new(Reloader { opts: opts.clone(), state: state.clone(), tls, workers, one: tokio::sync::Mutex::new(()) });
+        Arc::new(Reloader { opts: opts.clone(), state: state.clone(), tls, workers, one: tokio::sync::Mutex::new(()), files });
     if let Some(admin) = admin {
         tracing::info!(
             admin = %admin.local_addr().map_err(StartError::System)?,
@@ -355,12 +356,18 @@ pub struct Reloader {
     tls: Arc<ArcSwapOption<TlsAcceptor>>,
     workers: usize,
     one: tokio::sync::Mutex<()>,
+    /// The watched files as the last load read them, and their list (for the config watch).
+    files: std::sync::Mutex<(crate::watch::Snapshot, Vec<std::path::PathBuf>)>,
 }
 
 impl Reloader {
     /// Reloads; logs and counts the result. `Ok`: the new policy's hash.
     pub async fn reload(&self, trigger: Trigger) -> Result<String, ReloadError> {
         let _one = self.one.lock().await;
+        // Before the load: should a file change while it reads them, the watch sees a change
+        // still to load, and loads again (never the other way round).
+        let previous = self.files().1;
+        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = crate::watch::read(&self.opts, &previous);
         let result = self.load();
         let metrics = &self.state.metrics.reloads;
         match &result {
@@ -384,6 +391,11 @@ impl Reloader {
             }
         }
         result
+    }
+
+    /// What the last load read of the watched files, and their list.
+    fn files(&self) -> (crate::watch::Snapshot, Vec<std::path::PathBuf>) {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn load(&self) -> Result<String, ReloadError> {
@@ -418,7 +430,8 @@ async fn watch_files(reloader: Arc<Reloader>) {
     let state = reloader.state.clone();
     let interval = move || state.runtime.load().config.config_watch_interval;
     let r = reloader.clone();
-    crate::watch::run(reloader.opts.clone(), interval, move || {
+    let files = reloader.clone();
+    crate::watch::run(reloader.opts.clone(), interval, move || files.files(), move || {
         let r = r.clone();
         async move {
             let _ = r.reload(Trigger::File).await;

@@ -110,6 +110,14 @@ impl Debounce {
         self.loaded = snapshot;
         self.pending = None;
     }
+
+    /// The last reload read `snapshot`: when another trigger did it, the change pending here may
+    /// be loaded already (then the next poll finds it unchanged).
+    pub fn loaded_by_another(&mut self, snapshot: Snapshot) {
+        if snapshot != self.loaded {
+            self.loaded(snapshot);
+        }
+    }
 }
 
 /// Reads and hashes the config file (named in `opts`) and the files it names; `previous` is the
@@ -133,17 +141,20 @@ fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
 const OFF_RECHECK: Duration = Duration::from_secs(2);
 
 /// Runs the watch until the task is dropped: polls every `interval()` (read each time, so a
-/// reload may change it; zero: off) and calls `reload` when a change has settled.
-pub async fn run<I, R, F>(opts: Opts, interval: I, mut reload: R)
+/// reload may change it; zero: off) and calls `reload` when a change has settled. `loaded()` is
+/// the snapshot the last reload (by any trigger) read, and the files it named: a change a SIGHUP
+/// or `POST /-/reload` already loaded is not loaded a second time.
+pub async fn run<I, L, R, F>(opts: Opts, interval: I, loaded: L, mut reload: R)
 where
     I: Fn() -> Duration,
+    L: Fn() -> (Snapshot, Vec<PathBuf>),
     R: FnMut() -> F,
     F: Future<Output = ()>,
 {
     let poll = |opts: Opts, paths: Vec<PathBuf>| async move {
         tokio::task::spawn_blocking(move || read(&opts, &paths)).await.unwrap_or_default()
     };
-    let (first, mut paths) = poll(opts.clone(), Vec::new()).await;
+    let (first, _) = loaded();
     let mut debounce = Debounce::new(first, QUIET);
     loop {
         let every = interval();
@@ -152,15 +163,16 @@ where
             continue;
         }
         tokio::time::sleep(every).await;
-        let (now, named) = poll(opts.clone(), paths.clone()).await;
-        paths = named;
+        let (last, paths) = loaded();
+        debounce.loaded_by_another(last);
+        let (now, _) = poll(opts.clone(), paths).await;
         match debounce.observe(now.clone(), Instant::now()) {
             Step::Unchanged | Step::Settling => {}
             Step::Reload => {
                 let changed: Vec<String> = changed_files(&debounce.loaded, &now);
                 tracing::info!(files = ?changed, "watched files changed");
                 reload().await;
-                debounce.loaded(now);
+                debounce.loaded(loaded().0);
             }
         }
     }
@@ -210,6 +222,22 @@ mod tests {
         assert_eq!(d.observe(half, s(4000)), Step::Settling);
         assert_eq!(d.observe(new.clone(), s(6000)), Step::Unchanged);
         assert_eq!(d.observe(new, s(8000)), Step::Unchanged);
+    }
+
+    #[test]
+    fn a_change_another_trigger_loaded_is_not_loaded_again() {
+        let t0 = Instant::now();
+        let old = snap(&[("/c.toml", Some(b"a = 1"))]);
+        let new = snap(&[("/c.toml", Some(b"a = 2"))]);
+        let mut d = Debounce::new(old.clone(), QUIET);
+        assert_eq!(d.observe(new.clone(), t0), Step::Settling);
+        // SIGHUP or POST /-/reload loaded it meanwhile.
+        d.loaded_by_another(new.clone());
+        assert_eq!(d.observe(new.clone(), t0 + QUIET * 2), Step::Unchanged);
+        // The same snapshot again changes nothing pending.
+        assert_eq!(d.observe(old.clone(), t0 + QUIET * 3), Step::Settling);
+        d.loaded_by_another(new);
+        assert_eq!(d.observe(old, t0 + QUIET * 5), Step::Reload);
     }
 
     #[test]

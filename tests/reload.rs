@@ -182,6 +182,11 @@ async fn a_configmap_swap_reloads_without_a_signal_and_the_admin_listener_reload
     assert!(m.lines().any(|l| l == "envgate_config_last_reload_successful 1"), "{m}");
     assert!(m.lines().any(|l| l == "envgate_config_reloads_total{trigger=\"http\",result=\"ok\"} 1"), "{m}");
     assert!(m.contains("envgate_config_last_reload_success_timestamp_seconds "), "{m}");
+    // What SIGHUP or POST /-/reload loaded, the watch does not load again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = metrics(&admin).await;
+    assert!(m.lines().any(|l| l == "envgate_config_reloads_total{trigger=\"file\",result=\"ok\"} 1"), "{m}");
+    assert!(!m.contains("trigger=\"file\",result=\"error\""), "{m}");
     assert_eq!(ws1.execute("print('still here')").await.unwrap().trim(), "still here");
     assert!(!gate.log().contains(EG_TOKEN), "the token in the log");
 
