@@ -198,8 +198,14 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
     let Workers { senders, threads } = start_workers(workers, &shared)?;
     let stop = shared.stop.clone();
     let files = std::sync::Mutex::new(crate::watch::read(&opts, &[]));
-    let reloader =
-        Arc::new(Reloader { opts: opts.clone(), state: state.clone(), tls, workers, one: tokio::sync::Mutex::new(()), files });
+    let reloader = Arc::new(Reloader {
+        opts: opts.clone(),
+        state: state.clone(),
+        tls,
+        workers,
+        one: tokio::sync::Mutex::new(()),
+        files,
+    });
     if let Some(admin) = admin {
         tracing::info!(
             admin = %admin.local_addr().map_err(StartError::System)?,
@@ -431,12 +437,17 @@ async fn watch_files(reloader: Arc<Reloader>) {
     let interval = move || state.runtime.load().config.config_watch_interval;
     let r = reloader.clone();
     let files = reloader.clone();
-    crate::watch::run(reloader.opts.clone(), interval, move || files.files(), move || {
-        let r = r.clone();
-        async move {
-            let _ = r.reload(Trigger::File).await;
-        }
-    })
+    crate::watch::run(
+        reloader.opts.clone(),
+        interval,
+        move || files.files(),
+        move || {
+            let r = r.clone();
+            async move {
+                let _ = r.reload(Trigger::File).await;
+            }
+        },
+    )
     .await;
 }
 

@@ -21,8 +21,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::Uri;
 
-pub use settings::{Opts, FILE_KEYS};
 pub use files::watched_files;
+pub use settings::{Opts, FILE_KEYS};
 use settings::{Raw, Setting, Settings};
 
 use crate::identity::SetEnv;
