@@ -198,3 +198,54 @@ async fn a_configmap_swap_reloads_without_a_signal_and_the_admin_listener_reload
         assert_eq!(r.status, 204, "{}", r.text());
     }
 }
+
+/// A file the configuration names (here the upstream token file, given as a flag, with no config
+/// file at all) is watched too: a new content reloads, a touch does not. `/-/policy` shows its
+/// path, never its content. Concurrent `POST /-/reload`s all succeed, one after the other. No EG
+/// needed: nothing here goes upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_named_file_is_watched_a_touch_is_not_a_change_and_concurrent_reloads_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "first-token-0a9\n").unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let upstream = format!("http://127.0.0.1:{}", free_port());
+    let gate = Envgate::start(
+        &upstream,
+        &[
+            "--upstream-token-file",
+            token.to_str().unwrap(),
+            "--admin-listen",
+            &admin,
+            "--config-watch-interval",
+            "100ms",
+        ],
+    );
+    let p = policy(&admin).await;
+    assert_eq!(p["settings"]["upstream_token_file"], token.to_str().unwrap());
+    assert!(!p.to_string().contains("first-token"), "{p}");
+
+    std::fs::write(&token, "second-token-7c2\n").unwrap();
+    wait_metric(&admin, "envgate_config_reloads_total{trigger=\"file\",result=\"ok\"} 1").await;
+    let p = policy(&admin).await;
+    assert!(!p.to_string().contains("second-token"), "{p}");
+
+    // Same content, new modification time: no reload.
+    let f = std::fs::File::options().write(true).open(&token).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5)).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = metrics(&admin).await;
+    assert!(m.lines().any(|l| l == "envgate_config_reloads_total{trigger=\"file\",result=\"ok\"} 1"), "{m}");
+
+    let answers = futures_util::future::join_all(
+        (0..8).map(|_| async { request(&admin, "POST", "/-/reload", &[], b"").await.unwrap() }),
+    )
+    .await;
+    for r in &answers {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["policy_hash"], p["policy_hash"]);
+    }
+    wait_metric(&admin, "envgate_config_reloads_total{trigger=\"http\",result=\"ok\"} 8").await;
+    let log = gate.log();
+    assert!(!log.contains("first-token") && !log.contains("second-token"), "a token in the log");
+}
