@@ -381,6 +381,7 @@ impl Reloader {
                 let rt = self.state.runtime.load();
                 tracing::info!(
                     trigger = trigger.as_str(),
+                    result = "ok",
                     policy = %hash,
                     mode = rt.config.policy.mode.as_str(),
                     "configuration reloaded"
@@ -390,6 +391,7 @@ impl Reloader {
             Err(e) => {
                 tracing::error!(
                     trigger = trigger.as_str(),
+                    result = "error",
                     error = %e,
                     "reload failed; the previous configuration stays in force"
                 );
