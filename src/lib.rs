@@ -18,7 +18,9 @@
 //!   reload replaces, the shared state, the worker serving a request, start-up errors;
 //! - [`upstream`]: the pooled client, timeouts, the kernelspec cache;
 //! - [`audit`]: the audit log;
-//! - [`server`]: listener, workers, connections, signals;
+//! - [`server`]: listener, workers, connections, signals, the admin listener, the one reload;
+//! - [`watch`]: the config watch: when the files the configuration reads change (pure
+//!   debounce, file reads);
 //! - [`rawhead`]: what hyper's parsed head hides (a `Content-Length` next to chunked), from the
 //!   bytes it reads;
 //! - [`limits`]: the open-file limit raised at start-up;
@@ -56,4 +58,5 @@ pub mod summary;
 pub mod tls;
 pub mod upstream;
 pub mod values;
+pub mod watch;
 pub mod wire;

@@ -67,7 +67,7 @@ pub struct Metrics {
     pub websockets: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub upstream_errors: Family<KindLabel, Counter>,
     pub framing_refused: Family<KindLabel, Counter>,
-    pub reloads: Family<ResultLabel, Counter>,
+    pub reloads: ReloadMetrics,
     pub kernelspec_passthrough: Counter<u64, AtomicU64>,
     pub token_refused: Family<ReasonLabel, Counter>,
     pub policy: Family<PolicyLabel, Gauge>,
@@ -107,8 +107,7 @@ impl Default for Metrics {
             "Requests refused for body framing a front proxy could read differently, by kind",
             framing_refused.clone(),
         );
-        let reloads = Family::<ResultLabel, Counter>::default();
-        registry.register("config_reloads", "Configuration reloads, by result", reloads.clone());
+        let reloads = ReloadMetrics::register(&mut registry);
         let kernelspec_passthrough = Counter::<u64, AtomicU64>::default();
         registry.register(
             "kernelspec_passthrough",
@@ -156,6 +155,63 @@ impl Metrics {
     }
 }
 
+// ---- Configuration reloads: every trigger, one function (`server::Reloader`). ----
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabel {
+    /// `signal` (SIGHUP), `file` (the config watch) or `http` (`POST /-/reload`).
+    pub trigger: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// The reload series: a counter by trigger and result, and whether the last one worked and when
+/// one last did (as Prometheus itself exports them for its own configuration).
+pub struct ReloadMetrics {
+    pub total: Family<ReloadLabel, Counter>,
+    pub last_successful: Gauge,
+    pub last_success_timestamp: Gauge<f64, AtomicU64>,
+}
+
+impl ReloadMetrics {
+    fn register(registry: &mut Registry) -> ReloadMetrics {
+        let m = ReloadMetrics {
+            total: Family::default(),
+            last_successful: Gauge::default(),
+            last_success_timestamp: Gauge::default(),
+        };
+        registry.register("config_reloads", "Configuration reloads, by trigger and result", m.total.clone());
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last configuration load (start-up or reload) succeeded (1) or failed (0)",
+            m.last_successful.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (start-up or reload), Unix time",
+            m.last_success_timestamp.clone(),
+        );
+        m
+    }
+
+    /// The configuration loaded at start-up, at `now` (Unix seconds).
+    pub fn loaded(&self, now: f64) {
+        self.last_successful.set(1);
+        self.last_success_timestamp.set(now);
+    }
+
+    /// A reload by `trigger`, which succeeded or not, at `now` (Unix seconds).
+    pub fn record(&self, trigger: &'static str, ok: bool, now: f64) {
+        let result = if ok { "ok" } else { "error" };
+        self.total.get_or_create(&ReloadLabel { trigger, result }).inc();
+        if ok {
+            self.loaded(now);
+        } else {
+            self.last_successful.set(0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,7 +227,8 @@ mod tests {
         m.websockets.inc();
         m.upstream_errors.get_or_create(&KindLabel { kind: "connect" }).inc();
         m.framing_refused.get_or_create(&KindLabel { kind: "transfer_encoding" }).inc();
-        m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
+        m.reloads.record("signal", true, 1_700_000_000.5);
+        m.reloads.record("http", false, 1_700_000_001.0);
         m.set_policy("abc");
         m.set_policy("def");
         let text = m.encode();
@@ -184,7 +241,10 @@ mod tests {
             "envgate_open_websockets 1",
             "envgate_upstream_errors_total{kind=\"connect\"} 1",
             "envgate_framing_refused_total{kind=\"transfer_encoding\"} 1",
-            "envgate_config_reloads_total{result=\"ok\"} 1",
+            "envgate_config_reloads_total{trigger=\"signal\",result=\"ok\"} 1",
+            "envgate_config_reloads_total{trigger=\"http\",result=\"error\"} 1",
+            "envgate_config_last_reload_successful 0",
+            "envgate_config_last_reload_success_timestamp_seconds 1700000000.5",
             "envgate_kernelspec_passthrough_total 0",
             "envgate_policy_info{hash=\"def\"} 1",
         ] {

@@ -1,6 +1,7 @@
 //! The I/O shell: listeners (plain or TLS), one hyper HTTP/1.1 connection per client (keep-alive,
-//! upgrades), the admin listener, and signals: SIGHUP reloads the configuration and certificates,
-//! SIGTERM/SIGINT drain and exit.
+//! upgrades), the admin listener, and signals: SIGHUP reloads the configuration and certificates
+//! (as do `POST /-/reload` and the config watch, through the one [`Reloader`]), SIGTERM/SIGINT
+//! drain and exit.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,8 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::body::ProxyBody;
-use crate::config::{Config, Opts};
-use crate::metrics::ResultLabel;
+use crate::config::{Config, ConfigError, Opts};
 use crate::proxy;
 use crate::rawhead::Watched;
 use crate::runtime::{Runtime, StartError, State, Worker};
@@ -36,7 +36,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the accept loop shares with the workers.
 struct Shared {
     state: Arc<State>,
-    tls: ArcSwapOption<TlsAcceptor>,
+    tls: Arc<ArcSwapOption<TlsAcceptor>>,
     /// Shutdown has begun: connections finish their current request and close.
     stop: CancellationToken,
     conns: TaskTracker,
@@ -153,7 +153,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
         Some(a) => Some(bind(a, true).await?),
         None => None,
     };
-    let tls = ArcSwapOption::from(acceptor(&config)?.map(Arc::new));
+    let tls = Arc::new(ArcSwapOption::from(acceptor(&config)?.map(Arc::new)));
     let audit = AuditLog::open(&config.audit_log, config.workers).map_err(StartError::AuditLog)?;
     if config.upstream.tls.insecure {
         tracing::warn!(
@@ -175,6 +175,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
     let addr = listener.local_addr().map_err(StartError::System)?;
     let workers = config.workers;
     let state = Arc::new(State::new(Runtime::new(config, None, workers)?, audit));
+    state.metrics.reloads.loaded(unix_now());
     {
         let rt = state.runtime.load();
         tracing::info!(
@@ -189,17 +190,30 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
     }
     let shared = Arc::new(Shared {
         state: state.clone(),
-        tls,
+        tls: tls.clone(),
         stop: CancellationToken::new(),
         conns: TaskTracker::new(),
         finished: CancellationToken::new(),
     });
     let Workers { senders, threads } = start_workers(workers, &shared)?;
     let stop = shared.stop.clone();
+    let files = std::sync::Mutex::new(crate::watch::read(&opts, &[]));
+    let reloader = Arc::new(Reloader {
+        opts: opts.clone(),
+        state: state.clone(),
+        tls,
+        workers,
+        one: tokio::sync::Mutex::new(()),
+        files,
+    });
     if let Some(admin) = admin {
-        tracing::info!(admin = %admin.local_addr().map_err(StartError::System)?, "admin listener (/healthz, /readyz, /metrics)");
-        tokio::spawn(serve_admin(admin, state.clone(), stop.clone()));
+        tracing::info!(
+            admin = %admin.local_addr().map_err(StartError::System)?,
+            "admin listener (/healthz, /readyz, /metrics, /-/reload, /-/policy)"
+        );
+        tokio::spawn(serve_admin(admin, reloader.clone(), stop.clone()));
     }
+    let watch = tokio::spawn(watch_files(reloader.clone()));
 
     let mut next = 0usize;
     loop {
@@ -214,7 +228,9 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
                 }
             },
             _ = hup.recv() => {
-                reload(&opts, &state, &shared.tls, workers).await;
+                // Off the accept loop: a reload queued behind another must not hold up accepting.
+                let r = reloader.clone();
+                tokio::spawn(async move { r.reload(Trigger::Signal).await });
                 continue;
             }
             _ = term.recv() => break,
@@ -234,6 +250,7 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
     // period, then close whatever is left.
     drop(listener);
     drop(senders);
+    watch.abort();
     tracing::info!(grace = ?grace, "shutting down: no new connections");
     stop.cancel();
     let conns = &shared.conns;
@@ -294,46 +311,150 @@ async fn serve_conn<S>(
     }
 }
 
-/// SIGHUP: re-read the configuration (the file, with the flags and `ENVGATE_*` variables read at
-/// start-up on top) and certificates, and reopen the audit log. A configuration that fails keeps the old one running. Requests in flight keep the
-/// runtime they started with; open WebSockets are not touched.
-async fn reload(opts: &Opts, state: &State, tls: &ArcSwapOption<TlsAcceptor>, workers: usize) {
-    let counter = |result: &'static str| {
-        state.metrics.reloads.get_or_create(&ResultLabel { result }).inc();
-    };
-    let old = state.runtime.load_full();
-    let config = match Config::load(opts) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
-            return counter("error");
-        }
-    };
-    if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
-        tracing::warn!("listen and admin_listen cannot change on reload; restart envgate to move them");
-    }
-    let loaded = acceptor(&config).and_then(|a| Ok((Runtime::new(config, Some(&old), workers)?, a)));
-    match loaded {
-        Ok((runtime, acceptor)) => {
-            if old.config.tls.is_some() != acceptor.is_some() {
-                tracing::warn!("TLS was turned on or off by the reload; it applies to new connections");
-            }
-            tls.store(acceptor.map(Arc::new));
-            state.audit.reopen(&runtime.config.audit_log);
-            state.metrics.set_policy(&runtime.policy_hash);
-            tracing::info!(policy = %runtime.policy_hash, mode = runtime.config.policy.mode.as_str(), "configuration reloaded");
-            state.runtime.store(Arc::new(runtime));
-            counter("ok");
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
-            counter("error");
+/// What set a reload off, for its log line and the `trigger` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP.
+    Signal,
+    /// The config watch saw a watched file change.
+    File,
+    /// `POST /-/reload` on the admin listener.
+    Http,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::File => "file",
+            Trigger::Http => "http",
         }
     }
 }
 
+/// Why a reload kept the previous configuration.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The configuration does not load (the file, a setting, a file a setting names).
+    Config(ConfigError),
+    /// A certificate or key does not load.
+    Files(StartError),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Config(e) => write!(f, "{e}"),
+            ReloadError::Files(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The one way to reload, whatever the trigger (SIGHUP, the config watch, `POST /-/reload`):
+/// re-read the configuration (the file, with the flags and `ENVGATE_*` variables read at start-up
+/// on top) and certificates, and reopen the audit log. A configuration that fails keeps the old
+/// one running. Requests in flight keep the runtime they started with; open WebSockets are not
+/// touched. One reload at a time: a trigger that comes during another waits for it, then loads
+/// the files as they are then.
+pub struct Reloader {
+    opts: Opts,
+    state: Arc<State>,
+    tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    workers: usize,
+    one: tokio::sync::Mutex<()>,
+    /// The watched files as the last load read them, and their list (for the config watch).
+    files: std::sync::Mutex<(crate::watch::Snapshot, Vec<std::path::PathBuf>)>,
+}
+
+impl Reloader {
+    /// Reloads; logs and counts the result. `Ok`: the new policy's hash.
+    pub async fn reload(&self, trigger: Trigger) -> Result<String, ReloadError> {
+        let _one = self.one.lock().await;
+        // Before the load: should a file change while it reads them, the watch sees a change
+        // still to load, and loads again (never the other way round).
+        let previous = self.files().1;
+        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = crate::watch::read(&self.opts, &previous);
+        let result = self.load();
+        let metrics = &self.state.metrics.reloads;
+        match &result {
+            Ok(hash) => {
+                let rt = self.state.runtime.load();
+                tracing::info!(
+                    trigger = trigger.as_str(),
+                    result = "ok",
+                    policy = %hash,
+                    mode = rt.config.policy.mode.as_str(),
+                    "configuration reloaded"
+                );
+                metrics.record(trigger.as_str(), true, unix_now());
+            }
+            Err(e) => {
+                tracing::error!(
+                    trigger = trigger.as_str(),
+                    result = "error",
+                    error = %e,
+                    "reload failed; the previous configuration stays in force"
+                );
+                metrics.record(trigger.as_str(), false, unix_now());
+            }
+        }
+        result
+    }
+
+    /// What the last load read of the watched files, and their list.
+    fn files(&self) -> (crate::watch::Snapshot, Vec<std::path::PathBuf>) {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn load(&self) -> Result<String, ReloadError> {
+        let state = &self.state;
+        let old = state.runtime.load_full();
+        let config = Config::load(&self.opts).map_err(ReloadError::Config)?;
+        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+            tracing::warn!("listen and admin_listen cannot change on reload; restart envgate to move them");
+        }
+        let acceptor = acceptor(&config).map_err(ReloadError::Files)?;
+        let runtime = Runtime::new(config, Some(&old), self.workers).map_err(ReloadError::Files)?;
+        if old.config.tls.is_some() != acceptor.is_some() {
+            tracing::warn!("TLS was turned on or off by the reload; it applies to new connections");
+        }
+        self.tls.store(acceptor.map(Arc::new));
+        state.audit.reopen(&runtime.config.audit_log);
+        state.metrics.set_policy(&runtime.policy_hash);
+        let hash = runtime.policy_hash.clone();
+        state.runtime.store(Arc::new(runtime));
+        Ok(hash)
+    }
+}
+
+/// Seconds since the Unix epoch, for the reload timestamp gauge.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The config watch ([`crate::watch`]), reloading through `reloader`; its interval is the running
+/// configuration's `config_watch_interval`.
+async fn watch_files(reloader: Arc<Reloader>) {
+    let state = reloader.state.clone();
+    let interval = move || state.runtime.load().config.config_watch_interval;
+    let r = reloader.clone();
+    let files = reloader.clone();
+    crate::watch::run(
+        reloader.opts.clone(),
+        interval,
+        move || files.files(),
+        move || {
+            let r = r.clone();
+            async move {
+                let _ = r.reload(Trigger::File).await;
+            }
+        },
+    )
+    .await;
+}
+
 /// The admin listener: `/healthz`, `/readyz`, `/metrics`.
-async fn serve_admin(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+async fn serve_admin(listener: TcpListener, reloader: Arc<Reloader>, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -345,9 +466,9 @@ async fn serve_admin(listener: TcpListener, state: Arc<State>, stop: Cancellatio
             },
             _ = stop.cancelled() => return,
         };
-        let st = state.clone();
+        let r = reloader.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| admin(req, st.clone()));
+            let svc = service_fn(move |req| admin(req, r.clone()));
             let mut builder = http1::Builder::new();
             builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
@@ -355,7 +476,8 @@ async fn serve_admin(listener: TcpListener, state: Arc<State>, stop: Cancellatio
     }
 }
 
-async fn admin(req: Request<Incoming>, st: Arc<State>) -> Result<Response<ProxyBody>, Infallible> {
+async fn admin(req: Request<Incoming>, reloader: Arc<Reloader>) -> Result<Response<ProxyBody>, Infallible> {
+    let st = reloader.state.clone();
     let text = |status: StatusCode, body: String, ctype: &'static str| {
         let mut r = Response::new(ProxyBody::full(body));
         *r.status_mut() = status;
@@ -372,6 +494,51 @@ async fn admin(req: Request<Incoming>, st: Arc<State>) -> Result<Response<ProxyB
             }
         }
         "/metrics" => text(StatusCode::OK, st.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8"),
-        _ => wire::json_error(StatusCode::NOT_FOUND, "admin routes: /healthz, /readyz, /metrics"),
+        "/-/reload" => admin_reload(req.method(), &reloader).await,
+        "/-/policy" => admin_policy(req.method(), &st),
+        _ => wire::json_error(StatusCode::NOT_FOUND, "admin routes: /healthz, /readyz, /metrics, /-/reload, /-/policy"),
     })
+}
+
+/// An admin route's answer as JSON.
+fn admin_json(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// 405, with the one method the route takes.
+fn admin_method_not_allowed(allow: &'static str) -> Response<ProxyBody> {
+    let mut r = wire::json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("use {allow}"));
+    r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    r
+}
+
+/// `POST /-/reload`: 200 `{"status":"ok","policy_hash":...}`, or 422 with the reason the
+/// configuration does not load (the previous one stays in force).
+async fn admin_reload(method: &http::Method, reloader: &Reloader) -> Response<ProxyBody> {
+    if method != http::Method::POST {
+        return admin_method_not_allowed("POST");
+    }
+    match reloader.reload(Trigger::Http).await {
+        Ok(hash) => admin_json(StatusCode::OK, &serde_json::json!({"status": "ok", "policy_hash": hash})),
+        Err(e) => wire::json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("reload failed; the previous configuration stays in force: {e}"),
+        ),
+    }
+}
+
+/// `GET /-/policy`: the policy hash and the effective settings as `envgate check` prints them
+/// (secrets as `"<set>"`, files as their paths).
+fn admin_policy(method: &http::Method, st: &State) -> Response<ProxyBody> {
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return admin_method_not_allowed("GET");
+    }
+    let rt = st.runtime.load_full();
+    admin_json(
+        StatusCode::OK,
+        &serde_json::json!({"policy_hash": rt.policy_hash, "settings": rt.config.effective_json()}),
+    )
 }

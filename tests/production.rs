@@ -87,8 +87,8 @@ async fn sighup_reloads_the_policy_for_new_starts_and_keeps_open_websockets() {
     assert!(gate.log().contains("`mode`"));
     let id3 = id_of(&start_kernel(&gate.addr, &[], json!({"SECOND": "2"})).await);
     let metrics = request(&admin, "GET", "/metrics", &[], b"").await.unwrap().text();
-    assert!(metrics.contains("envgate_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
-    assert!(metrics.contains("envgate_config_reloads_total{result=\"error\"} 1"), "{metrics}");
+    assert!(metrics.contains("envgate_config_reloads_total{trigger=\"signal\",result=\"ok\"} 1"), "{metrics}");
+    assert!(metrics.contains("envgate_config_reloads_total{trigger=\"signal\",result=\"error\"} 1"), "{metrics}");
     assert_eq!(ws.execute("print('still here')").await.unwrap().trim(), "still here");
     ws.close().await;
     ws2.close().await;

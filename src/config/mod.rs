@@ -8,6 +8,7 @@
 //! values clap takes as text; clap's own message (with the possible values) for a bad enum or
 //! bool from a flag or variable.
 
+mod files;
 mod kinds;
 mod settings;
 
@@ -20,6 +21,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::Uri;
 
+pub use files::watched_files;
 pub use settings::{Opts, FILE_KEYS};
 use settings::{Raw, Setting, Settings};
 
@@ -108,6 +110,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `set_envs_mismatch`: when a client's value differs from the one `set_envs` sets.
     pub set_envs_mismatch: Mismatch,
+    /// `config_watch_interval`: how often the watched files are read; zero: not watched.
+    pub config_watch_interval: Duration,
     /// Every setting as given, for [`Config::effective`].
     settings: Settings,
 }
@@ -409,6 +413,7 @@ impl Raw {
             audit_log: s.audit_log.value.clone(),
             log_format: s.log_format.value,
             set_envs_mismatch: s.set_envs_mismatch.value,
+            config_watch_interval: s.config_watch_interval.value,
             settings: s,
         })
     }
@@ -968,6 +973,7 @@ mod tests {
             ("users", "{ a = { client_envs = [\"A\"] } }", "b={ kernelspecs = [\"k\"] }", "c={}"),
             ("groups", "{ a = { priority = 1 } }", "b={ deny_envs = [\"B\"] }", "c={ set_envs = { C = \"c\" } }"),
             ("admin_listen", "\"127.0.0.1:1\"", "127.0.0.1:2", "127.0.0.1:3"),
+            ("config_watch_interval", "\"1s\"", "3s", "0s"),
             ("shutdown_grace", "\"1s\"", "2s", "3s"),
             ("workers", "1", "2", "3"),
         ];

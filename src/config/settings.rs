@@ -295,6 +295,9 @@ settings! {
     groups: Groups, "group-policy", "ENVGATE_GROUPS", "NAME={...}", policy;
     /// Admin listener with /healthz, /readyz and /metrics [default: off].
     admin_listen: AdminAddr, "admin-listen", "ENVGATE_ADMIN_LISTEN", "ADDR";
+    /// How often the config file and the files it names are checked for changes, which then reload
+    /// the configuration; 0s turns the watch off.
+    config_watch_interval: Span = "2s", "config-watch-interval", "ENVGATE_CONFIG_WATCH_INTERVAL", "DURATION";
     /// On SIGTERM, how long requests in flight and WebSockets may go on.
     shutdown_grace: Span = "30s", "shutdown-grace", "ENVGATE_SHUTDOWN_GRACE", "DURATION";
     /// Worker threads serving connections, each with its own event loop and upstream pool; 0 for
