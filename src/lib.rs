@@ -22,6 +22,7 @@
 //! - [`rawhead`]: what hyper's parsed head hides (a `Content-Length` next to chunked), from the
 //!   bytes it reads;
 //! - [`limits`]: the open-file limit raised at start-up;
+//! - [`procfs`]: the `process_*` metrics, read from /proc at each scrape;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names;
 //! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
@@ -45,6 +46,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod pool;
+pub mod procfs;
 pub mod proxy;
 pub mod rawhead;
 pub mod rewrite;

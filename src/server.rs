@@ -371,7 +371,11 @@ async fn admin(req: Request<Incoming>, st: Arc<State>) -> Result<Response<ProxyB
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("upstream not ready: {e}\n"), "text/plain"),
             }
         }
-        "/metrics" => text(StatusCode::OK, st.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8"),
+        "/metrics" => {
+            let accept = req.headers().get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+            let (body, ctype) = st.metrics.expose(accept);
+            text(StatusCode::OK, body, ctype)
+        }
         _ => wire::json_error(StatusCode::NOT_FOUND, "admin routes: /healthz, /readyz, /metrics"),
     })
 }
