@@ -25,6 +25,7 @@
 //! - [`procfs`]: the `process_*` metrics, read from /proc at each scrape;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names;
+//! - [`healthcheck`]: `envgate healthcheck`, a running envgate's `/readyz` for a container;
 //! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
 //!
 //! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules ([`server`] and
@@ -39,6 +40,7 @@ pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod explain;
+pub mod healthcheck;
 pub mod identity;
 pub mod json;
 pub mod jwt;
