@@ -643,9 +643,8 @@ mod tests {
     #[test]
     fn records_that_cannot_be_written_are_counted() {
         let counter = prometheus_client::metrics::counter::Counter::default();
-        let log = AuditLog::open(&AuditTarget::File("/dev/full".into()), 1)
-            .unwrap()
-            .count_write_errors_in(counter.clone());
+        let log =
+            AuditLog::open(&AuditTarget::File("/dev/full".into()), 1).unwrap().count_write_errors_in(counter.clone());
         let rec = |id| Record::new(id, Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
         log.write(&rec("a"));
         assert_eq!(counter.get(), 1);

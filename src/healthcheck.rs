@@ -58,9 +58,8 @@ pub async fn check(admin: &str, timeout: Duration) -> Result<String, String> {
         let stream = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{url}: {e}"))?;
         tokio::spawn(conn);
         let req = Request::get(uri.path())
             .header(http::header::HOST, authority.as_str())

@@ -366,7 +366,8 @@ mod tests {
 
     #[test]
     fn openmetrics_only_when_the_scraper_asks_for_it() {
-        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+        let prometheus =
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
                           text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
         assert_eq!(Exposition::for_accept(Some(prometheus)), Exposition::OpenMetrics);
         assert_eq!(Exposition::for_accept(Some("Application/OpenMetrics-Text")), Exposition::OpenMetrics);

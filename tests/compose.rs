@@ -116,7 +116,10 @@ fn compose_file_deploys_as_documented() {
     assert_eq!(test, ["CMD", "/usr/local/bin/envgate", "healthcheck"]);
     let admin = str_at(envgate, "/environment/ENVGATE_ADMIN_LISTEN");
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
-    assert!(dockerfile.contains(&format!("ENV ENVGATE_ADMIN_LISTEN={admin}\n")), "the image's admin listener is not {admin}");
+    assert!(
+        dockerfile.contains(&format!("ENV ENVGATE_ADMIN_LISTEN={admin}\n")),
+        "the image's admin listener is not {admin}"
+    );
     assert!(
         dockerfile.contains("CMD [\"/usr/local/bin/envgate\", \"healthcheck\"]")
             && dockerfile.contains("COPY --from=build /out/envgate /usr/local/bin/envgate"),

@@ -182,7 +182,8 @@ fn envgate(args: &[&str]) -> String {
 #[test]
 fn completions_name_the_subcommands_and_flags() {
     let bash = envgate(&["completions", "bash"]);
-    for word in ["run", "check", "explain", "audit", "healthcheck", "completions", "man", "--upstream", "--admin-listen"]
+    for word in
+        ["run", "check", "explain", "audit", "healthcheck", "completions", "man", "--upstream", "--admin-listen"]
     {
         assert!(bash.contains(word), "bash completions lack {word}");
     }
@@ -252,7 +253,8 @@ fn the_systemd_unit_verifies() {
     let verify = |text: &str| {
         let path = dir.path().join("envgate.service");
         std::fs::write(&path, text.replace("/usr/local/bin/envgate", bin())).unwrap();
-        let o = Command::new(&analyze).arg("verify").arg(&path).env("MANPATH", dir.path().join("man")).output().unwrap();
+        let o =
+            Command::new(&analyze).arg("verify").arg(&path).env("MANPATH", dir.path().join("man")).output().unwrap();
         (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o)))
     };
     let (ok, said) = verify(&unit);
