@@ -203,6 +203,41 @@ fn completions_name_the_subcommands_and_flags() {
     assert_eq!(o.status.code(), Some(2), "an unknown shell is a usage error");
 }
 
+/// The Dockerfile's step that writes the completions and the man page into the image, run here with
+/// the test's binary in place of `/out/envgate` and a temp dir in place of `/out` (no engine needed).
+#[test]
+fn the_dockerfile_installs_completions_and_the_man_page() {
+    let dockerfile = std::fs::read_to_string(repo_path("Dockerfile")).unwrap();
+    let mut lines = dockerfile.lines().skip_while(|l| !l.starts_with("RUN mkdir -p /out/share"));
+    let mut run = String::new();
+    for l in lines.by_ref() {
+        run.push_str(l.trim_end_matches('\\'));
+        run.push(' ');
+        if !l.ends_with('\\') {
+            break;
+        }
+    }
+    let run = run.strip_prefix("RUN ").expect("the Dockerfile has a `RUN mkdir -p /out/share` step");
+    assert!(
+        dockerfile.contains("COPY --from=build /out/share/ /usr/local/share/"),
+        "the runtime image lacks /out/share"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let script = run.replace("/out/envgate", bin()).replace("/out/", &format!("{out}/"));
+    let sh = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert!(sh.status.success(), "{script}: {}", stderr(&sh));
+    for (file, start) in [
+        ("share/bash-completion/completions/envgate", "_envgate()"),
+        ("share/zsh/site-functions/_envgate", "#compdef envgate"),
+        ("share/fish/vendor_completions.d/envgate.fish", ""),
+        ("share/man/man1/envgate.1", ""),
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.contains("healthcheck") && text.trim_start().starts_with(start), "{file}");
+    }
+}
+
 #[test]
 fn the_man_page_renders() {
     let roff = envgate(&["man"]);
