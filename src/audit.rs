@@ -303,6 +303,8 @@ pub struct AuditLog {
     out: Arc<Mutex<Out>>,
     /// One batch per worker thread.
     batches: Arc<[Batch]>,
+    /// Records that could not be written (`envgate_audit_write_errors_total`).
+    write_errors: prometheus_client::metrics::counter::Counter,
     /// `write` calls made, for tests of the batching.
     #[cfg(test)]
     writes: Arc<AtomicU64>,
@@ -348,9 +350,16 @@ impl AuditLog {
         Ok(AuditLog {
             out: Arc::new(Mutex::new(open_target(target)?)),
             batches,
+            write_errors: Default::default(),
             #[cfg(test)]
             writes: Arc::default(),
         })
+    }
+
+    /// Counts the records that cannot be written in `counter` from now on.
+    pub fn count_write_errors_in(mut self, counter: prometheus_client::metrics::counter::Counter) -> AuditLog {
+        self.write_errors = counter;
+        self
     }
 
     /// Reopens the log at `target` (SIGHUP): a rotated file is created anew. On failure the old
@@ -440,6 +449,7 @@ impl AuditLog {
             Out::File(f) => f.write_all(lines),
         };
         if let Err(e) = written {
+            self.write_errors.inc_by(count);
             tracing::error!(error = %e, records = count, "cannot write the audit log");
         }
     }
@@ -626,6 +636,24 @@ mod tests {
         assert!(ids_in(&path).is_empty());
         log.flush_now(0);
         assert_eq!(ids_in(&path), ["late"]);
+    }
+
+    /// /dev/full takes the open and fails every write (ENOSPC), as a full disk does.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn records_that_cannot_be_written_are_counted() {
+        let counter = prometheus_client::metrics::counter::Counter::default();
+        let log =
+            AuditLog::open(&AuditTarget::File("/dev/full".into()), 1).unwrap().count_write_errors_in(counter.clone());
+        let rec = |id| Record::new(id, Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        log.write(&rec("a"));
+        assert_eq!(counter.get(), 1);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let (b, c) = (rec("b"), rec("c"));
+            tokio::join!(log.log(&b, Some(0)), log.log(&c, Some(0)));
+        });
+        assert_eq!(counter.get(), 3, "a failed batch counts each of its records");
     }
 
     #[test]

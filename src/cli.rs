@@ -1,6 +1,7 @@
-//! The command line: `envgate [run | check | explain | audit]`. The proxy's flags are the
-//! settings table's ([`Opts`]); `run`, `check`, `explain` and `envgate` alone take them, `audit`
-//! reads a log and takes none.
+//! The command line: `envgate [run | check | explain | audit | healthcheck | completions | man]`.
+//! The proxy's flags are the settings table's ([`Opts`]); `run`, `check`, `explain` and `envgate`
+//! alone take them; `audit` reads a log, `healthcheck` asks a running envgate, and `completions`
+//! and `man` print what is generated from this definition: they take none.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -34,6 +35,32 @@ pub enum Command {
     /// which names were rejected (and why) and kept. Needs no configuration.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Ask a running envgate's admin listener whether it is ready (GET /readyz): exit 0 when it
+    /// is, 1 when not or unreachable, with one line on stderr. For container health checks.
+    Healthcheck(HealthcheckArgs),
+    /// Print a shell completion script for envgate to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print envgate's man page (roff) to stdout: `envgate man > envgate.1`.
+    Man,
+}
+
+/// `envgate healthcheck [--admin URL] [--config FILE] [--timeout DURATION]`
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The admin listener's URL [default: from admin_listen as ENVGATE_ADMIN_LISTEN or the
+    /// config file sets it, else http://127.0.0.1:9464].
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// The config file to read admin_listen from (only that key is read).
+    #[arg(long, env = "ENVGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// How long to wait for the answer (the readiness probe itself gives the upstream 2s).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 /// `envgate explain [--kernelspec NAME] [--user U] [--groups G1,G2] [--kernelspecs-file F] NAME...`
@@ -93,7 +120,19 @@ impl Cli {
         match &self.command {
             Some(Command::Run(o) | Command::Check(o)) => o,
             Some(Command::Explain(a)) => &a.opts,
-            None | Some(Command::Audit(_)) => &self.opts,
+            None | Some(Command::Audit(_) | Command::Healthcheck(_) | Command::Completions { .. } | Command::Man) => {
+                &self.opts
+            }
         }
     }
+}
+
+/// Writes the completion script for `shell`, generated from the command line's definition.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), "envgate", out);
+}
+
+/// Writes envgate's man page (section 1, roff), generated from the command line's definition.
+pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(Cli::command()).render(out)
 }

@@ -24,8 +24,10 @@
 //! - [`rawhead`]: what hyper's parsed head hides (a `Content-Length` next to chunked), from the
 //!   bytes it reads;
 //! - [`limits`]: the open-file limit raised at start-up;
+//! - [`procfs`]: the `process_*` metrics, read from /proc at each scrape;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names;
+//! - [`healthcheck`]: `envgate healthcheck`, a running envgate's `/readyz` for a container;
 //! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
 //!
 //! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules ([`server`] and
@@ -40,6 +42,7 @@ pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod explain;
+pub mod healthcheck;
 pub mod identity;
 pub mod json;
 pub mod jwt;
@@ -47,6 +50,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod pool;
+pub mod procfs;
 pub mod proxy;
 pub mod rawhead;
 pub mod rewrite;

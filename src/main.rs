@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use envgate::cli::{Cli, Command, ExplainArgs};
+use envgate::cli::{Cli, Command, ExplainArgs, HealthcheckArgs};
 use envgate::config::{Config, LogFormat};
 use envgate::summary::Format;
 use tracing_subscriber::EnvFilter;
@@ -30,6 +30,24 @@ fn main() -> ExitCode {
     if let Some(Command::Audit(cmd)) = &cli.command {
         return envgate::summary::run(cmd);
     }
+    // Nor do these: they ask a running envgate, or print what the command line's definition makes.
+    match &cli.command {
+        Some(Command::Healthcheck(args)) => return healthcheck(args),
+        Some(Command::Completions { shell }) => {
+            envgate::cli::completions(*shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            return match envgate::cli::man(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("envgate: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let opts = cli.opts().clone();
     let config = match Config::load(&opts) {
         Ok(c) => c,
@@ -50,7 +68,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Explain(args)) => explain(&config, &args),
-        Some(Command::Audit(_)) => unreachable!("handled before the configuration is loaded"),
+        Some(Command::Audit(_) | Command::Healthcheck(_) | Command::Completions { .. } | Command::Man) => {
+            unreachable!("handled before the configuration is loaded")
+        }
         Some(Command::Run(_)) | None => {
             init_tracing(config.log_format);
             match envgate::limits::raise_fd_limit() {
@@ -104,6 +124,32 @@ fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
         print!("{}", e.to_text());
     }
     ExitCode::SUCCESS
+}
+
+/// `envgate healthcheck`: exit 0 when the admin listener says ready, 1 otherwise (unreachable,
+/// not ready, or no admin address to be had), with one line on stderr either way.
+fn healthcheck(args: &HealthcheckArgs) -> ExitCode {
+    let env = std::env::var("ENVGATE_ADMIN_LISTEN").ok().filter(|s| !s.is_empty());
+    // The file only when neither --admin nor the variable (which wins over the file) says.
+    let file = match &args.config {
+        Some(path) if args.admin.is_none() && env.is_none() => envgate::healthcheck::admin_listen_in_file(path),
+        _ => Ok(None),
+    };
+    let url = file.and_then(|f| envgate::healthcheck::admin_url(args.admin.as_deref(), env.as_deref(), f.as_deref()));
+    let result = url.and_then(|url| match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(envgate::healthcheck::check(&url, args.timeout)),
+        Err(e) => Err(format!("cannot start the runtime: {e}")),
+    });
+    match result {
+        Ok(line) => {
+            eprintln!("envgate: ready: {line}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("envgate: not ready: {why}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat) {

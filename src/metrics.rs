@@ -1,4 +1,5 @@
-//! Prometheus metrics, served on the admin listener as `/metrics` (text format).
+//! Prometheus metrics, served on the admin listener as `/metrics` (OpenMetrics text, or the
+//! classic text format for a scraper that does not ask for OpenMetrics).
 //!
 //! Every label has a small, fixed set of values (route classes, status codes, modes, reasons,
 //! error kinds): never an env name from a client, a kernel id or a user.
@@ -56,6 +57,9 @@ pub struct PolicyLabel {
     pub hash: String,
 }
 
+/// How many finite buckets `envgate_request_duration_seconds` has (see [`Metrics::default`]).
+pub const LATENCY_BUCKETS: u16 = 19;
+
 /// Every series envgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -71,16 +75,20 @@ pub struct Metrics {
     pub kernelspec_passthrough: Counter<u64, AtomicU64>,
     pub token_refused: Family<ReasonLabel, Counter>,
     pub policy: Family<PolicyLabel, Gauge>,
+    /// Build, process and audit-log series: see [`Ops`].
+    pub ops: Ops,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("envgate");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("envgate");
         let requests = Family::<RouteStatus, Counter>::default();
         registry.register("requests", "Requests answered, by route class and status", requests.clone());
         let latency = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
-            // 50 µs .. ~47 s (50 µs × 2.5^15)
-            Histogram::new(exponential_buckets(0.00005, 2.5, 16))
+            // 50 µs .. ~12 min (50 µs × 2.5^18): past `response_timeout`'s default (2 min) and past
+            // the minutes a kernel start can take on Kubernetes, which is what `kernel_start` times.
+            Histogram::new(exponential_buckets(0.00005, 2.5, LATENCY_BUCKETS))
         });
         registry.register(
             "request_duration_seconds",
@@ -107,7 +115,7 @@ impl Default for Metrics {
             "Requests refused for body framing a front proxy could read differently, by kind",
             framing_refused.clone(),
         );
-        let reloads = ReloadMetrics::register(&mut registry);
+        let reloads = ReloadMetrics::register(registry);
         let kernelspec_passthrough = Counter::<u64, AtomicU64>::default();
         registry.register(
             "kernelspec_passthrough",
@@ -122,8 +130,9 @@ impl Default for Metrics {
         );
         let policy = Family::<PolicyLabel, Gauge>::default();
         registry.register("policy_info", "The active policy's hash (value is always 1)", policy.clone());
+        let ops = Ops::register(&mut root);
         Metrics {
-            registry,
+            registry: root,
             requests,
             latency,
             decisions,
@@ -136,6 +145,7 @@ impl Default for Metrics {
             kernelspec_passthrough,
             token_refused,
             policy,
+            ops,
         }
     }
 }
@@ -147,12 +157,131 @@ impl Metrics {
         self.policy.get_or_create(&PolicyLabel { hash: hash.to_string() }).set(1);
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text format (what prometheus-client writes), ending with `# EOF`.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
+
+    /// `/metrics`' body and content type for a scraper that sent `accept`: see [`Exposition`].
+    pub fn expose(&self, accept: Option<&str>) -> (String, &'static str) {
+        let fmt = Exposition::for_accept(accept);
+        let text = self.encode();
+        match fmt {
+            Exposition::OpenMetrics => (text, fmt.content_type()),
+            Exposition::Classic => (to_classic(&text), fmt.content_type()),
+        }
+    }
+}
+
+// ---- Build, process and audit-log series, and the exposition formats ---------------------------
+// Kept apart from the proxy's series above.
+
+/// Build, process and audit-log series.
+pub struct Ops {
+    /// Records the audit log could not write (the [`crate::audit::AuditLog`] holds a clone).
+    pub audit_write_errors: Counter<u64, AtomicU64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+}
+
+impl Ops {
+    /// Registers `envgate_build_info` and `envgate_audit_write_errors_total` under the `envgate`
+    /// prefix, and the `process_*` series (read from /proc at each scrape, on Linux only) without it.
+    fn register(root: &mut Registry) -> Ops {
+        let envgate = root.sub_registry_with_prefix("envgate");
+        let build = Family::<BuildLabel, Gauge>::default();
+        build.get_or_create(&BuildLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
+        envgate.register("build_info", "envgate's version (value is always 1)", build);
+        let audit_write_errors = Counter::<u64, AtomicU64>::default();
+        envgate.register(
+            "audit_write_errors",
+            "Audit records that could not be written (disk full, file removed, ...)",
+            audit_write_errors.clone(),
+        );
+        root.register_collector(Box::new(crate::procfs::ProcessCollector));
+        Ops { audit_write_errors }
+    }
+}
+
+/// The two text formats `/metrics` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposition {
+    /// OpenMetrics 1.0.0, as prometheus-client writes it; Prometheus asks for it.
+    OpenMetrics,
+    /// Prometheus' classic text format 0.0.4, made from the OpenMetrics text by [`to_classic`],
+    /// for scrapers that do not ask for OpenMetrics (and for a `curl` without `Accept`).
+    Classic,
+}
+
+impl Exposition {
+    /// OpenMetrics when `accept` names `application/openmetrics-text` (with a q above 0), else
+    /// the classic format.
+    pub fn for_accept(accept: Option<&str>) -> Exposition {
+        let wants = accept.unwrap_or("").split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                })
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        });
+        if wants {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Classic
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Exposition::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Prometheus' classic text format from prometheus-client's OpenMetrics text. They differ, for
+/// what envgate exports, in three things: a counter family's `# HELP`/`# TYPE` name carries the
+/// `_total` of its samples in the classic format (else the classic parser takes the samples for
+/// an untyped metric of another name); there is no `# UNIT` line; and no `# EOF`. Samples,
+/// labels, gauges and histograms are written the same in both.
+pub fn to_classic(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.strip_suffix(" counter") {
+                counters.insert(name);
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let total = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(p);
+                out.push_str(name);
+                out.push_str(total);
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 // ---- Configuration reloads: every trigger, one function (`server::Reloader`). ----
@@ -251,5 +380,85 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(!text.contains("hash=\"abc\""));
+    }
+
+    #[test]
+    fn build_audit_and_process_series() {
+        let m = Metrics::default();
+        m.ops.audit_write_errors.inc();
+        let text = m.encode();
+        let version = format!("envgate_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert!(text.contains(&version), "{text}");
+        assert!(text.contains("envgate_audit_write_errors_total 1"), "{text}");
+        if cfg!(target_os = "linux") {
+            for want in [
+                "# TYPE process_cpu_seconds counter",
+                "process_cpu_seconds_total ",
+                "process_resident_memory_bytes ",
+                "process_open_fds ",
+                "process_max_fds ",
+                "process_start_time_seconds ",
+            ] {
+                assert!(text.contains(want), "missing {want} in\n{text}");
+            }
+            assert!(!text.contains("envgate_process"), "{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn latency_buckets_reach_past_ten_minutes() {
+        let m = Metrics::default();
+        m.latency.get_or_create(&RouteLabel { route: "kernel_start" }).observe(300.0);
+        let text = m.encode();
+        let les: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with("envgate_request_duration_seconds_bucket"))
+            .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()?.parse().ok())
+            .filter(|le: &f64| le.is_finite())
+            .collect();
+        assert_eq!(les.len(), usize::from(LATENCY_BUCKETS), "{text}");
+        assert!(les.windows(2).all(|w| w[0] < w[1]));
+        assert!(les[0] <= 0.0001 && *les.last().unwrap() >= 600.0, "{les:?}");
+        // Five minutes falls in a finite bucket, not only in +Inf.
+        assert!(text.contains("le=\"727.5957"), "{text}");
+    }
+
+    #[test]
+    fn openmetrics_only_when_the_scraper_asks_for_it() {
+        let prometheus =
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                          text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Exposition::for_accept(Some(prometheus)), Exposition::OpenMetrics);
+        assert_eq!(Exposition::for_accept(Some("Application/OpenMetrics-Text")), Exposition::OpenMetrics);
+        for classic in [None, Some(""), Some("*/*"), Some("text/plain"), Some("application/openmetrics-text;q=0")] {
+            assert_eq!(Exposition::for_accept(classic), Exposition::Classic, "{classic:?}");
+        }
+        assert!(Exposition::OpenMetrics.content_type().starts_with("application/openmetrics-text; version=1.0.0"));
+        assert!(Exposition::Classic.content_type().starts_with("text/plain; version=0.0.4"));
+    }
+
+    #[test]
+    fn the_classic_format_names_counters_with_total_and_has_no_unit_or_eof() {
+        let om = "# HELP envgate_requests Requests.\n# TYPE envgate_requests counter\n\
+                  envgate_requests_total{route=\"other\",status=\"200\"} 1\n\
+                  # HELP process_cpu_seconds CPU.\n# TYPE process_cpu_seconds counter\n# UNIT process_cpu_seconds seconds\n\
+                  process_cpu_seconds_total 0.5\n\
+                  # HELP envgate_open_websockets Open.\n# TYPE envgate_open_websockets gauge\nenvgate_open_websockets 0\n# EOF\n";
+        assert_eq!(
+            to_classic(om),
+            "# HELP envgate_requests_total Requests.\n# TYPE envgate_requests_total counter\n\
+             envgate_requests_total{route=\"other\",status=\"200\"} 1\n\
+             # HELP process_cpu_seconds_total CPU.\n# TYPE process_cpu_seconds_total counter\n\
+             process_cpu_seconds_total 0.5\n\
+             # HELP envgate_open_websockets Open.\n# TYPE envgate_open_websockets gauge\nenvgate_open_websockets 0\n"
+        );
+        let m = Metrics::default();
+        let (body, ctype) = m.expose(Some("text/plain"));
+        assert!(ctype.starts_with("text/plain"));
+        assert!(!body.contains("# EOF") && !body.contains("# UNIT"), "{body}");
+        let (body, ctype) = m.expose(Some("application/openmetrics-text; version=1.0.0"));
+        assert!(ctype.starts_with("application/openmetrics-text"));
+        assert!(body.ends_with("# EOF\n"));
     }
 }

@@ -126,6 +126,7 @@ impl State {
     pub fn new(runtime: Runtime, audit: AuditLog) -> State {
         let metrics = Metrics::default();
         metrics.set_policy(&runtime.policy_hash);
+        let audit = audit.count_write_errors_in(metrics.ops.audit_write_errors.clone());
         State {
             runtime: ArcSwap::from_pointee(runtime),
             audit,

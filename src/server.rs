@@ -493,7 +493,11 @@ async fn admin(req: Request<Incoming>, reloader: Arc<Reloader>) -> Result<Respon
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("upstream not ready: {e}\n"), "text/plain"),
             }
         }
-        "/metrics" => text(StatusCode::OK, st.metrics.encode(), "text/plain; version=0.0.4; charset=utf-8"),
+        "/metrics" => {
+            let accept = req.headers().get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+            let (body, ctype) = st.metrics.expose(accept);
+            text(StatusCode::OK, body, ctype)
+        }
         "/-/reload" => admin_reload(req.method(), &reloader).await,
         "/-/policy" => admin_policy(req.method(), &st),
         _ => wire::json_error(StatusCode::NOT_FOUND, "admin routes: /healthz, /readyz, /metrics, /-/reload, /-/policy"),

@@ -105,6 +105,28 @@ fn compose_file_deploys_as_documented() {
         "envgate does not publish 8889:8889: {ports:?}"
     );
 
+    // envgate's healthcheck: its own subcommand in exec form (the image has no shell), asking the
+    // admin listener that the environment turns on, the same address the image's default has.
+    let test: Vec<&str> = envgate["healthcheck"]["test"]
+        .as_array()
+        .expect("envgate has no healthcheck test")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(test, ["CMD", "/usr/local/bin/envgate", "healthcheck"]);
+    let admin = str_at(envgate, "/environment/ENVGATE_ADMIN_LISTEN");
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains(&format!("ENV ENVGATE_ADMIN_LISTEN={admin}\n")),
+        "the image's admin listener is not {admin}"
+    );
+    assert!(
+        dockerfile.contains("CMD [\"/usr/local/bin/envgate\", \"healthcheck\"]")
+            && dockerfile.contains("COPY --from=build /out/envgate /usr/local/bin/envgate"),
+        "the Dockerfile's HEALTHCHECK does not run the image's envgate healthcheck"
+    );
+    assert!(envgate["healthcheck"]["timeout"].is_string(), "no healthcheck timeout");
+
     // The example config, mounted read-only where --config points.
     let volumes = envgate["volumes"].as_array().expect("envgate mounts nothing");
     let config = volumes
@@ -142,7 +164,7 @@ fn broken_compose_files_are_rejected() {
     let original = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
     let cases = [
         // A typo'd key: only the specification's schema can catch it.
-        ("    healthcheck:\n", "    healthchek:\n", "healthchek"),
+        ("    healthcheck:\n      # GET /api", "    healthchek:\n      # GET /api", "healthchek"),
         // Valid against the schema, but depends on a service that is not
         // there: caught by Compose's own cross-checks.
         ("    depends_on:\n      eg:\n", "    depends_on:\n      egg:\n", "egg"),

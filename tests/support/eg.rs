@@ -265,6 +265,24 @@ fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Pat
     cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn scripts/eg-start: {e}"))
 }
 
+/// Path of a ready venv holding exactly the pins of `requirements` (relative to the repository), named
+/// `name` in the cache: runs `scripts/py-venv`, which builds it on first use and checks it with `check`
+/// (Python code, e.g. an import).
+pub fn py_venv(name: &str, requirements: &str, check: &str) -> PathBuf {
+    let script = repo_path("scripts/py-venv");
+    let out = Command::new(&script)
+        .arg(name)
+        .arg(repo_path(requirements))
+        .args(["--check", check])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
+    assert!(out.status.success(), "py-venv {name} failed ({})", out.status);
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(path.join("bin/python").exists(), "py-venv printed {path:?}");
+    path
+}
+
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }

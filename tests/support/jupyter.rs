@@ -237,18 +237,7 @@ impl Drop for Jupyter {
 /// Path of the ready venv for `client` (runs `scripts/py-venv`, which builds it on first use).
 pub fn venv(client: Client) -> PathBuf {
     let (name, req, check) = client.venv_spec();
-    let script = repo_path("scripts/py-venv");
-    let out = Command::new(&script)
-        .arg(name)
-        .arg(repo_path(req))
-        .args(["--check", check])
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
-    assert!(out.status.success(), "py-venv {name} failed ({})", out.status);
-    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    assert!(path.join("bin/python").exists(), "py-venv printed {path:?}");
-    path
+    super::eg::py_venv(name, req, check)
 }
 
 /// The server's whole environment: nothing from the test process, so what a legacy client sends is known
