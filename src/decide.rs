@@ -11,12 +11,16 @@
 //! body, so that the same checks cover who the kernel runs as.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::sync::Arc;
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
 use crate::policy::{Decision, Kept, Mode, Policy, SetValue, Source, SpecFacts, View};
-use crate::rewrite::start::StartBody;
+use crate::identity::{IdentitySource, Who};
+use crate::rewrite::kernelspecs::SpecIndex;
+use crate::rewrite::start::{self, ParseError, StartBody};
 use crate::values::{self, PathRule, Violation};
 
 /// The variable EG takes as the kernel's user.
@@ -376,6 +380,85 @@ pub fn decide_for<'b>(
         (None, _) => Verdict::Forward(body.render_kept(&keep, path_escapes)),
     };
     Plan { decision, violations, path, verdict }
+}
+
+/// Who a kernel start is for, as the proxy learnt it: the identity (when identity is configured)
+/// and how its user is bound into the body.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    pub who: &'a Who,
+    /// Identity binding's settings; `None`: the body's `KERNEL_USERNAME` is left as sent.
+    pub binding: Option<Binding<'a>>,
+}
+
+/// What one kernel start's steps leave behind for its audit record, filled in as far as the
+/// steps got (a refusal stops them): see [`kernel_start`].
+#[derive(Debug, Default)]
+pub struct Steps<'a> {
+    /// The body's `KERNEL_USERNAME` claim, without identity (set once the body parsed).
+    pub claimed: Option<String>,
+    /// The kernelspec decided for (set once the kernelspecs are known).
+    pub kernelspec: Option<String>,
+    /// The `set_envs` values written (set once they are written).
+    pub set_envs: Vec<Applied<'a>>,
+    /// The verdict on every name (set once the decision is made).
+    pub decision: Option<Decision<'a>>,
+    pub violations: Vec<Violation>,
+    pub path: Option<PathAction>,
+}
+
+/// One kernel start, from the body's bytes to the bytes to forward, in the proxy's order:
+/// parse, bind the identity's user, learn the kernelspecs (`specs`, the one step that may do
+/// I/O, and only after binding: a refused binding never reaches the upstream), whether the
+/// identity may start the kernelspec, render and write the `set_envs` values, then the
+/// decision on names, values and `path`. The proxy and `envgate explain` both run this, so
+/// that explain shows exactly what the proxy does. `steps` says what was decided, for the audit
+/// record, even when the start is refused.
+#[allow(clippy::too_many_arguments)]
+pub async fn kernel_start<'a, E, Fut>(
+    policy: &'a Policy,
+    set_envs_mismatch: Mismatch,
+    asker: Option<Asker<'a>>,
+    bytes: &'a [u8],
+    body: &'a mut Option<StartBody<'a>>,
+    specs: impl FnOnce() -> Fut,
+    steps: &mut Steps<'a>,
+) -> Result<Vec<u8>, E>
+where
+    E: From<Refusal> + From<ParseError>,
+    Fut: Future<Output = Result<Arc<SpecIndex>, E>>,
+{
+    let parsed = body.insert(start::parse(bytes)?);
+    match asker {
+        None => steps.claimed = user_of(parsed, None).map(|u| u.name.to_string()),
+        // Identity binding: the identity's user is the kernel's KERNEL_USERNAME, whatever the body says.
+        Some(Asker { who, binding: Some(binding) }) => bind_user(parsed, &who.user, binding)?,
+        Some(_) => {}
+    }
+    let index = specs().await?;
+    let (name, facts) = index.resolve(parsed.name.as_deref());
+    steps.kernelspec = name;
+    let kernelspec = steps.kernelspec.as_deref();
+    let view = match asker {
+        Some(a) => policy.view(Some(&a.who.user), &a.who.groups),
+        None => policy.anonymous(),
+    };
+    may_start(&view, kernelspec)?;
+    let set = set_values(&view, kernelspec, asker.map(|a| a.who.user.as_str()))?;
+    steps.set_envs = apply_set_envs(parsed, &set, set_envs_mismatch)?;
+    let parsed: &'a StartBody<'a> = parsed;
+    let user = asker.map(|a| match a.who.source {
+        IdentitySource::Header => UserSource::TrustedHeader,
+        IdentitySource::Jwt => UserSource::Jwt,
+    });
+    let plan = decide_for(&view, kernelspec, facts, parsed, Written { user, set: &set });
+    steps.decision = Some(plan.decision);
+    steps.violations = plan.violations;
+    steps.path = plan.path;
+    match plan.verdict {
+        Verdict::Forward(bytes) => Ok(bytes),
+        Verdict::Refuse(r) => Err(r.into()),
+    }
 }
 
 #[cfg(test)]
