@@ -17,8 +17,9 @@ use std::sync::Arc;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::policy::{Decision, Kept, Mode, Policy, SetValue, Source, SpecFacts, View};
+use crate::audit::{Record, SetName, ViolationName};
 use crate::identity::{IdentitySource, Who};
+use crate::policy::{Decision, Kept, Mode, Policy, SetValue, Source, SpecFacts, View};
 use crate::rewrite::kernelspecs::SpecIndex;
 use crate::rewrite::start::{self, ParseError, StartBody};
 use crate::values::{self, PathRule, Violation};
@@ -405,6 +406,25 @@ pub struct Steps<'a> {
     pub decision: Option<Decision<'a>>,
     pub violations: Vec<Violation>,
     pub path: Option<PathAction>,
+}
+
+impl<'a> Steps<'a> {
+    /// Writes what the steps decided into the kernel start's audit record. `identified`: the
+    /// record already names the identity's user (else it names the body's claim, if any).
+    pub fn write_to(&'a self, rec: &mut Record<'a>, identified: bool) {
+        if !identified {
+            rec.user = self.claimed.as_deref();
+            rec.user_source = self.claimed.as_ref().map(|_| UserSource::Body);
+        }
+        rec.kernelspec = self.kernelspec.as_deref();
+        rec.set_envs = self.set_envs.iter().map(|a| SetName { name: a.name, source: a.scope }).collect();
+        if let Some(d) = &self.decision {
+            rec.set_decision(d);
+        }
+        rec.violations =
+            self.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
+        rec.path = self.path;
+    }
 }
 
 /// One kernel start, from the body's bytes to the bytes to forward, in the proxy's order:

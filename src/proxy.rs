@@ -29,8 +29,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::audit::SetName;
-use crate::audit::{Event, Outcome, Record, ViolationName};
+use crate::audit::{Event, Outcome, Record};
 use crate::body::{ProxyBody, StreamError, Streamed};
 use crate::config::IdentityFrom;
 use crate::decide::{self, Binding, UserSource};
@@ -515,30 +514,16 @@ async fn kernel_start_steps<'a>(
         h
     };
     let specs = || async {
-        rt.specs.get(cx.upstream, rt.routes.kernelspecs_path(), token, fetch_headers).await.map_err(|e| specs_failed(cx, e))
+        rt.specs
+            .get(cx.upstream, rt.routes.kernelspecs_path(), token, fetch_headers)
+            .await
+            .map_err(|e| specs_failed(cx, e))
     };
-    let result = decide::kernel_start(
-        &rt.config.policy,
-        rt.config.set_envs_mismatch,
-        asker,
-        bytes,
-        parsed,
-        specs,
-        &mut *steps,
-    )
-    .await;
+    let result =
+        decide::kernel_start(&rt.config.policy, rt.config.set_envs_mismatch, asker, bytes, parsed, specs, &mut *steps)
+            .await;
     let steps: &'a decide::Steps<'a> = steps;
-    if who.is_none() {
-        rec.user = steps.claimed.as_deref();
-        rec.user_source = steps.claimed.as_ref().map(|_| UserSource::Body);
-    }
-    rec.kernelspec = steps.kernelspec.as_deref();
-    rec.set_envs = steps.set_envs.iter().map(|a| SetName { name: a.name, source: a.scope }).collect();
-    if let Some(d) = &steps.decision {
-        rec.set_decision(d);
-    }
-    rec.violations = steps.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
-    rec.path = steps.path;
+    steps.write_to(rec, who.is_some());
     let metrics = &cx.st.metrics;
     for v in &steps.violations {
         metrics.value_violations.get_or_create(&RuleLabel { rule: v.rule.as_str() }).inc();
