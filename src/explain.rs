@@ -1,13 +1,16 @@
 //! `envgate explain`: for each variable name, kept or rejected for a kernelspec (and an identity),
-//! and the source or rule that decided; which blocks apply, whether the identity may start the
-//! kernelspec, and which `set_envs` apply. It runs [`View::verdict`] over a [`SpecIndex`],
-//! exactly as the proxy does for a kernel start; only where the kernelspecs come from differs
-//! (a file, or one fetch).
+//! and the source or rule that decided (for a denied name, whose `deny_envs`); which blocks apply,
+//! whether the identity may start the kernelspec, and which `set_envs` apply, each checked against
+//! the value rules. It runs [`View::verdict`] over a [`SpecIndex`], exactly as the proxy does.
+//!
+//! Given values or a whole body, [`dry_run`] runs [`decide::kernel_start`], the function the proxy
+//! runs for every kernel start, and says what envgate would forward, refuse and audit. Only where
+//! the kernelspecs come from differs (a file, or one fetch).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
@@ -131,6 +134,20 @@ pub fn explain_for(
 }
 
 impl Explanation {
+    /// Takes the dry run's verdicts on the names it decided: where the proxy kept a name it wrote
+    /// itself (the bound `KERNEL_USERNAME`), the source is the identity's, not a name rule's.
+    pub fn adopt(&mut self, dry: &DryRun) {
+        let kept = dry.audit["kept"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for l in &mut self.names {
+            if let Some(source) = kept.iter().find(|k| k["name"] == l.name.as_str()).and_then(|k| k["source"].as_str())
+            {
+                l.verdict = "kept";
+                l.by = source.to_string();
+                l.denied_by = None;
+            }
+        }
+    }
+
     pub fn to_text(&self) -> String {
         let mut out = match &self.kernelspec {
             Some(k) if self.served => format!("kernelspec {k:?}\n"),
@@ -337,12 +354,19 @@ pub fn dry_run(config: &Config, index: Arc<SpecIndex>, bytes: &[u8], who: Result
         &mut steps,
     );
     // Nothing in it waits: the kernelspecs are at hand.
-    let result = match std::pin::pin!(run).poll(&mut Context::from_waker(Waker::noop())) {
+    let result = match std::pin::pin!(run).poll(&mut Context::from_waker(&Waker::from(Arc::new(Noop)))) {
         Poll::Ready(r) => r,
         Poll::Pending => unreachable!("a dry run never waits"),
     };
     steps.write_to(&mut rec, who.is_some());
     finish(rec, result)
+}
+
+/// A waker for a future that never waits.
+struct Noop;
+
+impl Wake for Noop {
+    fn wake(self: Arc<Self>) {}
 }
 
 /// Ends the record as the proxy's one exit does, and puts in the placeholders.

@@ -23,8 +23,9 @@
 //!   bytes it reads;
 //! - [`limits`]: the open-file limit raised at start-up;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
-//! - [`explain`]: `envgate explain`, the policy's verdicts on names;
-//! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
+//! - [`explain`]: `envgate explain`, the policy's verdicts on names, and a kernel start dry-run
+//!   through [`decide::kernel_start`];
+//! - [`summary`]: `envgate audit summarize`, an audit log counted as a stream.
 //!
 //! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules ([`server`] and
 //! [`proxy`] -> [`rawhead`] -> [`wire`] too); [`runtime`] is

@@ -148,8 +148,9 @@ fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
         _ => (None, &[][..]),
     };
     let asking = envgate::explain::Asking { user, groups };
-    let e = envgate::explain::explain_for(&config.policy, &index, kernelspec.as_deref(), asking, &names);
+    let mut e = envgate::explain::explain_for(&config.policy, &index, kernelspec.as_deref(), asking, &names);
     let dry = envgate::explain::dry_run(config, index.clone(), &body, who);
+    e.adopt(&dry);
     if args.format == Format::Json {
         let both = serde_json::json!({"explanation": e, "request": dry});
         println!("{}", serde_json::to_string_pretty(&both).expect("serializing an explanation"));

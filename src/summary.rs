@@ -285,7 +285,7 @@ impl Summary {
         let Some(at) = [&rec.time, &rec.ts, &rec.timestamp].into_iter().flatten().find_map(Time::at) else {
             return false;
         };
-        f.since.is_none_or(|s| at >= s) && f.until.is_none_or(|u| at < u)
+        !matches!(f.since, Some(s) if at < s) && !matches!(f.until, Some(u) if at >= u)
     }
 
     fn add(&mut self, line: &Line) {
@@ -394,15 +394,19 @@ impl Summary {
         if !self.kernel_starts.is_empty() {
             let get = |k: &str| self.kernel_starts.get(k).copied().unwrap_or(0);
             let _ = writeln!(out, "\nkernel starts: {} forwarded, {} refused", get("forwarded"), get("refused"));
-            for (why, n) in sorted(&self.refused_by_reason) {
-                let _ = writeln!(out, "  refused  {why}  {n}");
+            let rows = sorted(&self.refused_by_reason);
+            let w = rows.iter().map(|(why, _)| why.len()).max().unwrap_or(0);
+            for (why, n) in rows {
+                let _ = writeln!(out, "  refused  {why:<w$}  {n}");
             }
         }
         if !self.session_starts.is_empty() {
             let get = |k: &str| self.session_starts.get(k).copied().unwrap_or(0);
             let _ = writeln!(out, "\nsession starts: {} allowed, {} refused", get("forwarded"), get("refused"));
-            for (why, n) in sorted(&self.sessions_refused_by_reason) {
-                let _ = writeln!(out, "  refused  {why}  {n}");
+            let rows = sorted(&self.sessions_refused_by_reason);
+            let w = rows.iter().map(|(why, _)| why.len()).max().unwrap_or(0);
+            for (why, n) in rows {
+                let _ = writeln!(out, "  refused  {why:<w$}  {n}");
             }
         }
         if !self.ambiguous.is_empty() {
@@ -810,7 +814,7 @@ mod tests {
         assert_eq!(v["kernel_starts"]["refused"], 4);
         let text = s.to_text();
         for want in [
-            "\nkernel starts: 1 forwarded, 4 refused\n  refused  value rules  2\n",
+            "\nkernel starts: 1 forwarded, 4 refused\n  refused  value rules            2\n",
             "\nsession starts: 1 allowed, 2 refused\n",
             "\nambiguous-path refusals: kernel_start 1, session_start 1\n",
             "\nvalue violations (name, rule, records):\n  KERNEL_UID  pattern    2\n  FOO         forbidden  1\n  path        refused  1\n",

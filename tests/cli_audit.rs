@@ -209,7 +209,7 @@ fn every_section_in_text_and_json() {
     let out = text(&o.stdout);
     for want in [
         "7 records (kernel_start 5, session_start 2); modes: drop 7\n",
-        "\nkernel starts: 1 forwarded, 4 refused\n  refused  value rules  2\n  refused  ambiguous path  1\n  refused  kernelspec not allowed  1\n",
+        "\nkernel starts: 1 forwarded, 4 refused\n  refused  value rules             2\n  refused  ambiguous path          1\n  refused  kernelspec not allowed  1\n",
         "\nsession starts: 1 allowed, 1 refused\n  refused  sessions denied  1\n",
         "\nambiguous-path refusals: kernel_start 1\n",
         "\nvalue violations (name, rule, records):\n  KERNEL_UID  pattern    2\n  FOO         forbidden  1\n",
