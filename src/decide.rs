@@ -733,4 +733,76 @@ mod tests {
             assert_eq!(set_values(&p.anonymous(), None, Some("bob")).unwrap()[0].value, "jupyter-bob");
         }
     }
+
+    /// Runs [`kernel_start`] to its end (nothing in it waits when `specs` does not).
+    fn start_now<'a>(
+        policy: &'a Policy,
+        asker: Option<Asker<'a>>,
+        bytes: &'a [u8],
+        body: &'a mut Option<StartBody<'a>>,
+        fetched: &std::cell::Cell<u32>,
+        steps: &mut Steps<'a>,
+    ) -> Result<Vec<u8>, String> {
+        #[derive(Debug)]
+        struct E(String);
+        impl From<Refusal> for E {
+            fn from(r: Refusal) -> E {
+                E(r.why.to_string())
+            }
+        }
+        impl From<ParseError> for E {
+            fn from(e: ParseError) -> E {
+                E(format!("parse: {e}"))
+            }
+        }
+        let index = Arc::new(SpecIndex { default: Some("python3".into()), specs: Default::default() });
+        let specs = || {
+            fetched.set(fetched.get() + 1);
+            std::future::ready(Ok::<_, E>(index))
+        };
+        let run = kernel_start(policy, Mismatch::Refuse, asker, bytes, body, specs, steps);
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = std::task::Waker::from(Arc::new(Noop));
+        match std::pin::pin!(run).poll(&mut std::task::Context::from_waker(&waker)) {
+            std::task::Poll::Ready(r) => r.map_err(|e| e.0),
+            std::task::Poll::Pending => panic!("nothing waits"),
+        }
+    }
+
+    #[test]
+    fn kernel_start_runs_the_steps_in_the_proxys_order() {
+        let p = policy(Mode::Drop);
+        let fetched = std::cell::Cell::new(0);
+        // No identity: the claim is noted, the default kernelspec resolved, names decided.
+        let (mut body, mut steps) = (None, Steps::default());
+        let bytes = br#"{"env":{"FOO":"1","BAR":"2","KERNEL_USERNAME":"eve"}}"#;
+        let sent = start_now(&p, None, bytes, &mut body, &fetched, &mut steps).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&sent).unwrap(), json!({"env":{"FOO":"1","KERNEL_USERNAME":"eve"}}));
+        assert_eq!((steps.claimed.as_deref(), steps.kernelspec.as_deref()), (Some("eve"), Some("python3")));
+        assert_eq!(steps.decision.as_ref().unwrap().rejected.len(), 1);
+        assert_eq!(fetched.get(), 1);
+
+        // A binding refused before the kernelspecs are fetched: nothing reaches the upstream.
+        let who = Who { user: "bob".into(), groups: vec![], source: IdentitySource::Header };
+        let binding = Some(Binding { header: "x-user", on_mismatch: Mismatch::Refuse });
+        let (mut body, mut steps) = (None, Steps::default());
+        let r = start_now(&p, Some(Asker { who: &who, binding }), bytes, &mut body, &fetched, &mut steps);
+        assert_eq!(r, Err("KERNEL_USERNAME differs from the trusted user".to_string()));
+        assert_eq!(fetched.get(), 1, "no fetch after a refused binding");
+        assert!(steps.kernelspec.is_none() && steps.decision.is_none() && steps.claimed.is_none());
+
+        // Bound: the identity's user is written and kept as the header's; a parse error stops first.
+        let (mut body, mut steps) = (None, Steps::default());
+        let empty = br#"{"env":{}}"#;
+        let sent = start_now(&p, Some(Asker { who: &who, binding }), empty, &mut body, &fetched, &mut steps);
+        assert_eq!(serde_json::from_slice::<Value>(&sent.unwrap()).unwrap(), json!({"env":{"KERNEL_USERNAME":"bob"}}));
+        assert_eq!(steps.decision.as_ref().unwrap().kept[0].source, Source::TrustedHeader);
+        let (mut body, mut steps) = (None, Steps::default());
+        let r = start_now(&p, None, b"[]", &mut body, &fetched, &mut steps);
+        assert!(r.unwrap_err().starts_with("parse: "));
+        assert_eq!(fetched.get(), 2);
+    }
 }

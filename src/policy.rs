@@ -1155,6 +1155,11 @@ mod tests {
         assert_eq!(q.view(None, &groups(&["gpu"])).verdict(None, None, "LD_PRELOAD"), Verdict::Reject(Reason::Denied));
         // Global sources come first in provenance.
         assert_eq!(both.verdict(Some("spark"), None, "SPARK_OPTS"), Verdict::Keep(Source::KernelspecConfig));
+        // Whose deny_envs denied a name: the global list's first, then the first block's.
+        assert_eq!(eng.denied_by("FOO"), Some("group:eng"));
+        assert_eq!(eng.denied_by("LD_PRELOAD"), Some("global"));
+        assert_eq!(eng.denied_by("SPARK_HOME"), None);
+        assert_eq!(anyone.denied_by("FOO"), None);
     }
 
     #[test]
