@@ -293,9 +293,13 @@ pub fn sender(config: &Config, user: Option<&str>, groups: &[String]) -> Result<
         IdentityFrom::Jwt(_) => IdentitySource::Jwt,
     };
     match (user.map(str::trim).filter(|u| !u.is_empty()), &identity.from) {
-        (Some(u), _) => Ok(Some(Who {
+        (Some(u), from) => Ok(Some(Who {
             user: u.to_string(),
-            groups: identity::groups_from_header(groups.iter().map(String::as_str)),
+            // Without a groups header configured, the proxy sees no groups.
+            groups: match from {
+                IdentityFrom::Headers { groups: None, .. } => Vec::new(),
+                _ => identity::groups_from_header(groups.iter().map(String::as_str)),
+            },
             source,
         })),
         (None, IdentityFrom::Headers { user, .. }) => {
