@@ -29,7 +29,10 @@ pub enum Command {
     /// Validate the configuration and print the effective policy; exit 2 when it is invalid.
     Check(Opts),
     /// Say, for each variable name, whether the policy keeps it for a kernelspec and which
-    /// source or rule decided. Uses the same engine as the proxy.
+    /// source or rule decided; given NAME=VALUE pairs or a whole body (--body), what envgate would
+    /// forward, refuse and audit for that kernel start. Uses the same code as the proxy. Exit 0,
+    /// or 1 when the kernel start would be refused; 2 on a usage problem or when the kernelspecs
+    /// cannot be had.
     Explain(ExplainArgs),
     /// Read an audit log: `envgate audit summarize PATH` counts, per kernelspec and per user,
     /// which names were rejected (and why) and kept. Needs no configuration.
@@ -63,7 +66,8 @@ pub struct HealthcheckArgs {
     pub timeout: std::time::Duration,
 }
 
-/// `envgate explain [--kernelspec NAME] [--user U] [--groups G1,G2] [--kernelspecs-file F] NAME...`
+/// `envgate explain [--kernelspec NAME] [--user U] [--groups G1,G2] [--kernelspecs-file F] NAME[=VALUE]...`
+/// or `envgate explain [--user U] [--groups G1,G2] --body FILE|-`
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
     /// The kernelspec to decide for [default: the upstream's default kernelspec].
@@ -73,7 +77,8 @@ pub struct ExplainArgs {
     /// fetching them from the upstream.
     #[arg(long, value_name = "FILE")]
     pub kernelspecs_file: Option<PathBuf>,
-    /// Decide for this user (their [users.NAME] block, and the user in set_envs templates).
+    /// Decide for this user (their [users.NAME] block, and the user in set_envs templates). With
+    /// identity configured, the user the trusted header (or the token) names.
     #[arg(long = "user", id = "explain_user", value_name = "USER")]
     pub user: Option<String>,
     /// Decide for a member of these groups, comma-separated (their [groups.NAME] blocks).
@@ -85,8 +90,12 @@ pub struct ExplainArgs {
     /// Output.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// Variable names to explain.
-    #[arg(required = true, value_name = "NAME")]
+    /// A kernel start's whole body (`-`: standard input), as a client would send it: say what
+    /// envgate would forward, refuse and audit.
+    #[arg(long, value_name = "FILE|-", conflicts_with = "kernelspec")]
+    pub body: Option<PathBuf>,
+    /// Variable names to explain; NAME=VALUE pairs: the kernel start whose env holds them.
+    #[arg(required_unless_present = "body", value_name = "NAME[=VALUE]")]
     pub names: Vec<String>,
     #[command(flatten)]
     pub opts: Opts,

@@ -11,12 +11,17 @@
 //! body, so that the same checks cover who the kernel runs as.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::sync::Arc;
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
+use crate::audit::{Record, SetName, ViolationName};
+use crate::identity::{IdentitySource, Who};
 use crate::policy::{Decision, Kept, Mode, Policy, SetValue, Source, SpecFacts, View};
-use crate::rewrite::start::StartBody;
+use crate::rewrite::kernelspecs::SpecIndex;
+use crate::rewrite::start::{self, ParseError, StartBody};
 use crate::values::{self, PathRule, Violation};
 
 /// The variable EG takes as the kernel's user.
@@ -378,6 +383,104 @@ pub fn decide_for<'b>(
     Plan { decision, violations, path, verdict }
 }
 
+/// Who a kernel start is for, as the proxy learnt it: the identity (when identity is configured)
+/// and how its user is bound into the body.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    pub who: &'a Who,
+    /// Identity binding's settings; `None`: the body's `KERNEL_USERNAME` is left as sent.
+    pub binding: Option<Binding<'a>>,
+}
+
+/// What one kernel start's steps leave behind for its audit record, filled in as far as the
+/// steps got (a refusal stops them): see [`kernel_start`].
+#[derive(Debug, Default)]
+pub struct Steps<'a> {
+    /// The body's `KERNEL_USERNAME` claim, without identity (set once the body parsed).
+    pub claimed: Option<String>,
+    /// The kernelspec decided for (set once the kernelspecs are known).
+    pub kernelspec: Option<String>,
+    /// The `set_envs` values written (set once they are written).
+    pub set_envs: Vec<Applied<'a>>,
+    /// The verdict on every name (set once the decision is made).
+    pub decision: Option<Decision<'a>>,
+    pub violations: Vec<Violation>,
+    pub path: Option<PathAction>,
+}
+
+impl<'a> Steps<'a> {
+    /// Writes what the steps decided into the kernel start's audit record. `identified`: the
+    /// record already names the identity's user (else it names the body's claim, if any).
+    pub fn write_to(&'a self, rec: &mut Record<'a>, identified: bool) {
+        if !identified {
+            rec.user = self.claimed.as_deref();
+            rec.user_source = self.claimed.as_ref().map(|_| UserSource::Body);
+        }
+        rec.kernelspec = self.kernelspec.as_deref();
+        rec.set_envs = self.set_envs.iter().map(|a| SetName { name: a.name, source: a.scope }).collect();
+        if let Some(d) = &self.decision {
+            rec.set_decision(d);
+        }
+        rec.violations =
+            self.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
+        rec.path = self.path;
+    }
+}
+
+/// One kernel start, from the body's bytes to the bytes to forward, in the proxy's order:
+/// parse, bind the identity's user, learn the kernelspecs (`specs`, the one step that may do
+/// I/O, and only after binding: a refused binding never reaches the upstream), whether the
+/// identity may start the kernelspec, render and write the `set_envs` values, then the
+/// decision on names, values and `path`. The proxy and `envgate explain` both run this, so
+/// that explain shows exactly what the proxy does. `steps` says what was decided, for the audit
+/// record, even when the start is refused.
+#[allow(clippy::too_many_arguments)]
+pub async fn kernel_start<'a, E, Fut>(
+    policy: &'a Policy,
+    set_envs_mismatch: Mismatch,
+    asker: Option<Asker<'a>>,
+    bytes: &'a [u8],
+    body: &'a mut Option<StartBody<'a>>,
+    specs: impl FnOnce() -> Fut,
+    steps: &mut Steps<'a>,
+) -> Result<Vec<u8>, E>
+where
+    E: From<Refusal> + From<ParseError>,
+    Fut: Future<Output = Result<Arc<SpecIndex>, E>>,
+{
+    let parsed = body.insert(start::parse(bytes)?);
+    match asker {
+        None => steps.claimed = user_of(parsed, None).map(|u| u.name.to_string()),
+        // Identity binding: the identity's user is the kernel's KERNEL_USERNAME, whatever the body says.
+        Some(Asker { who, binding: Some(binding) }) => bind_user(parsed, &who.user, binding)?,
+        Some(_) => {}
+    }
+    let index = specs().await?;
+    let (name, facts) = index.resolve(parsed.name.as_deref());
+    steps.kernelspec = name;
+    let kernelspec = steps.kernelspec.as_deref();
+    let view = match asker {
+        Some(a) => policy.view(Some(&a.who.user), &a.who.groups),
+        None => policy.anonymous(),
+    };
+    may_start(&view, kernelspec)?;
+    let set = set_values(&view, kernelspec, asker.map(|a| a.who.user.as_str()))?;
+    steps.set_envs = apply_set_envs(parsed, &set, set_envs_mismatch)?;
+    let parsed: &'a StartBody<'a> = parsed;
+    let user = asker.map(|a| match a.who.source {
+        IdentitySource::Header => UserSource::TrustedHeader,
+        IdentitySource::Jwt => UserSource::Jwt,
+    });
+    let plan = decide_for(&view, kernelspec, facts, parsed, Written { user, set: &set });
+    steps.decision = Some(plan.decision);
+    steps.violations = plan.violations;
+    steps.path = plan.path;
+    match plan.verdict {
+        Verdict::Forward(bytes) => Ok(bytes),
+        Verdict::Refuse(r) => Err(r.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,5 +732,77 @@ mod tests {
             assert!(!r.message.contains("bob"), "{}", r.message);
             assert_eq!(set_values(&p.anonymous(), None, Some("bob")).unwrap()[0].value, "jupyter-bob");
         }
+    }
+
+    /// Runs [`kernel_start`] to its end (nothing in it waits when `specs` does not).
+    fn start_now<'a>(
+        policy: &'a Policy,
+        asker: Option<Asker<'a>>,
+        bytes: &'a [u8],
+        body: &'a mut Option<StartBody<'a>>,
+        fetched: &std::cell::Cell<u32>,
+        steps: &mut Steps<'a>,
+    ) -> Result<Vec<u8>, String> {
+        #[derive(Debug)]
+        struct E(String);
+        impl From<Refusal> for E {
+            fn from(r: Refusal) -> E {
+                E(r.why.to_string())
+            }
+        }
+        impl From<ParseError> for E {
+            fn from(e: ParseError) -> E {
+                E(format!("parse: {e}"))
+            }
+        }
+        let index = Arc::new(SpecIndex { default: Some("python3".into()), specs: Default::default() });
+        let specs = || {
+            fetched.set(fetched.get() + 1);
+            std::future::ready(Ok::<_, E>(index))
+        };
+        let run = kernel_start(policy, Mismatch::Refuse, asker, bytes, body, specs, steps);
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = std::task::Waker::from(Arc::new(Noop));
+        match std::pin::pin!(run).poll(&mut std::task::Context::from_waker(&waker)) {
+            std::task::Poll::Ready(r) => r.map_err(|e| e.0),
+            std::task::Poll::Pending => panic!("nothing waits"),
+        }
+    }
+
+    #[test]
+    fn kernel_start_runs_the_steps_in_the_proxys_order() {
+        let p = policy(Mode::Drop);
+        let fetched = std::cell::Cell::new(0);
+        // No identity: the claim is noted, the default kernelspec resolved, names decided.
+        let (mut body, mut steps) = (None, Steps::default());
+        let bytes = br#"{"env":{"FOO":"1","BAR":"2","KERNEL_USERNAME":"eve"}}"#;
+        let sent = start_now(&p, None, bytes, &mut body, &fetched, &mut steps).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&sent).unwrap(), json!({"env":{"FOO":"1","KERNEL_USERNAME":"eve"}}));
+        assert_eq!((steps.claimed.as_deref(), steps.kernelspec.as_deref()), (Some("eve"), Some("python3")));
+        assert_eq!(steps.decision.as_ref().unwrap().rejected.len(), 1);
+        assert_eq!(fetched.get(), 1);
+
+        // A binding refused before the kernelspecs are fetched: nothing reaches the upstream.
+        let who = Who { user: "bob".into(), groups: vec![], source: IdentitySource::Header };
+        let binding = Some(Binding { header: "x-user", on_mismatch: Mismatch::Refuse });
+        let (mut body, mut steps) = (None, Steps::default());
+        let r = start_now(&p, Some(Asker { who: &who, binding }), bytes, &mut body, &fetched, &mut steps);
+        assert_eq!(r, Err("KERNEL_USERNAME differs from the trusted user".to_string()));
+        assert_eq!(fetched.get(), 1, "no fetch after a refused binding");
+        assert!(steps.kernelspec.is_none() && steps.decision.is_none() && steps.claimed.is_none());
+
+        // Bound: the identity's user is written and kept as the header's; a parse error stops first.
+        let (mut body, mut steps) = (None, Steps::default());
+        let empty = br#"{"env":{}}"#;
+        let sent = start_now(&p, Some(Asker { who: &who, binding }), empty, &mut body, &fetched, &mut steps);
+        assert_eq!(serde_json::from_slice::<Value>(&sent.unwrap()).unwrap(), json!({"env":{"KERNEL_USERNAME":"bob"}}));
+        assert_eq!(steps.decision.as_ref().unwrap().kept[0].source, Source::TrustedHeader);
+        let (mut body, mut steps) = (None, Steps::default());
+        let r = start_now(&p, None, b"[]", &mut body, &fetched, &mut steps);
+        assert!(r.unwrap_err().starts_with("parse: "));
+        assert_eq!(fetched.get(), 2);
     }
 }

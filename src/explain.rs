@@ -1,20 +1,34 @@
 //! `envgate explain`: for each variable name, kept or rejected for a kernelspec (and an identity),
-//! and the source or rule that decided; which blocks apply, whether the identity may start the
-//! kernelspec, and which `set_envs` apply. It runs [`View::verdict`] over a [`SpecIndex`],
-//! exactly as the proxy does for a kernel start; only where the kernelspecs come from differs
-//! (a file, or one fetch).
+//! and the source or rule that decided (for a denied name, whose `deny_envs`); which blocks apply,
+//! whether the identity may start the kernelspec, and which `set_envs` apply, each checked against
+//! the value rules. It runs [`View::verdict`] over a [`SpecIndex`], exactly as the proxy does.
+//!
+//! Given values or a whole body, [`dry_run`] runs [`decide::kernel_start`], the function the proxy
+//! runs for every kernel start, and says what envgate would forward, refuse and audit. Only where
+//! the kernelspecs come from differs (a file, or one fetch).
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use http::StatusCode;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::audit::{Event, Outcome, Record};
+use crate::config::{Config, IdentityFrom};
+use crate::decide::{self, Binding, UserSource};
+use crate::identity::{self, IdentitySource, Who};
+use crate::json::write_str;
+use crate::jwt::JwtError;
 use crate::policy::{Policy, Verdict, View};
 use crate::rewrite::kernelspecs::{self, SpecIndex};
+use crate::rewrite::start::ParseError;
 use crate::routes::Routes;
 use crate::upstream::{SpecCache, Upstream};
+use crate::wire;
 
 /// The verdict on one name.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -24,6 +38,9 @@ pub struct Line {
     pub verdict: &'static str,
     /// The source that kept it, or the reason it was rejected.
     pub by: String,
+    /// For a name rejected as `denied`: whose `deny_envs` holds it (`global` or a block's label).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_by: Option<String>,
 }
 
 /// The verdicts on every name for one kernelspec.
@@ -53,6 +70,9 @@ pub struct SetLine {
     /// The rendered value, or why it cannot be rendered.
     pub value: Result<String, String>,
     pub scope: String,
+    /// The value rule the rendered value breaks (the proxy then refuses every start that sets it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaks: Option<String>,
 }
 
 /// The identity to explain for.
@@ -80,8 +100,13 @@ pub fn explain_for(
     let lines = names
         .iter()
         .map(|n| match view.verdict(k.as_deref(), facts, n) {
-            Verdict::Keep(s) => Line { name: n.clone(), verdict: "kept", by: s.as_str().to_string() },
-            Verdict::Reject(r) => Line { name: n.clone(), verdict: "rejected", by: r.as_str().to_string() },
+            Verdict::Keep(s) => Line { name: n.clone(), verdict: "kept", by: s.as_str().to_string(), denied_by: None },
+            Verdict::Reject(r) => Line {
+                name: n.clone(),
+                verdict: "rejected",
+                by: r.as_str().to_string(),
+                denied_by: view.denied_by(n).map(str::to_string),
+            },
         })
         .collect();
     let lower = k.as_deref().map(str::to_ascii_lowercase);
@@ -89,10 +114,10 @@ pub fn explain_for(
     let set_envs = view
         .set_envs(k.as_deref())
         .into_iter()
-        .map(|s| SetLine {
-            name: s.name.clone(),
-            value: s.template.render(cx).map_err(str::to_string),
-            scope: s.scope.to_string(),
+        .map(|s| {
+            let value = s.template.render(cx).map_err(str::to_string);
+            let breaks = value.as_ref().ok().and_then(|v| view.check_value(&s.name, v)).map(|v| v.to_string());
+            SetLine { name: s.name.clone(), value, scope: s.scope.to_string(), breaks }
         })
         .collect();
     Explanation {
@@ -109,6 +134,20 @@ pub fn explain_for(
 }
 
 impl Explanation {
+    /// Takes the dry run's verdicts on the names it decided: where the proxy kept a name it wrote
+    /// itself (the bound `KERNEL_USERNAME`), the source is the identity's, not a name rule's.
+    pub fn adopt(&mut self, dry: &DryRun) {
+        let kept = dry.audit["kept"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for l in &mut self.names {
+            if let Some(source) = kept.iter().find(|k| k["name"] == l.name.as_str()).and_then(|k| k["source"].as_str())
+            {
+                l.verdict = "kept";
+                l.by = source.to_string();
+                l.denied_by = None;
+            }
+        }
+    }
+
     pub fn to_text(&self) -> String {
         let mut out = match &self.kernelspec {
             Some(k) if self.served => format!("kernelspec {k:?}\n"),
@@ -132,14 +171,254 @@ impl Explanation {
         out.push_str(&format!("client_envs = {:?}\n", self.client_envs));
         for s in &self.set_envs {
             match &s.value {
-                Ok(v) => out.push_str(&format!("set {} = {v:?}  ({})\n", s.name, s.scope)),
+                Ok(v) => match &s.breaks {
+                    None => out.push_str(&format!("set {} = {v:?}  ({})\n", s.name, s.scope)),
+                    Some(b) => out.push_str(&format!(
+                        "set {} = {v:?}  ({}) breaks a value rule: {b}; every start it applies to is refused\n",
+                        s.name, s.scope
+                    )),
+                },
                 Err(why) => out.push_str(&format!("set {}: cannot be rendered ({why})  ({})\n", s.name, s.scope)),
             }
         }
         let w = self.names.iter().map(|l| l.name.len()).max().unwrap_or(0);
         for l in &self.names {
-            out.push_str(&format!("{:<w$}  {:<8}  {}\n", l.name, l.verdict, l.by));
+            match &l.denied_by {
+                Some(d) => out.push_str(&format!("{:<w$}  {:<8}  {} (deny_envs of {d})\n", l.name, l.verdict, l.by)),
+                None => out.push_str(&format!("{:<w$}  {:<8}  {}\n", l.name, l.verdict, l.by)),
+            }
         }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole kernel start, dry-run through the proxy's own steps.
+
+/// The audit record's placeholders: what only a real request has.
+pub const PLACEHOLDER_ID: &str = "explain";
+pub const PLACEHOLDER_TIME: &str = "1970-01-01T00:00:00.000Z";
+pub const PLACEHOLDER_CLIENT: &str = "0.0.0.0:0";
+
+/// Why a dry run stops short of the upstream: what the proxy answers instead.
+#[derive(Debug)]
+pub enum Stop {
+    /// The body did not pass the strict parse (400).
+    Parse(ParseError),
+    /// Identity binding or the policy refused.
+    Decided(decide::Refusal),
+    /// Refused before the body is decided on: no identity, a body over `max_body_bytes`.
+    Early { status: StatusCode, message: String, why: String },
+}
+
+impl From<ParseError> for Stop {
+    fn from(e: ParseError) -> Stop {
+        Stop::Parse(e)
+    }
+}
+
+impl From<decide::Refusal> for Stop {
+    fn from(r: decide::Refusal) -> Stop {
+        Stop::Decided(r)
+    }
+}
+
+impl Stop {
+    /// The status and the JSON error body the client would get, and the audit record's `error`:
+    /// as the proxy answers the same refusal.
+    fn answer(&self) -> (StatusCode, Vec<u8>, String) {
+        match self {
+            Stop::Parse(e) => (
+                StatusCode::BAD_REQUEST,
+                wire::error_body::<()>(StatusCode::BAD_REQUEST, &e.to_string(), None),
+                e.to_string(),
+            ),
+            Stop::Decided(r) => {
+                let extra = r.extra.as_object().filter(|o| !o.is_empty()).cloned();
+                (r.status, wire::error_body(r.status, &r.message, extra), r.why.to_string())
+            }
+            Stop::Early { status, message, why } => {
+                (*status, wire::error_body::<()>(*status, message, None), why.clone())
+            }
+        }
+    }
+}
+
+/// What envgate would do with one kernel start.
+#[derive(Debug, Serialize)]
+pub struct DryRun {
+    /// `forwarded` or `refused`.
+    pub outcome: &'static str,
+    /// The body envgate would send upstream, byte for byte (when forwarded).
+    pub forwarded_body: Option<String>,
+    /// envgate's own status (when refused).
+    pub status: Option<u16>,
+    /// The JSON error the client would get (when refused).
+    pub error_body: Option<serde_json::Value>,
+    /// The audit record, with placeholders for what only a real request has (id, time, client)
+    /// and no upstream status.
+    pub audit: serde_json::Value,
+}
+
+/// The body of a kernel start holding `pairs` (`NAME=VALUE`) as its `env`, in their order, and
+/// `kernelspec` as its `name`: what a client would send.
+pub fn body_of(kernelspec: Option<&str>, pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = b"{".to_vec();
+    if let Some(k) = kernelspec {
+        out.extend_from_slice(b"\"name\":");
+        write_str(&mut out, k);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"env\":{");
+    for (i, (n, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(&mut out, n);
+        out.push(b':');
+        write_str(&mut out, v);
+    }
+    out.extend_from_slice(b"}}");
+    out
+}
+
+/// Whom the proxy would take a request for: the identity configured, read from `user` (which
+/// plays the trusted user header, or the token's user claim) and `groups`; without identity
+/// configured, nobody (the proxy applies no per-identity block). `Err`: the proxy's refusal of
+/// a request without a user.
+pub fn sender(config: &Config, user: Option<&str>, groups: &[String]) -> Result<Option<Who>, Stop> {
+    let Some(identity) = &config.identity else { return Ok(None) };
+    let source = match identity.from {
+        IdentityFrom::Headers { .. } => IdentitySource::Header,
+        IdentityFrom::Jwt(_) => IdentitySource::Jwt,
+    };
+    match (user.map(str::trim).filter(|u| !u.is_empty()), &identity.from) {
+        (Some(u), from) => Ok(Some(Who {
+            user: u.to_string(),
+            // Without a groups header configured, the proxy sees no groups.
+            groups: match from {
+                IdentityFrom::Headers { groups: None, .. } => Vec::new(),
+                _ => identity::groups_from_header(groups.iter().map(String::as_str)),
+            },
+            source,
+        })),
+        (None, IdentityFrom::Headers { user, .. }) => {
+            Err(decide::trusted_user(user.as_str(), None).unwrap_err().into())
+        }
+        (None, IdentityFrom::Jwt(_)) => {
+            let e = JwtError::Missing;
+            Err(Stop::Early {
+                status: StatusCode::UNAUTHORIZED,
+                message: e.message(),
+                why: format!("token {}", e.as_str()),
+            })
+        }
+    }
+}
+
+/// Runs one kernel start's body through [`decide::kernel_start`], the function the proxy runs,
+/// with `index` as the upstream's kernelspecs, for `who` (see [`sender`]).
+pub fn dry_run(config: &Config, index: Arc<SpecIndex>, bytes: &[u8], who: Result<Option<Who>, Stop>) -> DryRun {
+    let client: SocketAddr = PLACEHOLDER_CLIENT.parse().expect("a socket address");
+    let mut rec = Record::new(PLACEHOLDER_ID, Event::KernelStart, config.policy.mode, client, None);
+    let mut body = None;
+    let mut steps = decide::Steps::default();
+    let who = match who {
+        Ok(w) => w,
+        Err(stop) => return finish(rec, Err(stop)),
+    };
+    if let Some(w) = &who {
+        rec.user = Some(&w.user);
+        rec.user_source = Some(match w.source {
+            IdentitySource::Header => UserSource::TrustedHeader,
+            IdentitySource::Jwt => UserSource::Jwt,
+        });
+        rec.groups = w.audit_groups().collect();
+        rec.identity_source = Some(w.source);
+    }
+    if bytes.len() > config.max_body_bytes {
+        let stop = Stop::Early {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("the kernel start body is larger than the limit of {} bytes", config.max_body_bytes),
+            why: "Payload Too Large".into(),
+        };
+        return finish(rec, Err(stop));
+    }
+    let asker = who.as_ref().map(|w| decide::Asker {
+        who: w,
+        binding: config.identity.as_ref().map(|i| Binding { header: i.named_by(), on_mismatch: i.on_mismatch }),
+    });
+    let run = decide::kernel_start::<Stop, _>(
+        &config.policy,
+        config.set_envs_mismatch,
+        asker,
+        bytes,
+        &mut body,
+        || std::future::ready(Ok(index)),
+        &mut steps,
+    );
+    // Nothing in it waits: the kernelspecs are at hand.
+    let result = match std::pin::pin!(run).poll(&mut Context::from_waker(&Waker::from(Arc::new(Noop)))) {
+        Poll::Ready(r) => r,
+        Poll::Pending => unreachable!("a dry run never waits"),
+    };
+    steps.write_to(&mut rec, who.is_some());
+    finish(rec, result)
+}
+
+/// A waker for a future that never waits.
+struct Noop;
+
+impl Wake for Noop {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// Ends the record as the proxy's one exit does, and puts in the placeholders.
+fn finish(mut rec: Record<'_>, result: Result<Vec<u8>, Stop>) -> DryRun {
+    let (outcome, forwarded_body, status, error_body, why) = match result {
+        Ok(bytes) => (Outcome::Forwarded, Some(String::from_utf8_lossy(&bytes).into_owned()), None, None, None),
+        Err(stop) => {
+            let (status, body, why) = stop.answer();
+            (Outcome::Refused, None, Some(status.as_u16()), serde_json::from_slice(&body).ok(), Some(why))
+        }
+    };
+    rec.outcome = outcome;
+    rec.status = status;
+    let mut line = Vec::new();
+    rec.write_json(&mut line);
+    let mut audit: serde_json::Value = serde_json::from_slice(&line).expect("an audit record is JSON");
+    if let Some(o) = audit.as_object_mut() {
+        // The record's `error` (the record borrows its strings from a request this run has not).
+        if let (Some(v), Some(why)) = (o.get_mut("error"), why) {
+            *v = why.into();
+        }
+        // Whatever the record calls its time.
+        for k in ["time", "ts", "timestamp"] {
+            if let Some(v) = o.get_mut(k) {
+                *v = PLACEHOLDER_TIME.into();
+            }
+        }
+    }
+    DryRun { outcome: outcome.as_str(), forwarded_body, status, error_body, audit }
+}
+
+impl DryRun {
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        match (&self.forwarded_body, self.status) {
+            (Some(b), _) => out.push_str(&format!("forwarded: envgate would send this body upstream:\n{b}\n")),
+            (None, status) => {
+                let status = status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::FORBIDDEN);
+                out.push_str(&format!("refused: envgate would answer {status} with:\n"));
+                let body = self.error_body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+                out.push_str(&format!("{body}\n"));
+            }
+        }
+        out.push_str(&format!(
+            "audit record (id {PLACEHOLDER_ID:?}, time and client are placeholders; a forwarded start's status is the \
+             upstream's):\n{}\n",
+            self.audit
+        ));
         out
     }
 }

@@ -26,9 +26,10 @@
 //! - [`limits`]: the open-file limit raised at start-up;
 //! - [`procfs`]: the `process_*` metrics, read from /proc at each scrape;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
-//! - [`explain`]: `envgate explain`, the policy's verdicts on names;
+//! - [`explain`]: `envgate explain`, the policy's verdicts on names, and a kernel start dry-run
+//!   through [`decide::kernel_start`];
 //! - [`healthcheck`]: `envgate healthcheck`, a running envgate's `/readyz` for a container;
-//! - [`summary`]: `envgate audit summarize`, an audit log counted per kernelspec and per user.
+//! - [`summary`]: `envgate audit summarize`, an audit log counted as a stream.
 //!
 //! Imports go one way: `main` -> [`server`] -> [`proxy`] -> the pure modules ([`server`] and
 //! [`proxy`] -> [`rawhead`] -> [`wire`] too); [`runtime`] is

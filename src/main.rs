@@ -99,8 +99,32 @@ fn main() -> ExitCode {
     }
 }
 
-/// `envgate explain`: exit 0 with the verdicts, 2 on a usage problem, 1 when the kernelspecs cannot be had.
+/// `envgate explain`: exit 0 with the verdicts (or a kernel start envgate would forward), 1 when
+/// the kernel start would be refused, 2 on a usage problem or when the kernelspecs cannot be had.
 fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
+    let pairs: Vec<(&str, &str)> = args.names.iter().filter_map(|n| n.split_once('=')).collect();
+    let request = args.body.is_some() || !pairs.is_empty();
+    if request && (pairs.len() != args.names.len() || (args.body.is_some() && !args.names.is_empty())) {
+        eprintln!("envgate: explain takes NAMEs, or NAME=VALUE pairs, or --body: one of them");
+        return ExitCode::from(2);
+    }
+    let body = match &args.body {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                .map(|_| b)
+                .map_err(|e| format!("cannot read standard input: {e}"))
+        }
+        Some(path) => std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display())),
+        None => Ok(envgate::explain::body_of(args.kernelspec.as_deref(), &pairs)),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("envgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let index = match &args.kernelspecs_file {
         Some(path) => envgate::explain::index_from_file(path).map(std::sync::Arc::new),
         None => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -112,18 +136,52 @@ fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => {
             eprintln!("envgate: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(2);
         }
     };
     let groups: Vec<String> = args.groups.iter().map(|g| g.trim().to_string()).filter(|g| !g.is_empty()).collect();
-    let who = envgate::explain::Asking { user: args.user.as_deref(), groups: &groups };
-    let e = envgate::explain::explain_for(&config.policy, &index, args.kernelspec.as_deref(), who, &args.names);
-    if args.format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&e).expect("serializing an explanation"));
-    } else {
-        print!("{}", e.to_text());
+    if !request {
+        let who = envgate::explain::Asking { user: args.user.as_deref(), groups: &groups };
+        let e = envgate::explain::explain_for(&config.policy, &index, args.kernelspec.as_deref(), who, &args.names);
+        if args.format == Format::Json {
+            println!("{}", serde_json::to_string_pretty(&e).expect("serializing an explanation"));
+        } else {
+            print!("{}", e.to_text());
+        }
+        return ExitCode::SUCCESS;
     }
-    ExitCode::SUCCESS
+    // A whole kernel start: the proxy's own steps, for the identity the proxy would see.
+    if config.identity.is_none() && (args.user.is_some() || !groups.is_empty()) {
+        eprintln!(
+            "envgate: note: no identity is configured, so the proxy applies no [users]/[groups] block: \
+             --user and --groups are ignored for a kernel start"
+        );
+    }
+    let who = envgate::explain::sender(config, args.user.as_deref(), &groups);
+    // The verdicts on the body's names, as the dry run decides them.
+    let names: Vec<String> = envgate::rewrite::start::parse(&body)
+        .map(|b| b.env.iter().map(|(k, _)| k.to_string()).collect())
+        .unwrap_or_default();
+    let kernelspec = envgate::rewrite::start::parse(&body).ok().and_then(|b| b.name.map(|n| n.to_string()));
+    let (user, groups) = match &who {
+        Ok(Some(w)) => (Some(w.user.as_str()), w.groups.as_slice()),
+        _ => (None, &[][..]),
+    };
+    let asking = envgate::explain::Asking { user, groups };
+    let mut e = envgate::explain::explain_for(&config.policy, &index, kernelspec.as_deref(), asking, &names);
+    let dry = envgate::explain::dry_run(config, index.clone(), &body, who);
+    e.adopt(&dry);
+    if args.format == Format::Json {
+        let both = serde_json::json!({"explanation": e, "request": dry});
+        println!("{}", serde_json::to_string_pretty(&both).expect("serializing an explanation"));
+    } else {
+        print!("{}{}", e.to_text(), dry.to_text());
+    }
+    if dry.forwarded_body.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// `envgate healthcheck`: exit 0 when the admin listener says ready, 1 otherwise (unreachable,

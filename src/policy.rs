@@ -550,6 +550,16 @@ impl<'p> View<'p> {
         self.policy.deny_envs.contains(name) || self.blocks.iter().any(|b| b.deny_envs.contains(name))
     }
 
+    /// Which list denies `name`: `global` (the top-level `deny_envs`) or the label of the first
+    /// block (in precedence order) whose `deny_envs` holds it; `None` when none does. The
+    /// verdict's reason is `denied` either way; this says where to look.
+    pub fn denied_by(&self, name: &str) -> Option<&str> {
+        if self.policy.deny_envs.contains(name) {
+            return Some("global");
+        }
+        self.blocks.iter().find(|b| b.deny_envs.contains(name)).map(|b| &*b.label)
+    }
+
     /// The verdict on one name for one kernelspec (`None`: no kernelspec could be determined;
     /// `facts`: what the upstream serves for it, if anything).
     pub fn verdict(&self, kernelspec: Option<&str>, facts: Option<&SpecFacts>, name: &str) -> Verdict {
@@ -1145,6 +1155,11 @@ mod tests {
         assert_eq!(q.view(None, &groups(&["gpu"])).verdict(None, None, "LD_PRELOAD"), Verdict::Reject(Reason::Denied));
         // Global sources come first in provenance.
         assert_eq!(both.verdict(Some("spark"), None, "SPARK_OPTS"), Verdict::Keep(Source::KernelspecConfig));
+        // Whose deny_envs denied a name: the global list's first, then the first block's.
+        assert_eq!(eng.denied_by("FOO"), Some("group:eng"));
+        assert_eq!(eng.denied_by("LD_PRELOAD"), Some("global"));
+        assert_eq!(eng.denied_by("SPARK_HOME"), None);
+        assert_eq!(anyone.denied_by("FOO"), None);
     }
 
     #[test]

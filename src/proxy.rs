@@ -29,22 +29,20 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::audit::SetName;
-use crate::audit::{Event, Outcome, Record, ViolationName};
+use crate::audit::{Event, Outcome, Record};
 use crate::body::{ProxyBody, StreamError, Streamed};
 use crate::config::IdentityFrom;
-use crate::decide::{self, Binding, UserSource, Verdict};
+use crate::decide::{self, Binding, UserSource};
 use crate::identity::{self, IdentitySource, Who};
 use crate::jwt;
 use crate::metrics::{DecisionLabel, KindLabel, ReasonLabel, RouteLabel, RouteStatus, RuleLabel};
-use crate::policy::{Decision, Sessions, View};
+use crate::policy::{Sessions, View};
 use crate::rawhead::Watch;
 use crate::rewrite::kernelspecs;
 use crate::rewrite::start::{self, StartBody};
 use crate::routes::Route;
 use crate::runtime::{Runtime, State, Worker};
 use crate::upstream::{SpecsError, Upstream, UpstreamError};
-use crate::values::Violation;
 use crate::wire;
 
 /// One request's view: the shared state, the runtime snapshot, and where the request came from.
@@ -469,13 +467,10 @@ fn record_identity<'a>(rec: &mut Record<'a>, who: &'a Who) {
 struct Held<'a> {
     /// The request's identity, when identity is configured.
     who: Option<Who>,
-    /// The body's `KERNEL_USERNAME` claim, without identity.
-    claimed: Option<String>,
     bytes: Bytes,
     body: Option<StartBody<'a>>,
-    kernelspec: Option<String>,
-    decision: Option<Decision<'a>>,
-    violations: Vec<Violation>,
+    /// What the decision's steps decided.
+    steps: decide::Steps<'a>,
 }
 
 /// `POST {base}api/kernels`: the env policy.
@@ -497,9 +492,8 @@ async fn kernel_start_steps<'a>(
     held: &'a mut Held<'a>,
     rec: &mut Record<'a>,
 ) -> Result<Forwarded, Refusal> {
-    let Held { who, claimed, bytes, body: parsed, kernelspec, decision, violations } = held;
+    let Held { who, bytes, body: parsed, steps } = held;
     let rt: &'a Runtime = cx.rt;
-    let policy = &rt.config.policy;
     let who: &'a Option<Who> = who;
     if let Some(w) = who {
         record_identity(rec, w);
@@ -508,18 +502,10 @@ async fn kernel_start_steps<'a>(
         read_body(&parts.headers, ProxyBody::stream(body, cx.upstream.body_idle_timeout), rt.config.max_body_bytes)
             .await?;
     let bytes: &'a Bytes = bytes;
-    let parsed = parsed.insert(start::parse(bytes)?);
-    if who.is_none() {
-        *claimed = decide::user_of(parsed, None).map(|u| u.name.to_string());
-        let claimed: &'a Option<String> = claimed;
-        rec.user = claimed.as_deref();
-        rec.user_source = claimed.as_ref().map(|_| UserSource::Body);
-    }
-    // Identity binding: the identity's user is the kernel's KERNEL_USERNAME, whatever the body says.
-    if let (Some(w), Some(i)) = (who, &rt.config.identity) {
-        decide::bind_user(parsed, &w.user, Binding { header: i.named_by(), on_mismatch: i.on_mismatch })?;
-    }
-
+    let asker = who.as_ref().map(|w| decide::Asker {
+        who: w,
+        binding: rt.config.identity.as_ref().map(|i| Binding { header: i.named_by(), on_mismatch: i.on_mismatch }),
+    });
     // Learn the kernelspec's own facts (and the default kernelspec) from the upstream.
     let token = parts.uri.query().and_then(token_pair);
     let fetch_headers = || {
@@ -527,44 +513,25 @@ async fn kernel_start_steps<'a>(
         clean_for_upstream(&mut h, cx);
         h
     };
-    let index = rt
-        .specs
-        .get(cx.upstream, rt.routes.kernelspecs_path(), token, fetch_headers)
-        .await
-        .map_err(|e| specs_failed(cx, e))?;
-    let (name, facts) = index.resolve(parsed.name.as_deref());
-    *kernelspec = name;
-    let kernelspec: &'a Option<String> = kernelspec;
-    rec.kernelspec = kernelspec.as_deref();
-    let view = match who {
-        Some(w) => policy.view(Some(&w.user), &w.groups),
-        None => policy.anonymous(),
+    let specs = || async {
+        rt.specs
+            .get(cx.upstream, rt.routes.kernelspecs_path(), token, fetch_headers)
+            .await
+            .map_err(|e| specs_failed(cx, e))
     };
-    decide::may_start(&view, kernelspec.as_deref())?;
-    let set = decide::set_values(&view, kernelspec.as_deref(), who.as_ref().map(|w| w.user.as_str()))?;
-    rec.set_envs = decide::apply_set_envs(parsed, &set, rt.config.set_envs_mismatch)?
-        .into_iter()
-        .map(|a| SetName { name: a.name, source: a.scope })
-        .collect();
-    let parsed: &'a StartBody<'a> = parsed;
-    let written = decide::Written { user: rec.user_source.filter(|s| *s != UserSource::Body), set: &set };
-    let plan = decide::decide_for(&view, kernelspec.as_deref(), facts, parsed, written);
-    rec.set_decision(decision.insert(plan.decision));
-    *violations = plan.violations;
-    let violations: &'a Vec<Violation> = violations;
-    rec.violations = violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
-    rec.path = plan.path;
+    let result =
+        decide::kernel_start(&rt.config.policy, rt.config.set_envs_mismatch, asker, bytes, parsed, specs, &mut *steps)
+            .await;
+    let steps: &'a decide::Steps<'a> = steps;
+    steps.write_to(rec, who.is_some());
     let metrics = &cx.st.metrics;
-    for v in violations {
+    for v in &steps.violations {
         metrics.value_violations.get_or_create(&RuleLabel { rule: v.rule.as_str() }).inc();
     }
-    if plan.path.is_some() {
+    if steps.path.is_some() {
         metrics.value_violations.get_or_create(&RuleLabel { rule: "path" }).inc();
     }
-    let forwarded = match plan.verdict {
-        Verdict::Forward(bytes) => bytes,
-        Verdict::Refuse(r) => return Err(r.into()),
-    };
+    let forwarded = result?;
 
     to_upstream(&mut parts, cx);
     for h in [header::CONTENT_ENCODING, header::EXPECT] {

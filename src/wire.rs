@@ -182,10 +182,15 @@ struct ErrorBody<'a, T: Serialize> {
     extra: Option<T>,
 }
 
+/// The bytes of [`json_error_with`]'s body.
+pub fn error_body<T: Serialize>(status: StatusCode, message: &str, extra: Option<T>) -> Vec<u8> {
+    let body = ErrorBody { reason: status.canonical_reason().unwrap_or("Error"), message, extra };
+    serde_json::to_vec(&body).expect("serializing an error body")
+}
+
 /// An EG-style JSON error: `{"reason": <status phrase>, "message": ...}` plus optional members.
 pub fn json_error_with<T: Serialize>(status: StatusCode, message: &str, extra: Option<T>) -> Response<ProxyBody> {
-    let body = ErrorBody { reason: status.canonical_reason().unwrap_or("Error"), message, extra };
-    let bytes = serde_json::to_vec(&body).expect("serializing an error body");
+    let bytes = error_body(status, message, extra);
     let mut r = Response::new(ProxyBody::full(bytes));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

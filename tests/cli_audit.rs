@@ -109,10 +109,12 @@ fn summarizes_stdin_as_json() {
 fn skips_lines_that_are_not_records_and_says_so() {
     let input = format!("{}garbage\n{{\"time\": \"2026-11-25T13", log());
     let o = envgate(&["audit", "summarize", "-", "--format", "json"], &[], input.as_bytes());
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    // The summary of the others is printed; exit 3 says some lines were not records.
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["records"], 4);
     assert_eq!(v["invalid_lines"], json!([5, 6]));
+    assert_eq!(v["invalid_line_count"], 2);
     assert_eq!(text(&o.stderr), "envgate: skipped 2 lines that are not audit records (first: line 5)\n");
 }
 
@@ -140,4 +142,197 @@ fn errors_are_one_line_with_exit_codes() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     let o = envgate(&["audit", "summarize"], &[], b"");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+}
+
+/// A record with the fields the other sections read, and fields a newer envgate may add.
+fn full(
+    event: &str,
+    time: &str,
+    user: &str,
+    spec: &str,
+    outcome: &str,
+    error: Option<&str>,
+    violations: &[(&str, &str)],
+) -> String {
+    json!({
+        "time": time, "id": "x", "event": event, "mode": "drop", "client": "127.0.0.1:1", "user": user,
+        "kernelspec": spec, "kept": [], "rejected": [],
+        "violations": violations.iter().map(|(n, r)| json!({"name": n, "rule": r})).collect::<Vec<_>>(),
+        "path": null, "outcome": outcome, "status": 400, "kernel_id": null, "error": error,
+        "schema": 2, "version": "9.9.9", "request_id": "r-1", "duration_ms": 1.5, "something_new": {"a": [1]},
+    })
+    .to_string()
+}
+
+fn mixed() -> String {
+    [
+        full(
+            "kernel_start",
+            "2026-11-25T10:00:00.000Z",
+            "alice",
+            "python3",
+            "refused",
+            Some("value rules"),
+            &[("KERNEL_UID", "pattern")],
+        ),
+        full(
+            "kernel_start",
+            "2026-11-25T11:00:00.000Z",
+            "bob",
+            "python3",
+            "refused",
+            Some("value rules"),
+            &[("KERNEL_UID", "pattern"), ("FOO", "forbidden")],
+        ),
+        full(
+            "kernel_start",
+            "2026-11-25T12:00:00.000Z",
+            "bob",
+            "spark",
+            "refused",
+            Some("kernelspec not allowed"),
+            &[],
+        ),
+        full("kernel_start", "2026-11-25T12:30:00.000Z", "bob", "spark", "refused", Some("ambiguous path"), &[]),
+        full("session_start", "2026-11-25T13:00:00.000Z", "alice", "python3", "refused", Some("sessions denied"), &[]),
+        full("session_start", "2026-11-25T14:00:00.000Z", "alice", "python3", "forwarded", None, &[]),
+        full("kernel_start", "2026-11-25T15:00:00.000Z", "alice", "python3", "forwarded", None, &[]),
+    ]
+    .join("\n")
+        + "\n"
+}
+
+#[test]
+fn every_section_in_text_and_json() {
+    let o = envgate(&["audit", "summarize", "-"], &[], mixed().as_bytes());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    for want in [
+        "7 records (kernel_start 5, session_start 2); modes: drop 7\n",
+        "\nkernel starts: 1 forwarded, 4 refused\n  refused  value rules             2\n  refused  ambiguous path          1\n  refused  kernelspec not allowed  1\n",
+        "\nsession starts: 1 allowed, 1 refused\n  refused  sessions denied  1\n",
+        "\nambiguous-path refusals: kernel_start 1\n",
+        "\nvalue violations (name, rule, records):\n  KERNEL_UID  pattern    2\n  FOO         forbidden  1\n",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let o = envgate(&["audit", "summarize", "-", "--format", "json"], &[], mixed().as_bytes());
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["kernel_starts"]["refused_by_reason"],
+        json!({"ambiguous path": 1, "kernelspec not allowed": 1, "value rules": 2})
+    );
+    assert_eq!(v["session_starts"], json!({"allowed": 1, "refused": 1, "refused_by_reason": {"sessions denied": 1}}));
+    assert_eq!(v["ambiguous_path_refusals"], json!({"kernel_start": 1}));
+    assert_eq!(v["violations"][1], json!({"name": "FOO", "rule": "forbidden", "count": 1}));
+}
+
+#[test]
+fn time_windows_and_filters() {
+    let count = |args: &[&str]| -> (Value, String) {
+        let mut all = vec!["audit", "summarize", "-", "--format", "json"];
+        all.extend_from_slice(args);
+        let o = envgate(&all, &[], mixed().as_bytes());
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        (serde_json::from_slice(&o.stdout).unwrap(), text(&o.stderr))
+    };
+    let (v, _) = count(&["--since", "2026-11-25T12:00:00Z", "--until", "2026-11-25T14:00:00Z"]);
+    assert_eq!((v["records"].as_u64(), v["filtered_out"].as_u64()), (Some(3), Some(4)));
+    // A window that ends before the first record: nothing counted, still exit 0.
+    let (v, _) = count(&["--until", "2026-11-25T09:00:00Z"]);
+    assert_eq!(v["records"], 0);
+    // Relative: every record is more than a day old.
+    let (v, _) = count(&["--since", "1d"]);
+    assert_eq!(v["records"], 0);
+    let (v, _) = count(&["--since", "100000d"]);
+    assert_eq!(v["records"], 7);
+    let (v, _) = count(&["--user", "bob"]);
+    assert_eq!(v["records"], 3);
+    assert_eq!(v["by_user"].as_array().unwrap().len(), 1);
+    let (v, _) = count(&["--kernelspec", "spark", "--user", "bob"]);
+    assert_eq!(v["records"], 2);
+    let o = envgate(&["audit", "summarize", "-", "--since", "last tuesday"], &[], mixed().as_bytes());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).starts_with("envgate: --since/--until: "), "{}", text(&o.stderr));
+}
+
+#[test]
+fn gzip_compressed_logs_are_read_as_they_are() {
+    use flate2::{write::GzEncoder, Compression};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl.1.gz");
+    // Two gzip members, as `cat a.gz b.gz` makes.
+    let mut bytes = Vec::new();
+    for part in [log(), mixed()] {
+        let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+        gz.write_all(part.as_bytes()).unwrap();
+        bytes.extend(gz.finish().unwrap());
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let o = envgate(&["audit", "summarize", path.to_str().unwrap(), "--format", "json"], &[], b"");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["records"], 11);
+    // From stdin too.
+    let o = envgate(&["audit", "summarize", "-"], &[], &bytes);
+    assert!(text(&o.stdout).starts_with("11 records"), "{}", text(&o.stdout));
+    // A cut gzip stream is a read error: exit 1.
+    let o = envgate(&["audit", "summarize", "-"], &[], &bytes[..bytes.len() / 3]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+}
+
+#[test]
+fn no_records_is_exit_2_and_says_why() {
+    let o = envgate(&["audit", "summarize", "-"], &[], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(text(&o.stderr), "envgate: - holds no audit records (it is empty)\n");
+    assert_eq!(text(&o.stdout), "");
+    let garbage = "\n\nnot a record\n\u{1}\u{2}binary\n{\"half\":\n[1,2]\n";
+    let o = envgate(&["audit", "summarize", "-"], &[], garbage.as_bytes());
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(text(&o.stderr), "envgate: - holds no audit records: 4 lines are not audit records (first: line 3)\n");
+}
+
+/// A large log is read in constant memory: the peak RSS stays far below the file's size.
+#[test]
+fn a_large_log_is_streamed() {
+    if !std::path::Path::new("/usr/bin/time").exists() {
+        eprintln!("skipped: no /usr/bin/time to measure the peak RSS with");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    const N: usize = 200_000;
+    for i in 0..N {
+        let user = format!("user{}", i % 50);
+        let spec = format!("spec{}", i % 5);
+        let name = format!("NAME_{}", i % 20);
+        let line = rec(
+            "report",
+            Some(&user),
+            &spec,
+            &[("LANG", "config"), ("KERNEL_USERNAME", "prefix:KERNEL_")],
+            &[(&name, "not_allowed"), ("PATH", "denied")],
+        );
+        writeln!(f, "{line}").unwrap();
+    }
+    f.into_inner().unwrap().sync_all().unwrap();
+    let size = std::fs::metadata(&path).unwrap().len();
+    let o = Command::new("/usr/bin/time")
+        .args(["-f", "maxrss_kb=%M", support::envgate::bin(), "audit", "summarize", "--format", "json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["records"], N as u64);
+    let user0 = v["by_user"].as_array().unwrap().iter().find(|g| g["user"] == "user0").unwrap();
+    assert_eq!(user0["records"], (N / 50) as u64);
+    let err = text(&o.stderr);
+    let kb: u64 =
+        err.lines().find_map(|l| l.strip_prefix("maxrss_kb=")).and_then(|n| n.trim().parse().ok()).expect(&err);
+    eprintln!("{N} lines, {size} bytes: peak RSS {kb} KiB");
+    assert!(size > 40 << 20, "the log is {size} bytes");
+    assert!(kb * 1024 < size / 4 && kb < 32 * 1024, "peak RSS {kb} KiB for a {size}-byte log");
 }
