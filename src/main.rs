@@ -45,6 +45,10 @@ fn main() -> ExitCode {
                 eprintln!("envgate: {e}");
                 return ExitCode::from(2);
             }
+            // What start-up would warn about, on stderr: the output stays a config file.
+            for w in config.warnings() {
+                eprintln!("envgate: warning: {w}");
+            }
             println!("# envgate: configuration is valid; effective settings:");
             print!("{}", config.effective());
             ExitCode::SUCCESS
