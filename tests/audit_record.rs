@@ -142,12 +142,17 @@ fn text_diagnostics_in_a_pipe_have_no_colour_codes() {
 }
 
 /// A forwarded kernel start against a real EG: the upstream's 201, the client's request id back,
-/// a duration that covers the upstream's answer.
+/// a duration that covers the upstream's answer; the default deny list and `--extra-deny-envs`
+/// both in force.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forwarded_start_is_recorded_with_its_request_id_and_duration() {
     let eg = Eg::start(EgOptions { client_envs: vec!["*".into()], ..EgOptions::default() });
-    let gate = Envgate::start(&eg.url, &[]);
-    let body = serde_json::to_vec(&json!({"name": "python3", "env": {"KERNEL_USERNAME": "alice"}})).unwrap();
+    let gate = Envgate::start(&eg.url, &["--extra-deny-envs", "KERNEL_IMAGE"]);
+    let env = json!({
+        "KERNEL_USERNAME": "alice", "KERNEL_VOLUMES": "[{name: root, hostPath: {path: /}}]",
+        "KERNEL_NAMESPACE": "kube-system", "KERNEL_IMAGE": "python:3", "PATH": "/evil"
+    });
+    let body = serde_json::to_vec(&json!({"name": "python3", "env": env})).unwrap();
     let h = [("Content-Type", "application/json"), ("X-Request-Id", "start-1")];
     let r = request(&gate.addr, "POST", "/api/kernels", &h, &body).await.unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
@@ -156,6 +161,15 @@ async fn a_forwarded_start_is_recorded_with_its_request_id_and_duration() {
     assert_eq!(rec["request_id"], "start-1");
     assert_eq!(rec["outcome"], "forwarded");
     assert_eq!(rec["kernel_id"], r.json()["id"]);
+    let denied: Vec<&str> = rec["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["reason"] == "denied")
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(denied, ["KERNEL_VOLUMES", "KERNEL_NAMESPACE", "KERNEL_IMAGE", "PATH"], "{rec}");
+    assert_eq!(rec["kept"], json!([{"name": "KERNEL_USERNAME", "source": "prefix:KERNEL_"}]));
     // A kernel start takes EG milliseconds; envgate's record covers them.
     let ms = rec["duration_ms"].as_f64().unwrap();
     assert!(ms > 0.5 && ms < 30_000.0, "{ms}");
