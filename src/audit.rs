@@ -712,7 +712,8 @@ mod tests {
                         r.groups = vec!["data-eng", "g\"q"];
                         r.kernelspec = Some("python3");
                         r.set_envs = vec![SetName { name: "KERNEL_NAMESPACE", source: "group:data-eng" }];
-                        r.violations = rules.iter().map(|rule| ViolationName { name: "B", rule: rule.as_str() }).collect();
+                        r.violations =
+                            rules.iter().map(|rule| ViolationName { name: "B", rule: rule.as_str() }).collect();
                         r.request_id = Cow::Owned("4bf92f3577b34da6a3ce929d0e0e4736".into());
                         r.kernel_id = (outcome == Outcome::Forwarded).then_some("ef326d61-e017-4f88-a97f-5975eab735e5");
                     } else {
@@ -729,7 +730,8 @@ mod tests {
         let mut bad = Record::new("not-an-id", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
         bad.policy_hash = "0123456789abcdef";
         assert!(!check(&v, &bad).is_empty());
-        let mut no_hash = Record::new("0a1b2c3d-00000001", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        let mut no_hash =
+            Record::new("0a1b2c3d-00000001", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
         no_hash.policy_hash = "";
         assert!(!check(&v, &no_hash).is_empty());
     }
@@ -740,7 +742,7 @@ mod tests {
         assert_eq!(request_id(Some(b" req-7 "), Some(tp)), Some("req-7"));
         assert_eq!(request_id(None, Some(tp)), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         // Not sane: too long, control characters, not ASCII, empty: the trace id instead.
-        let long = vec![b'a'; MAX_REQUEST_ID + 1];
+        let long = [b'a'; MAX_REQUEST_ID + 1];
         for bad in [&long[..], b"a\x1bb", "caf\u{e9}".as_bytes(), b"   ", b""] {
             assert_eq!(request_id(Some(bad), Some(tp)), Some("4bf92f3577b34da6a3ce929d0e0e4736"), "{bad:?}");
             assert_eq!(request_id(Some(bad), None), None, "{bad:?}");

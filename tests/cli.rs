@@ -63,6 +63,9 @@ fn check_prints_the_effective_policy() {
     assert!(o.status.success(), "{}\n{body}", stderr(&o));
 }
 
+/// Environment variables for one run.
+type Env<'a> = Vec<(&'a str, &'a str)>;
+
 /// The names `deny_envs` holds in what `check` printed.
 fn denied(out: &str) -> Vec<String> {
     let body: String = out.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
@@ -84,7 +87,7 @@ fn extra_deny_envs_from_file_environment_or_flag_adds_to_the_defaults() {
     assert!(out.contains("deny_envs = [\n    \"BASH_ENV\",\n"), "{out}");
     assert!(out.lines().filter(|l| l.contains(" = [")).all(|l| l.len() <= 100), "{out}");
     let (_d, file) = config("extra_deny_envs = [\"FROM_FILE\"]\n");
-    let cases: [(Vec<&str>, Vec<(&str, &str)>, &str); 3] = [
+    let cases: [(Vec<&str>, Env, &str); 3] = [
         (vec!["check", "--config", &file], vec![], "FROM_FILE"),
         (vec!["check"], vec![("ENVGATE_EXTRA_DENY_ENVS", "FROM_ENV,OTHER_ENV")], "FROM_ENV"),
         (vec!["check", "--extra-deny-envs", "FROM_FLAG"], vec![], "FROM_FLAG"),

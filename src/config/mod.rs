@@ -214,7 +214,9 @@ impl Config {
     pub fn warnings(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if self.upstream.tls.insecure {
-            out.push("upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only");
+            out.push(
+                "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only",
+            );
         }
         if self.upstream.token.is_some() && self.identity.is_none() {
             out.push(
@@ -625,7 +627,8 @@ mod tests {
     #[test]
     fn extra_deny_envs_adds_to_the_list_in_force() {
         let defaults: BTreeSet<String> = policy::DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect();
-        let deny = |toml: &str| -> BTreeSet<String> { load_toml(toml).unwrap().policy.deny_envs.iter().cloned().collect() };
+        let deny =
+            |toml: &str| -> BTreeSet<String> { load_toml(toml).unwrap().policy.deny_envs.iter().cloned().collect() };
         assert_eq!(deny(""), defaults);
         for n in ["KERNEL_VOLUMES", "KERNEL_VOLUME_MOUNTS", "KERNEL_NAMESPACE", "KERNEL_SERVICE_ACCOUNT_NAME", "PATH"] {
             assert!(defaults.contains(n), "{n} is denied by default");

@@ -180,8 +180,7 @@ fn audit_schema() -> &'static jsonschema::Validator {
 pub fn valid_record(line: &str) -> serde_json::Value {
     let v: serde_json::Value =
         serde_json::from_str(line).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line}"));
-    let errors: Vec<String> =
-        audit_schema().iter_errors(&v).map(|e| format!("{e} (at {})", e.instance_path)).collect();
+    let errors: Vec<String> = audit_schema().iter_errors(&v).map(|e| format!("{e} (at {})", e.instance_path)).collect();
     assert!(errors.is_empty(), "audit record does not fit docs/audit.schema.json: {errors:?}\n{line}");
     v
 }
