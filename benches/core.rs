@@ -111,6 +111,8 @@ fn main() {
             plan.violations.iter().map(|v| ViolationName { name: &v.name, rule: v.rule.as_str() }).collect();
         rec.outcome = Outcome::Forwarded;
         rec.status = Some(201);
+        rec.policy_hash = "0123456789abcdef";
+        rec.set_duration(std::time::Duration::from_micros(6_312));
         line.clear();
         rec.write_json(&mut line);
         black_box(&line);
@@ -118,6 +120,8 @@ fn main() {
     let mut rec = Record::new("0000abcd-00000001", Event::KernelStart, policy.mode, client, None);
     rec.kernelspec = kernelspec.as_deref();
     rec.set_decision(&plan.decision);
+    rec.policy_hash = "0123456789abcdef";
+    rec.set_duration(std::time::Duration::from_micros(6_312));
     let write = time(|| {
         line.clear();
         rec.write_json(&mut line);
@@ -168,21 +172,30 @@ fn env_object_rows(env: &[(std::borrow::Cow<str>, std::borrow::Cow<str>)], keep:
 fn record_rows(rec: &Record<'_>) -> (f64, f64) {
     #[derive(serde::Serialize)]
     struct Shape<'a> {
-        time: &'a str,
+        timestamp: &'a str,
+        schema: u32,
+        version: &'a str,
         id: &'a str,
+        request_id: &'a str,
         event: &'a str,
         mode: &'a str,
+        policy_hash: &'a str,
         client: std::net::SocketAddr,
         x_forwarded_for: Option<&'a str>,
         user: Option<&'a str>,
         user_source: Option<&'a str>,
+        groups: &'a [&'a str],
+        identity_source: Option<&'a str>,
         kernelspec: Option<&'a str>,
         kept: Vec<Kept<'a>>,
         rejected: Vec<Rejected<'a>>,
+        set_envs: Vec<Kept<'a>>,
         violations: Vec<Violation<'a>>,
         path: Option<&'a str>,
+        request_path: Option<&'a str>,
         outcome: &'a str,
         status: Option<u16>,
+        duration_ms: f64,
         kernel_id: Option<&'a str>,
         error: Option<&'a str>,
     }
@@ -202,21 +215,30 @@ fn record_rows(rec: &Record<'_>) -> (f64, f64) {
         rule: &'a str,
     }
     let shape = Shape {
-        time: &rec.time,
+        timestamp: &rec.timestamp,
+        schema: rec.schema,
+        version: rec.version,
         id: rec.id,
+        request_id: &rec.request_id,
         event: rec.event.as_str(),
         mode: rec.mode.as_str(),
+        policy_hash: rec.policy_hash,
         client: rec.client,
         x_forwarded_for: rec.x_forwarded_for,
         user: rec.user,
         user_source: rec.user_source.map(|u| u.as_str()),
+        groups: &rec.groups,
+        identity_source: rec.identity_source.map(|i| i.as_str()),
         kernelspec: rec.kernelspec,
         kept: rec.kept.iter().map(|k| Kept { name: k.name, source: k.source }).collect(),
         rejected: rec.rejected.iter().map(|r| Rejected { name: r.name, reason: r.reason }).collect(),
+        set_envs: rec.set_envs.iter().map(|k| Kept { name: k.name, source: k.source }).collect(),
         violations: rec.violations.iter().map(|v| Violation { name: v.name, rule: v.rule }).collect(),
         path: rec.path.map(|p| p.as_str()),
+        request_path: rec.request_path,
         outcome: rec.outcome.as_str(),
         status: rec.status,
+        duration_ms: rec.duration_ms,
         kernel_id: rec.kernel_id,
         error: rec.error,
     };

@@ -5,6 +5,7 @@
 //! Records are serialized and written by the request's own thread, whole lines per `write`
 //! (see [`AuditLog`]).
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,17 +57,38 @@ impl Outcome {
     }
 }
 
+/// The version of the record's format, its `schema` field: 2 added `schema`, `version`,
+/// `request_id`, `policy_hash`, `request_path` and `duration_ms`, and renamed `time` to
+/// `timestamp`. `docs/audit.schema.json` describes it.
+pub const SCHEMA: u32 = 2;
+
+/// The longest `request_path` recorded, in bytes; a longer path is cut (on a character boundary).
+pub const MAX_REQUEST_PATH: usize = 512;
+
+/// The longest client `X-Request-Id` taken as the record's `request_id`, in bytes.
+pub const MAX_REQUEST_ID: usize = 128;
+
 /// One audit record. See the README, "Audit log", for the format. [`Record::write_json`] writes
 /// it; in tests, serde's derived serialization is the reference it is held to.
 #[derive(Debug)]
 #[cfg_attr(test, derive(serde::Serialize))]
 pub struct Record<'a> {
-    /// RFC 3339, UTC, milliseconds.
-    pub time: String,
+    /// When the request arrived: RFC 3339, UTC, milliseconds; the diagnostics' JSON lines have
+    /// the same field, in the same format ([`Rfc3339Millis`]).
+    pub timestamp: String,
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// envgate's version.
+    pub version: &'static str,
     /// The decision id, also sent to the client as `X-Envgate-Decision`.
     pub id: &'a str,
+    /// The client's `X-Request-Id`, or the trace id of its `traceparent`, or the decision id
+    /// ([`request_id`]); sent back to the client as `X-Request-Id`.
+    pub request_id: Cow<'a, str>,
     pub event: Event,
     pub mode: Mode,
+    /// The hash of the policy in force, as the `envgate_policy_info` metric has it.
+    pub policy_hash: &'a str,
     /// The peer address of the connection.
     pub client: SocketAddr,
     pub x_forwarded_for: Option<&'a str>,
@@ -89,9 +111,15 @@ pub struct Record<'a> {
     /// What the `kernel_path` rule did to the body's `path`: `refused` or `stripped` (in
     /// `report` mode: what it would have done); `null` when it let the path through.
     pub path: Option<PathAction>,
+    /// The request's path, for an ambiguous-path refusal (at most [`MAX_REQUEST_PATH`] bytes);
+    /// `null` otherwise.
+    pub request_path: Option<&'a str>,
     pub outcome: Outcome,
     /// The upstream's status when forwarded; envgate's own status when refused.
     pub status: Option<u16>,
+    /// Milliseconds from the request's arrival to the decision (a refusal) or the upstream's
+    /// response head (forwarded), with microsecond resolution.
+    pub duration_ms: f64,
     pub kernel_id: Option<&'a str>,
     /// Why envgate refused or the upstream failed; never holds a value.
     pub error: Option<&'a str>,
@@ -129,10 +157,14 @@ impl<'a> Record<'a> {
     /// A record with the request's identity filled in and everything else empty.
     pub fn new(id: &'a str, event: Event, mode: Mode, client: SocketAddr, xff: Option<&'a str>) -> Self {
         Record {
-            time: now_rfc3339(),
+            timestamp: now_rfc3339(),
+            schema: SCHEMA,
+            version: env!("CARGO_PKG_VERSION"),
             id,
+            request_id: Cow::Borrowed(id),
             event,
             mode,
+            policy_hash: "",
             client,
             x_forwarded_for: xff,
             user: None,
@@ -145,8 +177,10 @@ impl<'a> Record<'a> {
             set_envs: Vec::new(),
             violations: Vec::new(),
             path: None,
+            request_path: None,
             outcome: Outcome::Refused,
             status: None,
+            duration_ms: 0.0,
             kernel_id: None,
             error: None,
         }
@@ -157,6 +191,54 @@ impl<'a> Record<'a> {
         self.kept = d.kept.iter().map(|k| KeptName { name: k.name, source: k.source.as_str() }).collect();
         self.rejected = d.rejected.iter().map(|r| RejectedName { name: r.name, reason: r.reason.as_str() }).collect();
     }
+
+    /// Sets `duration_ms`, to the microsecond.
+    pub fn set_duration(&mut self, d: std::time::Duration) {
+        self.duration_ms = d.as_micros().min(u128::from(u64::MAX)) as f64 / 1000.0;
+    }
+}
+
+/// The record's `request_id`: the client's `X-Request-Id` when it is sane (1 to
+/// [`MAX_REQUEST_ID`] bytes of printable ASCII, spaces trimmed), else the trace id of a valid W3C
+/// `traceparent`, else `None` (the decision id stands in).
+pub fn request_id<'h>(x_request_id: Option<&'h [u8]>, traceparent: Option<&'h [u8]>) -> Option<&'h str> {
+    let given = x_request_id
+        .filter(|v| v.len() <= MAX_REQUEST_ID && v.iter().all(|b| (0x20..0x7f).contains(b)))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    given.or_else(|| traceparent.and_then(trace_id))
+}
+
+/// The trace id of a W3C `traceparent` (`VERSION-TRACEID-PARENTID-FLAGS`, lowercase hex), when
+/// it is valid: version `ff` and all-zero ids are not; a later version may append fields.
+fn trace_id(v: &[u8]) -> Option<&str> {
+    let v = std::str::from_utf8(v).ok()?.trim();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let (head, rest) = (v.get(..55)?, &v[55..]);
+    let mut parts = head.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0')
+        && (rest.is_empty() || (version != "00" && rest.starts_with('-')));
+    valid.then_some(trace)
+}
+
+/// A request path as the record's `request_path` holds it: at most [`MAX_REQUEST_PATH`] bytes.
+pub fn bounded_path(path: &str) -> &str {
+    if path.len() <= MAX_REQUEST_PATH {
+        return path;
+    }
+    let mut end = MAX_REQUEST_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
 }
 
 impl Record<'_> {
@@ -171,11 +253,20 @@ impl Record<'_> {
                 write_opt_str(out, *v);
             }
         }
-        out.extend_from_slice(b"{\"time\":");
-        write_str(out, &self.time);
+        out.extend_from_slice(b"{\"timestamp\":");
+        write_str(out, &self.timestamp);
+        key(out, "schema");
+        let _ = write!(out, "{}", self.schema);
         strings(
             out,
-            &[("id", Some(self.id)), ("event", Some(self.event.as_str())), ("mode", Some(self.mode.as_str()))],
+            &[
+                ("version", Some(self.version)),
+                ("id", Some(self.id)),
+                ("request_id", Some(self.request_id.as_ref())),
+                ("event", Some(self.event.as_str())),
+                ("mode", Some(self.mode.as_str())),
+                ("policy_hash", Some(self.policy_hash)),
+            ],
         );
         key(out, "client");
         // A socket address is digits, dots, colons, brackets, hex and a numeric scope id.
@@ -209,7 +300,14 @@ impl Record<'_> {
         list(out, &self.set_envs, ["name", "source"], |s| [s.name, s.source]);
         key(out, "violations");
         list(out, &self.violations, ["name", "rule"], |v| [v.name, v.rule]);
-        strings(out, &[("path", self.path.map(PathAction::as_str)), ("outcome", Some(self.outcome.as_str()))]);
+        strings(
+            out,
+            &[
+                ("path", self.path.map(PathAction::as_str)),
+                ("request_path", self.request_path),
+                ("outcome", Some(self.outcome.as_str())),
+            ],
+        );
         key(out, "status");
         match self.status {
             Some(s) => {
@@ -217,6 +315,9 @@ impl Record<'_> {
             }
             None => out.extend_from_slice(b"null"),
         }
+        key(out, "duration_ms");
+        // As serde_json writes an f64 (a duration is finite and never negative).
+        out.extend_from_slice(ryu::Buffer::new().format_finite(self.duration_ms).as_bytes());
         strings(out, &[("kernel_id", self.kernel_id), ("error", self.error)]);
         out.push(b'}');
     }
@@ -257,6 +358,17 @@ fn list<T>(out: &mut Vec<u8>, items: &[T], keys: [&str; 2], values: impl Fn(&T) 
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// The diagnostics' time, as the audit record's `timestamp`: RFC 3339, UTC, milliseconds; so that
+/// one log shipper rule reads both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rfc3339Millis;
+
+impl tracing_subscriber::fmt::time::FormatTime for Rfc3339Millis {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_fmt(w, format_args!("{}", humantime::format_rfc3339_millis(SystemTime::now())))
+    }
 }
 
 /// Decision ids: unique within a process (a counter) and across restarts (a random prefix).
@@ -480,19 +592,23 @@ mod tests {
         r.outcome = Outcome::Forwarded;
         r.status = Some(201);
         r.kernel_id = Some("k1");
+        r.policy_hash = "0123456789abcdef";
+        r.set_duration(std::time::Duration::from_micros(1_234));
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(
             v,
             serde_json::json!({
-                "time": v["time"], "id": "id-1", "event": "kernel_start", "mode": "drop",
+                "timestamp": v["timestamp"], "schema": 2, "version": env!("CARGO_PKG_VERSION"), "id": "id-1",
+                "request_id": "id-1", "event": "kernel_start", "mode": "drop", "policy_hash": "0123456789abcdef",
                 "client": "127.0.0.1:5000", "x_forwarded_for": "10.0.0.1", "user": "alice", "user_source": null,
                 "groups": [], "identity_source": null, "kernelspec": "python3",
                 "kept": [{"name": "KERNEL_A", "source": "prefix:KERNEL_"}],
                 "rejected": [{"name": "PATH", "reason": "denied"}], "set_envs": [], "violations": [], "path": null,
-                "outcome": "forwarded", "status": 201, "kernel_id": "k1", "error": null
+                "request_path": null, "outcome": "forwarded", "status": 201, "duration_ms": 1.234, "kernel_id": "k1",
+                "error": null
             })
         );
-        let t = v["time"].as_str().unwrap();
+        let t = v["timestamp"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(t).is_ok(), "{t}");
     }
 
@@ -525,6 +641,10 @@ mod tests {
         full.status = Some(201);
         full.kernel_id = Some("k1");
         full.error = Some("upstream \"timeout\"");
+        full.request_id = Cow::Owned("req \\ \"7\"".into());
+        full.policy_hash = "0123456789abcdef";
+        full.request_path = Some("/api//kernels\u{7f}\"");
+        full.set_duration(std::time::Duration::from_micros(6_300));
         // The other value of each enum field.
         let mut other = Record::new("id-2", Event::KernelStart, Mode::Reject, "127.0.0.1:1".parse().unwrap(), None);
         other.user = Some("bob");
@@ -535,11 +655,134 @@ mod tests {
         let mut jwt = Record::new("id-3", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
         jwt.user_source = Some(UserSource::Jwt);
         other.status = Some(400);
+        other.set_duration(std::time::Duration::from_secs(3));
+        jwt.set_duration(std::time::Duration::from_nanos(999));
         for r in [&bare, &full, &other, &jwt] {
             let mut ours = Vec::new();
             r.write_json(&mut ours);
             assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(r).unwrap());
         }
+    }
+
+    /// A validator of `docs/audit.schema.json`, itself checked against draft 2020-12.
+    fn schema() -> jsonschema::Validator {
+        let schema: serde_json::Value = serde_json::from_str(include_str!("../docs/audit.schema.json")).unwrap();
+        jsonschema::meta::validate(&schema).expect("the schema is a valid JSON Schema");
+        jsonschema::draft202012::new(&schema).unwrap()
+    }
+
+    fn check(v: &jsonschema::Validator, r: &Record<'_>) -> Vec<String> {
+        let mut line = Vec::new();
+        r.write_json(&mut line);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        v.iter_errors(&value).map(|e| format!("{e} at {}", e.instance_path)).collect()
+    }
+
+    #[test]
+    fn every_variant_of_every_field_fits_the_schema() {
+        let v = schema();
+        let d = Decision {
+            kept: vec![
+                Kept { name: "KERNEL_A", source: Source::Prefix("prefix:KERNEL_".into()) },
+                Kept { name: "B", source: Source::Config },
+            ],
+            rejected: vec![
+                Rejected { name: "PATH", reason: Reason::Denied },
+                Rejected { name: "A=B", reason: Reason::InvalidName },
+                Rejected { name: "C", reason: Reason::NotAllowed },
+            ],
+        };
+        let events = [Event::KernelStart, Event::SessionStart];
+        let modes = [Mode::Drop, Mode::Reject, Mode::Report];
+        let outcomes = [(Outcome::Forwarded, 201, None), (Outcome::Refused, 403, Some("policy"))];
+        let users = [None, Some(UserSource::Body), Some(UserSource::TrustedHeader), Some(UserSource::Jwt)];
+        let identities = [None, Some(IdentitySource::Header), Some(IdentitySource::Jwt)];
+        let paths = [None, Some(PathAction::Refused), Some(PathAction::Stripped)];
+        let rules = [crate::values::Rule::MaxLength, crate::values::Rule::Forbidden, crate::values::Rule::Pattern];
+        let mut n = 0;
+        for (i, event) in events.into_iter().enumerate() {
+            for (j, mode) in modes.into_iter().enumerate() {
+                for (k, (outcome, status, error)) in outcomes.into_iter().enumerate() {
+                    let (client, xff) = if k == 0 {
+                        ("127.0.0.1:5000".parse().unwrap(), Some("10.0.0.1, 10.0.0.2"))
+                    } else {
+                        ("[fe80::1%2]:8888".parse().unwrap(), None)
+                    };
+                    let mut r = Record::new("0a1b2c3d-00000001", event, mode, client, xff);
+                    r.policy_hash = "0123456789abcdef";
+                    r.outcome = outcome;
+                    r.status = Some(status);
+                    r.error = error;
+                    r.user_source = users[(i + j + k) % users.len()];
+                    r.user = r.user_source.map(|_| "al\u{e9}ice");
+                    r.identity_source = identities[(i + j + k) % identities.len()];
+                    r.path = paths[(j + k) % paths.len()];
+                    if (i + j) % 2 == 0 {
+                        r.set_decision(&d);
+                        r.groups = vec!["data-eng", "g\"q"];
+                        r.kernelspec = Some("python3");
+                        r.set_envs = vec![SetName { name: "KERNEL_NAMESPACE", source: "group:data-eng" }];
+                        r.violations =
+                            rules.iter().map(|rule| ViolationName { name: "B", rule: rule.as_str() }).collect();
+                        r.request_id = Cow::Owned("4bf92f3577b34da6a3ce929d0e0e4736".into());
+                        r.kernel_id = (outcome == Outcome::Forwarded).then_some("ef326d61-e017-4f88-a97f-5975eab735e5");
+                    } else {
+                        r.request_path = Some(bounded_path("/api//kernels"));
+                        r.error = Some("ambiguous path");
+                    }
+                    r.set_duration(std::time::Duration::from_micros((n * 977) as u64));
+                    assert_eq!(check(&v, &r), Vec::<String>::new(), "{r:?}");
+                    n += 1;
+                }
+            }
+        }
+        // The schema is not a rubber stamp.
+        let mut bad = Record::new("not-an-id", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        bad.policy_hash = "0123456789abcdef";
+        assert!(!check(&v, &bad).is_empty());
+        let mut no_hash =
+            Record::new("0a1b2c3d-00000001", Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
+        no_hash.policy_hash = "";
+        assert!(!check(&v, &no_hash).is_empty());
+    }
+
+    #[test]
+    fn request_id_is_the_clients_then_the_trace_id() {
+        let tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(request_id(Some(b" req-7 "), Some(tp)), Some("req-7"));
+        assert_eq!(request_id(None, Some(tp)), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        // Not sane: too long, control characters, not ASCII, empty: the trace id instead.
+        let long = [b'a'; MAX_REQUEST_ID + 1];
+        for bad in [&long[..], b"a\x1bb", "caf\u{e9}".as_bytes(), b"   ", b""] {
+            assert_eq!(request_id(Some(bad), Some(tp)), Some("4bf92f3577b34da6a3ce929d0e0e4736"), "{bad:?}");
+            assert_eq!(request_id(Some(bad), None), None, "{bad:?}");
+        }
+        assert_eq!(request_id(Some(&long[..MAX_REQUEST_ID]), None).map(str::len), Some(MAX_REQUEST_ID));
+        // Invalid traceparents.
+        for bad in [
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            "garbage",
+            "",
+        ] {
+            assert_eq!(request_id(None, Some(bad.as_bytes())), None, "{bad}");
+        }
+        // A later version may append fields.
+        let later = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        assert_eq!(request_id(None, Some(later)), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
+
+    #[test]
+    fn a_long_request_path_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded_path("/api//kernels"), "/api//kernels");
+        let long = format!("/{}", "\u{e9}".repeat(MAX_REQUEST_PATH));
+        let cut = bounded_path(&long);
+        assert!(cut.len() <= MAX_REQUEST_PATH && cut.len() >= MAX_REQUEST_PATH - 1 && long.starts_with(cut));
     }
 
     #[test]

@@ -63,6 +63,10 @@ fn main() -> ExitCode {
                 eprintln!("envgate: {e}");
                 return ExitCode::from(2);
             }
+            // What start-up would warn about, on stderr: the output stays a config file.
+            for w in config.warnings() {
+                eprintln!("envgate: warning: {w}");
+            }
             println!("# envgate: configuration is valid; effective settings:");
             print!("{}", config.effective());
             ExitCode::SUCCESS
@@ -210,11 +214,38 @@ fn healthcheck(args: &HealthcheckArgs) -> ExitCode {
     }
 }
 
+/// Diagnostics on stderr: colour only for a terminal, and never with `NO_COLOR` set (to anything
+/// but empty); the time as the audit record's `timestamp` has it (RFC 3339, UTC, milliseconds;
+/// tracing's JSON lines name it `timestamp` too), so that one shipper rule reads both logs.
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_timer(envgate::audit::Rfc3339Millis);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// Whether the text diagnostics may hold colour codes (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && !matches!(no_color, Some(v) if !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(super::colour(true, None));
+        assert!(super::colour(true, Some(OsStr::new(""))));
+        assert!(!super::colour(true, Some(OsStr::new("1"))));
+        assert!(!super::colour(false, None));
+        assert!(!super::colour(false, Some(OsStr::new(""))));
     }
 }

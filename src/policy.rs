@@ -30,9 +30,19 @@ use crate::identity::{self, SetEnv};
 use crate::values::{self, PathRule, Pattern, Rule, ValueRules, Violation};
 
 /// Names that hijack a process when set in its environment. Shipped as the default `deny_envs`.
+///
+/// Also the `KERNEL_*` names whose value a client must never choose, whatever the value: where
+/// a kernel pod runs and with which Kubernetes identity (`KERNEL_NAMESPACE`,
+/// `KERNEL_SERVICE_ACCOUNT_NAME`), and what it mounts (`KERNEL_VOLUMES`, `KERNEL_VOLUME_MOUNTS`:
+/// pod-spec fragments rendered into the pod template, which no value rule can make safe). A
+/// deployment that wants them sets them with `set_envs`, which `deny_envs` does not judge.
 pub const DEFAULT_DENY_ENVS: &[&str] = &[
     "BASH_ENV",
     "ENV",
+    "KERNEL_NAMESPACE",
+    "KERNEL_SERVICE_ACCOUNT_NAME",
+    "KERNEL_VOLUMES",
+    "KERNEL_VOLUME_MOUNTS",
     "LD_AUDIT",
     "LD_LIBRARY_PATH",
     "LD_PRELOAD",
@@ -760,14 +770,18 @@ impl fmt::Display for Policy {
             let v: Vec<String> = s.iter().map(|n| format!("{n:?}")).collect();
             format!("[{}]", v.join(", "))
         }
+        // `key = [...]`, one item per line when it would not fit.
+        fn array(key: &str, s: &BTreeSet<String>) -> String {
+            toml_array(key, s.iter().map(|n| format!("{n:?}")).collect())
+        }
         writeln!(f, "mode = {:?}", self.mode.as_str())?;
         writeln!(f, "sessions = {:?}", self.sessions.as_str())?;
         writeln!(f, "kernel_prefix = {}", self.kernel_prefix())?;
         let extra: BTreeSet<String> =
             self.prefixes.iter().filter(|p| p.prefix != KERNEL_PREFIX).map(|p| p.prefix.clone()).collect();
-        writeln!(f, "allow_prefixes = {}", list(&extra))?;
-        writeln!(f, "client_envs = {}", list(&self.client_envs))?;
-        writeln!(f, "deny_envs = {}", list(&self.deny_envs))?;
+        writeln!(f, "{}", array("allow_prefixes", &extra))?;
+        writeln!(f, "{}", array("client_envs", &self.client_envs))?;
+        writeln!(f, "{}", array("deny_envs", &self.deny_envs))?;
         writeln!(f, "kernelspec_metadata = {}", self.kernelspec_metadata)?;
         writeln!(f, "kernelspec_env = {}", self.kernelspec_env)?;
         writeln!(f, "process_proxy_envs = {}", self.process_proxy_envs)?;
@@ -780,7 +794,7 @@ impl fmt::Display for Policy {
         writeln!(f, "value_max_length = {}", self.values.max_length)?;
         let forbidden: Vec<String> =
             self.values.forbidden.texts().iter().map(|t| format!("\"{}\"", toml_escape(t))).collect();
-        writeln!(f, "value_forbidden = [{}]", forbidden.join(", "))?;
+        writeln!(f, "{}", toml_array("value_forbidden", forbidden))?;
         writeln!(f, "\n[value_patterns]")?;
         for (name, p) in &self.values.patterns {
             writeln!(f, "{name:?} = \"{}\"", toml_escape(&p.text))?;
@@ -803,7 +817,7 @@ impl fmt::Display for Policy {
         names.dedup();
         for k in names {
             writeln!(f, "\n[kernelspecs.{k:?}]")?;
-            writeln!(f, "client_envs = {}", list(self.kernelspecs.get(k).map_or(&BTreeSet::new(), |n| n)))?;
+            writeln!(f, "{}", array("client_envs", self.kernelspecs.get(k).map_or(&BTreeSet::new(), |n| n)))?;
             set_envs(f, &format!("kernelspecs.{k:?}.set_envs"), self.kernelspec_set_envs.get(k).map_or(&[], |v| v))?;
         }
         let block = |f: &mut fmt::Formatter<'_>, table: &str, b: &Block, group: bool| -> fmt::Result {
@@ -811,12 +825,12 @@ impl fmt::Display for Policy {
             if group {
                 writeln!(f, "priority = {}", b.priority)?;
             }
-            writeln!(f, "client_envs = {}", list(&b.client_envs))?;
+            writeln!(f, "{}", array("client_envs", &b.client_envs))?;
             let prefixes: BTreeSet<String> = b.prefixes.iter().map(|p| p.prefix.clone()).collect();
-            writeln!(f, "allow_prefixes = {}", list(&prefixes))?;
-            writeln!(f, "deny_envs = {}", list(&b.deny_envs))?;
+            writeln!(f, "{}", array("allow_prefixes", &prefixes))?;
+            writeln!(f, "{}", array("deny_envs", &b.deny_envs))?;
             match &b.kernelspecs {
-                Some(k) => writeln!(f, "kernelspecs = {}", list(k))?,
+                Some(k) => writeln!(f, "{}", array("kernelspecs", k))?,
                 None => writeln!(f, "# kernelspecs: every one")?,
             }
             if !b.value_patterns.is_empty() {
@@ -849,9 +863,43 @@ impl fmt::Display for Policy {
     }
 }
 
+/// The widest line `envgate check` writes a list on; a longer list gets a line per item.
+const LIST_WIDTH: usize = 100;
+
+/// `key = [a, b]` (items already TOML values), or, when that is wider than [`LIST_WIDTH`], the
+/// same array with one item per line (TOML allows the trailing comma).
+fn toml_array(key: &str, items: Vec<String>) -> String {
+    let one = format!("{key} = [{}]", items.join(", "));
+    if one.len() <= LIST_WIDTH {
+        return one;
+    }
+    let mut out = format!("{key} = [\n");
+    for i in items {
+        out.push_str("    ");
+        out.push_str(&i);
+        out.push_str(",\n");
+    }
+    out.push(']');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_lists_are_printed_one_item_a_line_and_stay_toml() {
+        assert_eq!(toml_array("a", vec!["\"X\"".into(), "\"Y\"".into()]), "a = [\"X\", \"Y\"]");
+        assert_eq!(toml_array("a", vec![]), "a = []");
+        let p = Policy::default();
+        let text = p.to_string();
+        assert!(text.contains("deny_envs = [\n    \"BASH_ENV\",\n    \"ENV\",\n"), "{text}");
+        assert!(text.lines().filter(|l| l.contains(" = [")).all(|l| l.len() <= LIST_WIDTH), "{text}");
+        let table: toml::Table = text.parse().unwrap();
+        let deny: Vec<&str> = table["deny_envs"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert_eq!(deny.len(), DEFAULT_DENY_ENVS.len());
+        assert!(DEFAULT_DENY_ENVS.iter().all(|n| deny.contains(n)));
+    }
 
     fn set(v: &[&str]) -> NameSet {
         v.iter().map(|s| s.to_string()).collect()

@@ -60,6 +60,8 @@ struct Ctx<'a> {
     proto: &'static str,
     /// The client connection's watch, told when the connection switches protocols.
     watch: &'a Watch,
+    /// When the request arrived, for the audit record's `duration_ms`.
+    started: Instant,
 }
 
 /// Serves one request, on `worker`. `raw`: what its head held that hyper's parse dropped, from
@@ -87,6 +89,7 @@ pub async fn handle(
         forwarded_for: &forwarded_for,
         proto,
         watch: &watch,
+        started,
     };
     let route = rt.routes.classify_target(req.method(), req.uri());
     let resp = if let Err(bad) = wire::framing(req.headers(), raw) {
@@ -263,8 +266,9 @@ enum Refusal {
     Parse(start::ParseError),
     /// The kernelspecs the policy needs could not be learnt from the upstream.
     Specs(SpecsError),
-    /// A `POST` whose path could reach a kernel start after normalization (the message).
-    Ambiguous(String),
+    /// A `POST` whose path could reach a kernel start after normalization: the message, and the
+    /// path for the audit record.
+    Ambiguous { message: String, path: String },
     /// A session start under `sessions = "deny"`.
     SessionsDenied,
     /// Body framing a front proxy could read differently; the connection closes after it.
@@ -300,7 +304,7 @@ impl Refusal {
             Refusal::Body(b) => b.status().canonical_reason().unwrap_or("refused").into(),
             Refusal::Parse(e) => e.to_string().into(),
             Refusal::Specs(_) => "cannot learn the kernelspecs from the upstream".into(),
-            Refusal::Ambiguous(_) => "ambiguous path".into(),
+            Refusal::Ambiguous { .. } => "ambiguous path".into(),
             Refusal::SessionsDenied => "sessions denied".into(),
             Refusal::Framing(f) => f.why().into(),
             Refusal::Token { error, .. } => format!("token {}", error.as_str()).into(),
@@ -317,7 +321,7 @@ impl Refusal {
             Refusal::Body(b) => wire::json_error(b.status(), &b.message()),
             Refusal::Parse(e) => wire::json_error(StatusCode::BAD_REQUEST, &e.to_string()),
             Refusal::Specs(e) => e.response(),
-            Refusal::Ambiguous(msg) => wire::json_error(StatusCode::BAD_REQUEST, &msg),
+            Refusal::Ambiguous { message, .. } => wire::json_error(StatusCode::BAD_REQUEST, &message),
             Refusal::SessionsDenied => wire::json_error(
                 StatusCode::FORBIDDEN,
                 "envgate refuses POST /api/sessions: a session starts its kernel with the gateway's whole \
@@ -346,6 +350,8 @@ struct Ending {
     status: u16,
     error: Option<Cow<'static, str>>,
     kernel_id: Option<String>,
+    /// An ambiguous path's path, bounded.
+    request_path: Option<String>,
 }
 
 impl Ending {
@@ -354,13 +360,24 @@ impl Ending {
         match result {
             Ok(f) => {
                 let status = f.response.status().as_u16();
-                (Ending { outcome: Outcome::Forwarded, status, error: f.failure, kernel_id: f.kernel_id }, f.response)
+                let ending = Ending {
+                    outcome: Outcome::Forwarded,
+                    status,
+                    error: f.failure,
+                    kernel_id: f.kernel_id,
+                    request_path: None,
+                };
+                (ending, f.response)
             }
             Err(r) => {
                 let error = Some(r.why());
+                let request_path = match &r {
+                    Refusal::Ambiguous { path, .. } => Some(crate::audit::bounded_path(path).to_string()),
+                    _ => None,
+                };
                 let resp = r.into_response();
                 let status = resp.status().as_u16();
-                (Ending { outcome: Outcome::Refused, status, error, kernel_id: None }, resp)
+                (Ending { outcome: Outcome::Refused, status, error, kernel_id: None, request_path }, resp)
             }
         }
     }
@@ -370,15 +387,18 @@ impl Ending {
         rec.status = Some(self.status);
         rec.error = self.error.as_deref();
         rec.kernel_id = self.kernel_id.as_deref();
+        rec.request_path = self.request_path.as_deref();
     }
 }
 
 /// The one exit of the policy routes: ends the record as `result` says, counts the decision,
-/// writes the record (before the response goes out), and tags the response with the decision id.
+/// writes the record (before the response goes out), and tags the response with the decision id
+/// and the request id.
 async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, result: Result<Forwarded, Refusal>) -> Response<ProxyBody> {
     let (ending, mut resp) = Ending::of(result);
     let mut rec = rec;
     ending.write_to(&mut rec);
+    rec.set_duration(cx.started.elapsed());
     let m = &cx.st.metrics;
     let label = DecisionLabel { event: rec.event.as_str(), outcome: rec.outcome.as_str(), mode: rec.mode.as_str() };
     m.decisions.get_or_create(&label).inc();
@@ -397,12 +417,22 @@ async fn finish(cx: &Ctx<'_>, rec: Record<'_>, id: &str, result: Result<Forwarde
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-envgate-decision", v);
     }
+    if let Ok(v) = HeaderValue::from_str(&rec.request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     resp
 }
 
-/// A policy route's audit record, with the request's identity filled in.
-fn record<'a>(cx: &Ctx<'_>, id: &'a str, event: Event, xff: Option<&'a str>) -> Record<'a> {
-    Record::new(id, event, cx.rt.config.policy.mode, cx.peer, xff)
+/// A policy route's audit record, with the request's identity filled in: its request id from
+/// `headers`, the policy's hash.
+fn record<'a>(cx: &Ctx<'a>, id: &'a str, event: Event, xff: Option<&'a str>, headers: &HeaderMap) -> Record<'a> {
+    let mut rec = Record::new(id, event, cx.rt.config.policy.mode, cx.peer, xff);
+    rec.policy_hash = &cx.rt.policy_hash;
+    let given = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
+    if let Some(r) = crate::audit::request_id(given("x-request-id"), given("traceparent")) {
+        rec.request_id = Cow::Owned(r.to_string());
+    }
+    rec
 }
 
 /// The client's `X-Forwarded-For`, as received (every line, joined), for the audit record.
@@ -478,7 +508,7 @@ async fn kernel_start(req: Request<Incoming>, who: Option<Who>, cx: &Ctx<'_>) ->
     let id = cx.st.ids.next();
     let (parts, body) = req.into_parts();
     let xff = xff(&parts.headers);
-    let mut rec = record(cx, &id, Event::KernelStart, xff.as_deref());
+    let mut rec = record(cx, &id, Event::KernelStart, xff.as_deref(), &parts.headers);
     let mut held = Held { who, ..Held::default() };
     let result = kernel_start_steps(parts, body, cx, &mut held, &mut rec).await;
     finish(cx, rec, &id, result).await
@@ -639,8 +669,9 @@ async fn ambiguous(req: Request<Incoming>, route: Route, cx: &Ctx<'_>) -> Respon
         "envgate refuses this request: its path is not exactly a route under {base} but could reach a kernel start \
          after normalization; send POST {base}api/kernels"
     );
-    tracing::warn!(path = %req.uri().path(), "refused an ambiguous kernel-start path");
-    refuse(req.headers(), route, Refusal::Ambiguous(msg), cx).await
+    let path = req.uri().path().to_string();
+    tracing::warn!(%path, "refused an ambiguous kernel-start path");
+    refuse(req.headers(), route, Refusal::Ambiguous { message: msg, path }, cx).await
 }
 
 /// A policy route's request refused before its body is read: audited as its route's event.
@@ -651,7 +682,7 @@ async fn refuse(headers: &HeaderMap, route: Route, refusal: Refusal, cx: &Ctx<'_
         Route::SessionStart | Route::AmbiguousSessionStart => Event::SessionStart,
         _ => Event::KernelStart,
     };
-    let rec = record(cx, &id, event, xff.as_deref());
+    let rec = record(cx, &id, event, xff.as_deref(), headers);
     finish(cx, rec, &id, Err(refusal)).await
 }
 
@@ -659,7 +690,7 @@ async fn refuse(headers: &HeaderMap, route: Route, refusal: Refusal, cx: &Ctx<'_
 async fn session_start(req: Request<Incoming>, who: Option<Who>, cx: &Ctx<'_>) -> Response<ProxyBody> {
     let id = cx.st.ids.next();
     let xff = xff(req.headers());
-    let mut rec = record(cx, &id, Event::SessionStart, xff.as_deref());
+    let mut rec = record(cx, &id, Event::SessionStart, xff.as_deref(), req.headers());
     if let Some(w) = &who {
         record_identity(&mut rec, w);
     }
@@ -847,7 +878,11 @@ mod tests {
                 504,
                 json!("cannot learn the kernelspecs from the upstream"),
             ),
-            (Refusal::Ambiguous("use POST /api/kernels".into()), 400, json!("ambiguous path")),
+            (
+                Refusal::Ambiguous { message: "use POST /api/kernels".into(), path: "/api//kernels".into() },
+                400,
+                json!("ambiguous path"),
+            ),
             (Refusal::SessionsDenied, 403, json!("sessions denied")),
             (
                 Refusal::Framing(wire::BadFraming::LengthAndChunks),
@@ -866,6 +901,11 @@ mod tests {
             let (_, resp) = ended(Err(Refusal::Framing(bad)));
             assert_eq!(resp.headers()[header::CONNECTION], "close", "{bad:?}: the connection closes after it");
         }
+        // An ambiguous path is recorded, bounded; no other ending has one.
+        let path = format!("/api//kernels{}", "x".repeat(1000));
+        let (ending, _) = Ending::of(Err(Refusal::Ambiguous { message: "m".into(), path: path.clone() }));
+        assert_eq!(ending.request_path.as_deref(), Some(&path[..crate::audit::MAX_REQUEST_PATH]));
+        assert_eq!(Ending::of(Err(Refusal::SessionsDenied)).0.request_path, None);
         let (_, resp) = ended(Err(Refusal::Body(BodyRefusal::TooLarge { max: 10 })));
         let ProxyBody::Full(body) = resp.into_body() else { panic!("a buffered body") };
         let body: serde_json::Value = serde_json::from_slice(body.as_ref().unwrap()).unwrap();

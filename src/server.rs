@@ -155,15 +155,8 @@ pub async fn run(opts: Opts, config: Config) -> Result<(), StartError> {
     };
     let tls = Arc::new(ArcSwapOption::from(acceptor(&config)?.map(Arc::new)));
     let audit = AuditLog::open(&config.audit_log, config.workers).map_err(StartError::AuditLog)?;
-    if config.upstream.tls.insecure {
-        tracing::warn!(
-            "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only"
-        );
-    }
-    if config.upstream.token.is_some() && config.identity.is_none() {
-        tracing::warn!(
-            "envgate holds the upstream token and no trusted_user_header is set: anyone who reaches envgate reaches EG"
-        );
+    for w in config.warnings() {
+        tracing::warn!("{w}");
     }
     // The signal handlers go in before "envgate is listening" is logged: a supervisor (or a test)
     // that sends SIGTERM as soon as it reads that line must get a graceful stop, not the default
@@ -412,6 +405,9 @@ impl Reloader {
         let config = Config::load(&self.opts).map_err(ReloadError::Config)?;
         if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
             tracing::warn!("listen and admin_listen cannot change on reload; restart envgate to move them");
+        }
+        for w in config.warnings() {
+            tracing::warn!("{w}");
         }
         let acceptor = acceptor(&config).map_err(ReloadError::Files)?;
         let runtime = Runtime::new(config, Some(&old), self.workers).map_err(ReloadError::Files)?;

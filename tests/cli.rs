@@ -63,6 +63,74 @@ fn check_prints_the_effective_policy() {
     assert!(o.status.success(), "{}\n{body}", stderr(&o));
 }
 
+/// Environment variables for one run.
+type Env<'a> = Vec<(&'a str, &'a str)>;
+
+/// The names `deny_envs` holds in what `check` printed.
+fn denied(out: &str) -> Vec<String> {
+    let body: String = out.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    let t: toml::Table = body.parse().unwrap_or_else(|e| panic!("check printed no TOML ({e}):\n{out}"));
+    t["deny_envs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn extra_deny_envs_from_file_environment_or_flag_adds_to_the_defaults() {
+    let defaults: Vec<String> = envgate::policy::DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect();
+    let o = envgate(&["check"], &[]);
+    let d = denied(&stdout(&o));
+    assert!(defaults.iter().all(|n| d.contains(n)) && d.len() == defaults.len(), "{d:?}");
+    for n in ["KERNEL_VOLUMES", "KERNEL_VOLUME_MOUNTS", "KERNEL_NAMESPACE", "KERNEL_SERVICE_ACCOUNT_NAME"] {
+        assert!(d.contains(&n.to_string()), "{n} is not denied by default");
+    }
+    // A long list is printed one item a line, and stays a config file check accepts.
+    let out = stdout(&o);
+    assert!(out.contains("deny_envs = [\n    \"BASH_ENV\",\n"), "{out}");
+    assert!(out.lines().filter(|l| l.contains(" = [")).all(|l| l.len() <= 100), "{out}");
+    let (_d, file) = config("extra_deny_envs = [\"FROM_FILE\"]\n");
+    let cases: [(Vec<&str>, Env, &str); 3] = [
+        (vec!["check", "--config", &file], vec![], "FROM_FILE"),
+        (vec!["check"], vec![("ENVGATE_EXTRA_DENY_ENVS", "FROM_ENV,OTHER_ENV")], "FROM_ENV"),
+        (vec!["check", "--extra-deny-envs", "FROM_FLAG"], vec![], "FROM_FLAG"),
+    ];
+    for (args, env, name) in cases {
+        let o = envgate(&args, &env);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let d = denied(&stdout(&o));
+        assert!(d.contains(&name.to_string()), "{name} not in {d:?}");
+        assert!(defaults.iter().all(|n| d.contains(n)), "{name}: the defaults are gone: {d:?}");
+        // The printed file says the same: checked again, the same merged list.
+        let body: String = stdout(&o).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+        let (_d2, again) = config(&body);
+        let o2 = envgate(&["check", "--config", &again], &[]);
+        assert!(o2.status.success(), "{}\n{body}", stderr(&o2));
+        assert_eq!(denied(&stdout(&o2)), d);
+    }
+    // With deny_envs set, extra_deny_envs adds to it.
+    let o = envgate(&["check", "--deny-envs", "A", "--extra-deny-envs", "B"], &[]);
+    assert_eq!(denied(&stdout(&o)), ["A", "B"]);
+}
+
+#[test]
+fn check_warns_on_stderr_about_what_start_up_warns_about() {
+    let o = envgate(&["check"], &[]);
+    assert!(o.status.success());
+    assert_eq!(stderr(&o), "", "no warning for the defaults");
+    let o = envgate(
+        &["check", "--mode", "report", "--upstream", "https://eg:8888", "--upstream-insecure", "--upstream-token", "t"],
+        &[],
+    );
+    assert!(o.status.success(), "warnings do not fail check: {}", stderr(&o));
+    let err = stderr(&o);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("envgate: warning: ")).collect();
+    assert_eq!(warnings.len(), 3, "{err}");
+    for want in ["upstream_insecure", "trusted_user_header", "report"] {
+        assert!(err.contains(want), "no warning about {want}:\n{err}");
+    }
+    assert!(!err.contains("\"t\""), "the token is never shown");
+    // stdout stays a config file.
+    assert!(stdout(&o).contains("mode = \"report\""));
+}
+
 #[test]
 fn flags_win_over_environment_which_wins_over_the_file() {
     let (_d, path) = config("mode = \"reject\"\nsessions = \"allow\"\nclient_envs = [\"FILE\"]\n");

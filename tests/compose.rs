@@ -192,7 +192,7 @@ fn example_config_has_every_key() {
         "upstream",
         "mode",
         "client_envs",
-        "deny_envs",
+        "extra_deny_envs",
         "kernel_prefix",
         "sessions",
         "kernelspec_cache_ttl",

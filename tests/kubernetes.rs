@@ -305,8 +305,13 @@ fn configmap_holds_a_valid_envgate_config() {
     assert_eq!(cfg["upstream"].as_str(), Some("http://127.0.0.1:8888"));
     assert_eq!(cfg["listen"].as_str(), Some("0.0.0.0:8889"));
     assert_eq!(cfg["audit_log"].as_str(), Some("-"), "audit records must go to stdout (kubectl logs)");
-    // On Kubernetes these KERNEL_* names pick a kernel pod's image, namespace, account and volumes.
-    let deny: Vec<&str> = cfg["deny_envs"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    // The file adds to the built-in deny list rather than copying it (a copy would miss later additions).
+    assert!(!cfg.contains_key("deny_envs"), "the ConfigMap replaces the built-in deny list");
+    assert!(cfg.contains_key("extra_deny_envs"));
+    // On Kubernetes these KERNEL_* names pick a kernel pod's image, namespace, account and volumes: the
+    // merged list in force, as `envgate check` prints it.
+    let effective: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+    let deny: Vec<&str> = effective["deny_envs"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
     for name in ["KERNEL_IMAGE", "KERNEL_NAMESPACE", "KERNEL_SERVICE_ACCOUNT_NAME", "KERNEL_VOLUMES", "PATH"] {
         assert!(deny.contains(&name), "{name} is not in deny_envs");
     }

@@ -24,7 +24,8 @@ fn quickstart_shows_an_allowed_name_reaching_the_kernel_and_the_audit_line() {
     assert!(!text.contains("DEMO_SECRET="), "{text}");
     assert!(!text.contains("EG_DEMO_SECRET="), "{text}");
     assert!(!text.contains("PATH=/tmp/evil"), "{text}");
-    let audit = text.lines().find(|l| l.starts_with("{\"time\"")).expect("an audit line");
+    let audit = text.lines().find(|l| l.starts_with("{\"timestamp\"")).expect("an audit line");
+    support::envgate::valid_record(audit);
     let v: serde_json::Value = serde_json::from_str(audit).unwrap();
     assert_eq!(v["outcome"], "forwarded");
     assert_eq!(v["rejected"][0]["name"], "DEMO_SECRET");

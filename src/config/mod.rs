@@ -213,6 +213,38 @@ impl Config {
         Raw::from_toml(text, Path::new("config"))?.validate(&|_| None)
     }
 
+    /// What is valid but weakens envgate, one sentence each: logged as warnings at start-up (and
+    /// on reload) and printed by `envgate check`.
+    pub fn warnings(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.upstream.tls.insecure {
+            out.push(
+                "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only",
+            );
+        }
+        if self.upstream.token.is_some() && self.identity.is_none() {
+            out.push(
+                "envgate holds the upstream token and no trusted_user_header is set: anyone who reaches envgate reaches EG",
+            );
+        }
+        if self.policy.mode == policy::Mode::Report {
+            out.push(
+                "mode = \"report\": nothing is enforced; kernel starts are forwarded with every name and value, and only \
+                 audited",
+            );
+        }
+        if self.policy.sessions == policy::Sessions::Allow {
+            out.push(
+                "sessions = \"allow\": a session start gives its kernel the gateway's whole environment, outside the env \
+                 policy",
+            );
+        }
+        if self.policy.eg_config.as_ref().is_some_and(|e| e.all) {
+            out.push("inherit_eg_env_config with EG_CLIENT_ENVS=*: every name is allowed (deny_envs still applies)");
+        }
+        out
+    }
+
     /// Every setting in force, as a valid config file (secrets shown as set, never their value).
     pub fn effective(&self) -> String {
         let keys = match self.identity.as_ref().map(|i| &i.from) {
@@ -372,7 +404,10 @@ impl Raw {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         };
-        let deny_envs: Option<BTreeSet<String>> = names(&s.deny_envs);
+        // `deny_envs` replaces the built-in list; `extra_deny_envs` adds to whichever is in force.
+        let mut deny_envs: BTreeSet<String> =
+            names(&s.deny_envs).unwrap_or_else(|| policy::DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect());
+        deny_envs.extend(names(&s.extra_deny_envs).unwrap_or_default());
         Ok(Config {
             listen: s.listen.value,
             tls,
@@ -393,9 +428,7 @@ impl Raw {
                 sessions: s.sessions.value,
                 prefixes,
                 client_envs: names(&s.client_envs).unwrap_or_default().into(),
-                deny_envs: deny_envs
-                    .unwrap_or_else(|| policy::DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect())
-                    .into(),
+                deny_envs: deny_envs.into(),
                 kernelspecs,
                 kernelspec_metadata: s.kernelspec_metadata.value,
                 kernelspec_env: s.kernelspec_env.value,
@@ -594,6 +627,43 @@ mod tests {
         assert_eq!(c.upstream.body_idle_timeout, Duration::from_secs(90));
         assert_eq!(c.audit_log, AuditTarget::File("/var/log/envgate.jsonl".into()));
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn extra_deny_envs_adds_to_the_list_in_force() {
+        let defaults: BTreeSet<String> = policy::DEFAULT_DENY_ENVS.iter().map(|s| s.to_string()).collect();
+        let deny =
+            |toml: &str| -> BTreeSet<String> { load_toml(toml).unwrap().policy.deny_envs.iter().cloned().collect() };
+        assert_eq!(deny(""), defaults);
+        for n in ["KERNEL_VOLUMES", "KERNEL_VOLUME_MOUNTS", "KERNEL_NAMESPACE", "KERNEL_SERVICE_ACCOUNT_NAME", "PATH"] {
+            assert!(defaults.contains(n), "{n} is denied by default");
+        }
+        let mut want = defaults.clone();
+        want.extend(["KERNEL_IMAGE".to_string(), "KERNEL_UID".to_string()]);
+        assert_eq!(deny("extra_deny_envs = [\"KERNEL_IMAGE\", \"KERNEL_UID\"]"), want);
+        // deny_envs replaces the built-in list; extra_deny_envs adds to it either way.
+        assert_eq!(deny("deny_envs = [\"A\"]\nextra_deny_envs = [\"B\"]"), BTreeSet::from(["A".into(), "B".into()]));
+        assert_eq!(deny("deny_envs = []\nextra_deny_envs = []"), BTreeSet::new());
+        // check prints the merged list, as deny_envs: a file that says the same.
+        let c = load_toml("extra_deny_envs = [\"KERNEL_IMAGE\"]").unwrap();
+        let printed: toml::Table = c.effective().parse().unwrap();
+        let listed: BTreeSet<String> =
+            printed["deny_envs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        assert!(listed.contains("KERNEL_IMAGE") && listed.is_superset(&defaults));
+        assert!(!printed.contains_key("extra_deny_envs"));
+    }
+
+    #[test]
+    fn warnings_name_what_weakens_envgate() {
+        assert!(load_toml("").unwrap().warnings().is_empty());
+        let w = load_toml("mode = \"report\"\nsessions = \"allow\"\nupstream_token = \"t\"").unwrap().warnings();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("trusted_user_header") && w[1].contains("report") && w[2].contains("sessions"), "{w:?}");
+        let w = load_toml("upstream = \"https://eg:1\"\nupstream_insecure = true").unwrap().warnings();
+        assert!(w.len() == 1 && w[0].contains("upstream_insecure"), "{w:?}");
+        // With identity, the token is not a warning.
+        let w = load_toml("upstream_token = \"t\"\ntrusted_user_header = \"X-User\"").unwrap().warnings();
+        assert!(w.is_empty(), "{w:?}");
     }
 
     #[test]
@@ -931,6 +1001,7 @@ mod tests {
             ("mode", "\"reject\"", "report", "drop"),
             ("client_envs", "[\"A\"]", "B", "C,D"),
             ("deny_envs", "[\"A\"]", "B", "C"),
+            ("extra_deny_envs", "[\"A\"]", "B", "C,D"),
             ("kernel_prefix", "false", "on", "no"),
             ("allow_prefixes", "[\"A_\"]", "B_", "C_"),
             ("kernelspec_metadata", "false", "yes", "0"),

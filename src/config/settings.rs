@@ -201,6 +201,9 @@ settings! {
     client_envs: Names, "client-envs", "ENVGATE_CLIENT_ENVS", "NAMES", policy;
     /// Names always refused, comma-separated; replaces the built-in list [default: see README].
     deny_envs: Names, "deny-envs", "ENVGATE_DENY_ENVS", "NAMES", policy;
+    /// More names always refused, comma-separated; added to deny_envs (or to the built-in list)
+    /// [default: none].
+    extra_deny_envs: Names, "extra-deny-envs", "ENVGATE_EXTRA_DENY_ENVS", "NAMES", policy;
     /// Keep every KERNEL_* name, as EG does.
     kernel_prefix: Bool = true, "kernel-prefix", "ENVGATE_KERNEL_PREFIX", "BOOL", policy;
     /// More prefixes whose names are kept, comma-separated (e.g. SPARK_) [default: none].

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub struct Envgate {
@@ -95,15 +95,13 @@ impl Envgate {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Every audit record written so far, parsed. Waits up to 5 s for at least `at_least` records.
+    /// Every audit record written so far, parsed, each checked against `docs/audit.schema.json`.
+    /// Waits up to 5 s for at least `at_least` records.
     pub fn audit(&self, at_least: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
-            let recs: Vec<serde_json::Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
-                .collect();
+            let recs: Vec<serde_json::Value> = text.lines().map(valid_record).collect();
             if recs.len() >= at_least || Instant::now() > deadline {
                 return recs;
             }
@@ -111,9 +109,14 @@ impl Envgate {
         }
     }
 
-    /// The raw audit log text.
+    /// The raw audit log text; every whole line checked against `docs/audit.schema.json`.
     pub fn audit_text(&self) -> String {
-        std::fs::read_to_string(&self.audit_path).unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        // A line still being written (no newline yet) is not a record yet.
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            valid_record(line.trim_end_matches('\n'));
+        }
+        text
     }
 
     /// Sends a signal (`"HUP"`, `"TERM"`, ...) without waiting.
@@ -161,6 +164,25 @@ impl Envgate {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The audit record schema, compiled once per test process.
+fn audit_schema() -> &'static jsonschema::Validator {
+    static SCHEMA: OnceLock<jsonschema::Validator> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let text = include_str!("../../docs/audit.schema.json");
+        let schema: serde_json::Value = serde_json::from_str(text).expect("docs/audit.schema.json is JSON");
+        jsonschema::draft202012::new(&schema).expect("docs/audit.schema.json is a valid schema")
+    })
+}
+
+/// One audit log line, parsed; panics unless it is JSON that fits the audit record schema.
+pub fn valid_record(line: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line}"));
+    let errors: Vec<String> = audit_schema().iter_errors(&v).map(|e| format!("{e} (at {})", e.instance_path)).collect();
+    assert!(errors.is_empty(), "audit record does not fit docs/audit.schema.json: {errors:?}\n{line}");
+    v
 }
 
 /// `kill -SIG pid` without a libc dependency.
