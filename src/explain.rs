@@ -320,7 +320,9 @@ pub fn sender(config: &Config, user: Option<&str>, groups: &[String]) -> Result<
 /// with `index` as the upstream's kernelspecs, for `who` (see [`sender`]).
 pub fn dry_run(config: &Config, index: Arc<SpecIndex>, bytes: &[u8], who: Result<Option<Who>, Stop>) -> DryRun {
     let client: SocketAddr = PLACEHOLDER_CLIENT.parse().expect("a socket address");
+    let hash = config.policy_hash();
     let mut rec = Record::new(PLACEHOLDER_ID, Event::KernelStart, config.policy.mode, client, None);
+    rec.policy_hash = &hash;
     let mut body = None;
     let mut steps = decide::Steps::default();
     let who = match who {
@@ -392,11 +394,8 @@ fn finish(mut rec: Record<'_>, result: Result<Vec<u8>, Stop>) -> DryRun {
         if let (Some(v), Some(why)) = (o.get_mut("error"), why) {
             *v = why.into();
         }
-        // Whatever the record calls its time.
-        for k in ["time", "ts", "timestamp"] {
-            if let Some(v) = o.get_mut(k) {
-                *v = PLACEHOLDER_TIME.into();
-            }
+        if let Some(v) = o.get_mut("timestamp") {
+            *v = PLACEHOLDER_TIME.into();
         }
     }
     DryRun { outcome: outcome.as_str(), forwarded_body, status, error_body, audit }

@@ -89,7 +89,7 @@ impl Runtime {
             specs: SpecCache::new(config.kernelspec_cache_ttl),
             rewrites: kernelspecs::Memo::default(),
             tokens: crate::jwt::TokenCache::new(TOKEN_CACHE_ENTRIES),
-            policy_hash: policy_hash(&config),
+            policy_hash: config.policy_hash(),
             upstreams,
             config,
         })
@@ -100,14 +100,6 @@ impl Runtime {
         let i = worker.index().unwrap_or(self.upstreams.len() - 1);
         &self.upstreams[i % self.upstreams.len()]
     }
-}
-
-fn policy_hash(config: &Config) -> String {
-    use std::hash::{Hash, Hasher};
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    config.policy.to_string().hash(&mut h);
-    format!("{:016x}", h.finish())
 }
 
 /// Everything a request needs, shared by all connections.

@@ -101,7 +101,7 @@ fn name_value_pairs_are_decided_as_a_kernel_start_with_the_value_rules() {
     assert!(!r["error_body"]["message"].as_str().unwrap().contains("$(id)"), "{r}");
     let a = &r["audit"];
     assert_eq!(
-        (&a["id"], &a["time"], &a["client"], &a["kernelspec"], &a["outcome"], &a["status"], &a["error"]),
+        (&a["id"], &a["timestamp"], &a["client"], &a["kernelspec"], &a["outcome"], &a["status"], &a["error"]),
         (
             &json!("explain"),
             &json!("1970-01-01T00:00:00.000Z"),

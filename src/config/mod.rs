@@ -452,6 +452,18 @@ impl Raw {
     }
 }
 
+impl Config {
+    /// The policy's hash, as the metrics, the logs and the audit records show it: 16 hex digits
+    /// of a fixed-key SipHash of the policy as `envgate check` prints it.
+    pub fn policy_hash(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new();
+        self.policy.to_string().hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+}
+
 /// `set_envs` entries of one scope.
 fn set_envs(entries: &[(String, crate::identity::Template)], scope: &std::sync::Arc<str>) -> Vec<SetEnv> {
     entries.iter().map(|(name, t)| SetEnv { name: name.clone(), template: t.clone(), scope: scope.clone() }).collect()
