@@ -48,12 +48,15 @@ COPY --from=build /out/share/ /usr/local/share/
 # The image's "nonroot" user, by number so that Kubernetes' runAsNonRoot
 # can verify it without a passwd lookup.
 USER 65532:65532
-# The admin listener (/healthz, /readyz, /metrics) is on in the image: the
-# HEALTHCHECK below asks it, and Prometheus scrapes it. The variable applies
+# The admin listener (/healthz, /readyz, /metrics, POST /-/reload,
+# GET /-/policy) is on in the image, on the container's loopback: the
+# HEALTHCHECK below runs inside the container and asks it there, and nothing
+# outside the container (kernels in other containers included) can reload
+# envgate. For Prometheus or Kubernetes probes, set ENVGATE_ADMIN_LISTEN to
+# 0.0.0.0:9464 and keep untrusted networks from it. The variable applies
 # whatever the command line; a --admin-listen flag or another value of the
-# variable moves it (envgate healthcheck reads the same variable), and it is
-# not published unless you publish it.
-ENV ENVGATE_ADMIN_LISTEN=0.0.0.0:9464
+# variable moves it (envgate healthcheck reads the same variable).
+ENV ENVGATE_ADMIN_LISTEN=127.0.0.1:9464
 EXPOSE 8889 9464
 # Healthy while envgate answers and EG behind it does (GET /readyz); exec
 # form, as the image has no shell.

@@ -476,11 +476,9 @@ impl AuditLog {
 
     /// Reopens the log at `target` (SIGHUP): a rotated file is created anew. On failure the old
     /// target stays.
-    pub fn reopen(&self, target: &AuditTarget) {
-        match open_target(target) {
-            Ok(o) => *lock(&self.out) = o,
-            Err(e) => tracing::error!(error = %e, "cannot reopen the audit log; keeping the old one"),
-        }
+    pub fn reopen(&self, target: &AuditTarget) -> io::Result<()> {
+        *lock(&self.out) = open_target(target)?;
+        Ok(())
     }
 
     /// Writes one record on its own.
@@ -802,12 +800,15 @@ mod tests {
         let rec = |id| Record::new(id, Event::KernelStart, Mode::Drop, "127.0.0.1:1".parse().unwrap(), None);
         log.write(&rec("a"));
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
-        log.reopen(&AuditTarget::File(path.clone()));
+        log.reopen(&AuditTarget::File(path.clone())).unwrap();
         log.write(&rec("b"));
+        // A path that cannot be opened is an error, and the records keep going to the open file.
+        assert!(log.reopen(&AuditTarget::File(dir.path().join("no/such/dir/audit.jsonl"))).is_err());
+        log.write(&rec("c"));
         drop(log);
         assert!(std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap().contains("\"a\""));
         let now = std::fs::read_to_string(&path).unwrap();
-        assert!(now.contains("\"b\"") && !now.contains("\"a\""), "{now}");
+        assert!(now.contains("\"b\"") && now.contains("\"c\"") && !now.contains("\"a\""), "{now}");
     }
 
     /// The ids of the records in an audit file, in order.

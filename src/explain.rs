@@ -138,11 +138,19 @@ impl Explanation {
     /// itself (the bound `KERNEL_USERNAME`), the source is the identity's, not a name rule's.
     pub fn adopt(&mut self, dry: &DryRun) {
         let kept = dry.audit["kept"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let set = dry.audit["set_envs"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let source = |list: &[serde_json::Value], name: &str| {
+            list.iter().find(|k| k["name"] == name).and_then(|k| k["source"].as_str()).map(str::to_string)
+        };
         for l in &mut self.names {
-            if let Some(source) = kept.iter().find(|k| k["name"] == l.name.as_str()).and_then(|k| k["source"].as_str())
-            {
+            // A name set_envs sets is envgate's value, whatever the rules say of the client's.
+            if let Some(scope) = source(set, &l.name) {
+                l.verdict = "set";
+                l.by = format!("set_envs of {scope}");
+                l.denied_by = None;
+            } else if let Some(by) = source(kept, &l.name) {
                 l.verdict = "kept";
-                l.by = source.to_string();
+                l.by = by;
                 l.denied_by = None;
             }
         }
@@ -196,7 +204,7 @@ impl Explanation {
 // A whole kernel start, dry-run through the proxy's own steps.
 
 /// The audit record's placeholders: what only a real request has.
-pub const PLACEHOLDER_ID: &str = "explain";
+pub const PLACEHOLDER_ID: &str = "00000000-00000000";
 pub const PLACEHOLDER_TIME: &str = "1970-01-01T00:00:00.000Z";
 pub const PLACEHOLDER_CLIENT: &str = "0.0.0.0:0";
 
@@ -414,7 +422,7 @@ impl DryRun {
             }
         }
         out.push_str(&format!(
-            "audit record (id {PLACEHOLDER_ID:?}, time and client are placeholders; a forwarded start's status is the \
+            "audit record (id {PLACEHOLDER_ID:?}, timestamp and client are placeholders; a forwarded start's status is the \
              upstream's):\n{}\n",
             self.audit
         ));

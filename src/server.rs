@@ -332,6 +332,8 @@ pub enum ReloadError {
     Config(ConfigError),
     /// A certificate or key does not load.
     Files(StartError),
+    /// The audit log cannot be (re)opened; records keep going where they went.
+    Audit(std::io::Error),
 }
 
 impl std::fmt::Display for ReloadError {
@@ -339,6 +341,7 @@ impl std::fmt::Display for ReloadError {
         match self {
             ReloadError::Config(e) => write!(f, "{e}"),
             ReloadError::Files(e) => write!(f, "{e}"),
+            ReloadError::Audit(e) => write!(f, "cannot open the audit log: {e}; records keep going to the old one"),
         }
     }
 }
@@ -414,8 +417,9 @@ impl Reloader {
         if old.config.tls.is_some() != acceptor.is_some() {
             tracing::warn!("TLS was turned on or off by the reload; it applies to new connections");
         }
+        // The audit log first: if it cannot be opened, nothing of the new configuration applies.
+        state.audit.reopen(&runtime.config.audit_log).map_err(ReloadError::Audit)?;
         self.tls.store(acceptor.map(Arc::new));
-        state.audit.reopen(&runtime.config.audit_log);
         state.metrics.set_policy(&runtime.policy_hash);
         let hash = runtime.policy_hash.clone();
         state.runtime.store(Arc::new(runtime));

@@ -113,7 +113,7 @@ impl Time {
             Time::Text(t) => humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok(),
             Time::Number(n) if n.is_finite() && *n >= 0.0 => {
                 let secs = if *n > 1e11 { n / 1000.0 } else { *n };
-                SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs_f64(secs))
+                Duration::try_from_secs_f64(secs).ok().and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
             }
             Time::Number(_) => None,
         }

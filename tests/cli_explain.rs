@@ -47,8 +47,13 @@ fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// explain's JSON output; the audit record it holds, if any, checked against the record's schema.
 fn json_out(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out(o)))
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out(o)));
+    if let Some(audit) = v.get("request").and_then(|r| r.get("audit")) {
+        support::envgate::valid_record(&audit.to_string());
+    }
+    v
 }
 
 const IDENTITY: &str = r#"
@@ -103,7 +108,7 @@ fn name_value_pairs_are_decided_as_a_kernel_start_with_the_value_rules() {
     assert_eq!(
         (&a["id"], &a["timestamp"], &a["client"], &a["kernelspec"], &a["outcome"], &a["status"], &a["error"]),
         (
-            &json!("explain"),
+            &json!("00000000-00000000"),
             &json!("1970-01-01T00:00:00.000Z"),
             &json!("0.0.0.0:0"),
             &json!("python3"),
@@ -140,7 +145,10 @@ fn a_body_from_a_file_or_stdin() {
         let text = out(o);
         assert!(text.contains("KERNEL_X  kept      prefix:KERNEL_\nNOPE      rejected  not_allowed\n"), "{text}");
         assert!(text.contains("\"rejected\":[{\"name\":\"NOPE\",\"reason\":\"not_allowed\"}]"), "{text}");
-        assert!(text.contains("\"path\":\"refused\",\"outcome\":\"refused\",\"status\":400"), "{text}");
+        assert!(
+            text.contains("\"path\":\"refused\",\"request_path\":null,\"outcome\":\"refused\",\"status\":400"),
+            "{text}"
+        );
         assert!(text.contains("\"error\":\"path escapes the root\"}"), "{text}");
     }
     assert_eq!(out(&from_file), out(&from_stdin));
@@ -213,6 +221,13 @@ fn bodies_for_an_identity_run_binding_kernelspecs_and_set_envs() {
         (&json!("bob"), &json!("trusted_header"), &json!("header"))
     );
     assert_eq!(a["groups"], json!(["data-eng"]));
+    // A name set_envs sets is shown as set, not judged by the name rules (KERNEL_NAMESPACE is denied by default).
+    let text = out(&explain_with(
+        IDENTITY,
+        &["--user", "bob", "--kernelspec", "python3", "KERNEL_NAMESPACE=jupyter-bob"],
+        b"",
+    ));
+    assert!(text.contains("KERNEL_NAMESPACE  set       set_envs of global"), "{text}");
     assert_eq!(
         a["set_envs"],
         json!([{"name": "TEAM", "source": "group:data-eng"}, {"name": "KERNEL_NAMESPACE", "source": "global"}])

@@ -296,7 +296,7 @@ settings! {
     users: Users, "user-policy", "ENVGATE_USERS", "NAME={...}", policy;
     /// Per-group policy blocks, as --user-policy plus `priority` [default: none].
     groups: Groups, "group-policy", "ENVGATE_GROUPS", "NAME={...}", policy;
-    /// Admin listener with /healthz, /readyz and /metrics [default: off].
+    /// Admin listener with /healthz, /readyz, /metrics, POST /-/reload and GET /-/policy [default: off].
     admin_listen: AdminAddr, "admin-listen", "ENVGATE_ADMIN_LISTEN", "ADDR";
     /// How often the config file and the files it names are checked for changes, which then reload
     /// the configuration; 0s turns the watch off.
