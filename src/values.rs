@@ -40,14 +40,17 @@ pub const DEFAULT_PATTERNS: &[(&str, &str)] = &[
     ("KERNEL_LAUNCH_TIMEOUT", "[0-9]{1,7}(\\.[0-9]{1,6})?"),
     // A user name as JupyterHub and Unix systems make them (e-mail style allowed).
     ("KERNEL_USERNAME", "[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}"),
-    // An OCI image reference: [registry[:port]/]path[:tag][@digest].
-    (
-        "KERNEL_IMAGE",
-        "([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*(:[0-9]{1,5})?/)?\
-         [a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*\
-         (:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?",
-    ),
+    // The kernel's image, and the Spark executors' image (EG's Spark-on-Kubernetes kernelspecs),
+    // both rendered into pod specs.
+    ("KERNEL_IMAGE", IMAGE),
+    ("KERNEL_EXECUTOR_IMAGE", IMAGE),
 ];
+
+/// An OCI image reference: [registry[:port]/]path[:tag][@digest].
+const IMAGE: &str =
+    "([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*(:[0-9]{1,5})?/)?\
+                     [a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*\
+                     (:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?";
 
 /// A per-name pattern, compiled; compared by its text.
 #[derive(Debug, Clone)]
@@ -355,10 +358,14 @@ mod tests {
             "registry.example.org:5000/team/img:v1.2_3",
             "ghcr.io/org/img@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ] {
-            assert_eq!(rule_of("KERNEL_IMAGE", ok), None, "{ok}");
+            for name in ["KERNEL_IMAGE", "KERNEL_EXECUTOR_IMAGE"] {
+                assert_eq!(rule_of(name, ok), None, "{name} {ok}");
+            }
         }
         for bad in ["", "Elyra/Kernel", "img:tag:tag", "img\"- name: x", "img --privileged", "a//b", "/img"] {
-            assert_eq!(rule_of("KERNEL_IMAGE", bad), Some(Rule::Pattern), "{bad:?}");
+            for name in ["KERNEL_IMAGE", "KERNEL_EXECUTOR_IMAGE"] {
+                assert_eq!(rule_of(name, bad), Some(Rule::Pattern), "{name} {bad:?}");
+            }
         }
     }
 

@@ -155,7 +155,7 @@ fn full(
     violations: &[(&str, &str)],
 ) -> String {
     json!({
-        "time": time, "id": "x", "event": event, "mode": "drop", "client": "127.0.0.1:1", "user": user,
+        "timestamp": time, "id": "x", "event": event, "mode": "drop", "client": "127.0.0.1:1", "user": user,
         "kernelspec": spec, "kept": [], "rejected": [],
         "violations": violations.iter().map(|(n, r)| json!({"name": n, "rule": r})).collect::<Vec<_>>(),
         "path": null, "outcome": outcome, "status": 400, "kernel_id": null, "error": error,

@@ -12,6 +12,7 @@ mod files;
 mod kinds;
 mod settings;
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
@@ -215,32 +216,52 @@ impl Config {
 
     /// What is valid but weakens envgate, one sentence each: logged as warnings at start-up (and
     /// on reload) and printed by `envgate check`.
-    pub fn warnings(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
+    pub fn warnings(&self) -> Vec<Cow<'static, str>> {
+        let mut out: Vec<Cow<'static, str>> = Vec::new();
         if self.upstream.tls.insecure {
             out.push(
-                "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only",
+                "upstream_insecure is on: the upstream's certificate is NOT verified; use this for development only"
+                    .into(),
             );
         }
         if self.upstream.token.is_some() && self.identity.is_none() {
             out.push(
-                "envgate holds the upstream token and no trusted_user_header is set: anyone who reaches envgate reaches EG",
+                "envgate holds the upstream token and no trusted_user_header is set: anyone who reaches envgate reaches EG"
+                .into(),
             );
         }
         if self.policy.mode == policy::Mode::Report {
             out.push(
                 "mode = \"report\": nothing is enforced; kernel starts are forwarded with every name and value, and only \
-                 audited",
+                 audited"
+                    .into(),
             );
         }
         if self.policy.sessions == policy::Sessions::Allow {
             out.push(
                 "sessions = \"allow\": a session start gives its kernel the gateway's whole environment, outside the env \
-                 policy",
+                 policy"
+                .into(),
             );
         }
         if self.policy.eg_config.as_ref().is_some_and(|e| e.all) {
-            out.push("inherit_eg_env_config with EG_CLIENT_ENVS=*: every name is allowed (deny_envs still applies)");
+            out.push(
+                "inherit_eg_env_config with EG_CLIENT_ENVS=*: every name is allowed (deny_envs still applies)".into(),
+            );
+        }
+        if self.settings.deny_envs.is_some() {
+            let missing: Vec<&str> =
+                policy::DEFAULT_DENY_ENVS.iter().copied().filter(|n| !self.policy.deny_envs.contains(n)).collect();
+            if !missing.is_empty() {
+                out.push(
+                    format!(
+                        "deny_envs replaces the built-in list and leaves out {}: clients may send them; use \
+                         extra_deny_envs to add names to the built-in list instead",
+                        missing.join(", ")
+                    )
+                    .into(),
+                );
+            }
         }
         out
     }
@@ -676,6 +697,15 @@ mod tests {
         // With identity, the token is not a warning.
         let w = load_toml("upstream_token = \"t\"\ntrusted_user_header = \"X-User\"").unwrap().warnings();
         assert!(w.is_empty(), "{w:?}");
+        // A deny_envs that drops built-in names says which; one that keeps them all, or extra_deny_envs, does not.
+        let w = load_toml("deny_envs = [\"PATH\", \"A\"]").unwrap().warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("leaves out BASH_ENV, ENV, KERNEL_NAMESPACE") && !w[0].contains("PATH,"),
+            "{w:?}"
+        );
+        let all = policy::DEFAULT_DENY_ENVS.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+        assert!(load_toml(&format!("deny_envs = [{all}, \"A\"]")).unwrap().warnings().is_empty());
+        assert!(load_toml("extra_deny_envs = [\"A\"]").unwrap().warnings().is_empty());
     }
 
     #[test]
