@@ -36,7 +36,7 @@ RUN mkdir -p /out/share/bash-completion/completions /out/share/zsh/site-function
  && /out/envgate completions bash > /out/share/bash-completion/completions/envgate \
  && /out/envgate completions zsh > /out/share/zsh/site-functions/_envgate \
  && /out/envgate completions fish > /out/share/fish/vendor_completions.d/envgate.fish \
- && /out/envgate man > /out/share/man/man1/envgate.1
+ && /out/envgate man --dir /out/share/man/man1
 
 # ---- runtime ---------------------------------------------------------------
 # glibc and libgcc only (envgate links no OpenSSL), no shell, no package

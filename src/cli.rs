@@ -47,8 +47,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print envgate's man page (roff) to stdout: `envgate man > envgate.1`.
-    Man,
+    /// Print envgate's man page (roff) to stdout: `envgate man > envgate.1`; with --dir, write it
+    /// and one page per subcommand (envgate-explain.1, envgate-audit-summarize.1, ...) there.
+    Man {
+        /// Write every page into this directory instead of printing the main one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// `envgate healthcheck [--admin URL] [--config FILE] [--timeout DURATION]`
@@ -129,7 +134,8 @@ impl Cli {
         match &self.command {
             Some(Command::Run(o) | Command::Check(o)) => o,
             Some(Command::Explain(a)) => &a.opts,
-            None | Some(Command::Audit(_) | Command::Healthcheck(_) | Command::Completions { .. } | Command::Man) => {
+            None
+            | Some(Command::Audit(_) | Command::Healthcheck(_) | Command::Completions { .. } | Command::Man { .. }) => {
                 &self.opts
             }
         }
@@ -144,4 +150,10 @@ pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
 /// Writes envgate's man page (section 1, roff), generated from the command line's definition.
 pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
     clap_mangen::Man::new(Cli::command()).render(out)
+}
+
+/// Writes envgate's man pages into `dir`: `envgate.1` and one per subcommand, which the main
+/// page refers to (`envgate-explain.1`, `envgate-audit-summarize.1`, ...).
+pub fn man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    clap_mangen::generate_to(Cli::command(), dir)
 }

@@ -37,8 +37,12 @@ fn main() -> ExitCode {
             envgate::cli::completions(*shell, &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
-        Some(Command::Man) => {
-            return match envgate::cli::man(&mut std::io::stdout()) {
+        Some(Command::Man { dir }) => {
+            let written = match dir {
+                Some(d) => envgate::cli::man_pages(d),
+                None => envgate::cli::man(&mut std::io::stdout()),
+            };
+            return match written {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("envgate: {e}");
@@ -72,7 +76,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Explain(args)) => explain(&config, &args),
-        Some(Command::Audit(_) | Command::Healthcheck(_) | Command::Completions { .. } | Command::Man) => {
+        Some(Command::Audit(_) | Command::Healthcheck(_) | Command::Completions { .. } | Command::Man { .. }) => {
             unreachable!("handled before the configuration is loaded")
         }
         Some(Command::Run(_)) | None => {

@@ -236,6 +236,17 @@ fn the_dockerfile_installs_completions_and_the_man_page() {
         let text = std::fs::read_to_string(dir.path().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(text.contains("healthcheck") && text.trim_start().starts_with(start), "{file}");
     }
+    // The pages the main one refers to, each with its own options.
+    for (page, option) in [
+        ("envgate-explain.1", "body"),
+        ("envgate-audit-summarize.1", "since"),
+        ("envgate-healthcheck.1", "admin"),
+        ("envgate-run.1", "upstream"),
+    ] {
+        let text = std::fs::read_to_string(dir.path().join("share/man/man1").join(page))
+            .unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH envgate-") && text.contains(option), "{page} lacks --{option}");
+    }
 }
 
 #[test]
