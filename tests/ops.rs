@@ -312,3 +312,43 @@ fn the_systemd_unit_verifies() {
 fn which(cmd: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(cmd)).find(|p| p.is_file())
 }
+
+/// An audit log envgate cannot write to (`/dev/full`: every write fails with ENOSPC) is counted in
+/// `envgate_audit_write_errors_total`, through the binary; the kernel start itself still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_write_errors_are_counted() {
+    use std::io::BufRead;
+    let (_eg, eg_addr) = support::fake_upstream::FakeEg::start("127.0.0.1:0".parse().unwrap()).await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(bin())
+        .args(["--listen", "127.0.0.1:0", "--upstream", &format!("http://{eg_addr}"), "--log-format", "json"])
+        .args(["--audit-log", "/dev/full", "--admin-listen", &admin])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("envgate stopped before listening").unwrap();
+        if line.contains("envgate is listening") {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["listen"].as_str().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let body = br#"{"name":"python3","env":{"KERNEL_X":"1"}}"#;
+    let r = request(&addr, "POST", "/api/kernels", &[("Content-Type", "application/json")], body).await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let m = request(&admin, "GET", "/metrics", &[], b"").await.unwrap().text();
+    let n: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("envgate_audit_write_errors_total "))
+        .unwrap_or_else(|| panic!("no envgate_audit_write_errors_total in:\n{m}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(n >= 1.0, "{m}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
