@@ -21,8 +21,9 @@ const KG_SECRET: (&str, &str) = ("KG_ONLY_SECRET", "kg-process-secret");
 
 /// KG as docs/kernel-gateway.md says to run it: `KG_ENV_WHITELIST` holds the names envgate allows (KG has no
 /// `*`), plus one name envgate does not allow, to show that envgate, not KG, decides.
-fn kg() -> Kg {
+fn kg(version: &'static str) -> Kg {
     Kg::start(KgOptions {
+        version,
         env_whitelist: ["GLOBAL_OK", "META_VAR", "SPEC_OK", "NOT_ALLOWED"].map(String::from).to_vec(),
         auth_token: Some(TOKEN.into()),
         extra_env: vec![(KG_SECRET.0.into(), KG_SECRET.1.into()), ("KG_LIST_KERNELS".into(), "True".into())],
@@ -48,7 +49,8 @@ async fn start_kernel(addr: &str, body: &Value) -> String {
 /// The kernel's environment, read over the channels WebSocket of `addr` (envgate or KG).
 async fn kernel_env(addr: &str, id: &str, protocol: Protocol) -> BTreeMap<String, String> {
     let url = format!("ws://{addr}/api/kernels/{id}/channels");
-    let out = run_code(&url, &[("Authorization", AUTH)], protocol, PRINT_ENV).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let out =
+        run_code(&url, &[("Authorization", AUTH)], protocol, PRINT_ENV).await.unwrap_or_else(|e| panic!("{url}: {e}"));
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("kernel printed no JSON ({e}): {out}"))
 }
 
@@ -69,7 +71,7 @@ fn start_envgate(kg: &Kg, extra: &[&str], env: &[(&str, &str)]) -> Envgate {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn envgate_in_front_of_kernel_gateway() {
-    let kg = kg();
+    let kg = kg("3.0.x");
     let gate = start_envgate(&kg, &[], &[]);
 
     // Kernelspecs: KG's own shape (as EG's), with client_envs injected; the token goes through.
@@ -121,7 +123,8 @@ async fn envgate_in_front_of_kernel_gateway() {
     delete_kernel(&gate.addr, &id).await;
 
     // Control: KG checks no value; `$(...)` reaches the kernel as sent.
-    let direct = start_kernel(&kg.addr, &json!({"name": "python3", "env": {"KERNEL_X": "$(id)", "KERNEL_UID": "0 "}})).await;
+    let direct =
+        start_kernel(&kg.addr, &json!({"name": "python3", "env": {"KERNEL_X": "$(id)", "KERNEL_UID": "0 "}})).await;
     let seen = kernel_env(&kg.addr, &direct, Protocol::Legacy).await;
     assert_eq!(seen.get("KERNEL_X").map(String::as_str), Some("$(id)"));
     assert_eq!(seen.get("KERNEL_UID").map(String::as_str), Some("0 "));
@@ -153,11 +156,43 @@ async fn envgate_in_front_of_kernel_gateway() {
         &[("KG_ENV_WHITELIST", "FROM_KG,*"), ("EG_CLIENT_ENVS", "FROM_EG")],
     );
     let v = get(&inheriting.addr, "/api/kernelspecs").await.json();
-    assert_eq!(v["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"], json!(["FROM_EG", "FROM_KG", "GLOBAL_OK"]));
-    let r = post(&inheriting.addr, "/api/kernels", &json!({"name": "python3", "env": {"FROM_KG": "1", "OTHER": "2"}})).await;
+    assert_eq!(
+        v["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"],
+        json!(["FROM_EG", "FROM_KG", "GLOBAL_OK"])
+    );
+    let r = post(&inheriting.addr, "/api/kernels", &json!({"name": "python3", "env": {"FROM_KG": "1", "OTHER": "2"}}))
+        .await;
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let rec = inheriting.audit(1).into_iter().find(|r| r["kernel_id"] == id.as_str()).expect("audit record");
     assert_eq!(rec["kept"], json!([{"name": "FROM_KG", "source": "eg_config"}]), "{rec}");
     delete_kernel(&inheriting.addr, &id).await;
+}
+
+/// KG 2.5.x (the last release on notebook 6.5) still installs and runs on Python 3.11: the same filter and
+/// the same hole without `env`, but only the legacy JSON WebSocket protocol.
+#[tokio::test(flavor = "multi_thread")]
+async fn kernel_gateway_2_5_is_covered_the_same_way() {
+    let kg = kg("2.5.x");
+    let gate = start_envgate(&kg, &[], &[]);
+    let v = get(&gate.addr, "/api/kernelspecs").await.json();
+    assert_eq!(v["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"], json!(["GLOBAL_OK"]));
+
+    let env = json!({"GLOBAL_OK": "g", "NOT_ALLOWED": "x", "KERNEL_CUSTOM": "k"});
+    let id = start_kernel(&gate.addr, &json!({"name": "python3", "env": env})).await;
+    let seen = kernel_env(&gate.addr, &id, Protocol::Legacy).await;
+    assert_eq!(seen.get("GLOBAL_OK").map(String::as_str), Some("g"));
+    assert_eq!(seen.get("KERNEL_CUSTOM").map(String::as_str), Some("k"));
+    assert!(!seen.contains_key("NOT_ALLOWED"), "KG's list allows it, envgate's does not");
+    // KG 2.5 does not select the v1 subprotocol; a client offering it gets no subprotocol back.
+    let url = format!("ws://{}/api/kernels/{id}/channels", gate.addr);
+    assert!(run_code(&url, &[("Authorization", AUTH)], Protocol::V1, "1").await.is_err());
+    delete_kernel(&gate.addr, &id).await;
+
+    let id = start_kernel(&gate.addr, &json!({"name": "python3"})).await;
+    let seen = kernel_env(&gate.addr, &id, Protocol::Legacy).await;
+    assert!(!seen.contains_key(KG_SECRET.0), "KG's environment reached the kernel through envgate");
+    delete_kernel(&gate.addr, &id).await;
+    let r = post(&gate.addr, "/api/sessions", &json!({"kernel": {"name": "python3"}})).await;
+    assert_eq!(r.status, 403, "{}", r.text());
 }

@@ -1,4 +1,5 @@
-//! Starts a real Jupyter Kernel Gateway (KG, from PyPI, pinned in `eg/requirements-kg-3.0.x.txt`) for a test.
+//! Starts a real Jupyter Kernel Gateway (KG, from PyPI, pinned in `eg/requirements-kg-3.0.x.txt` and
+//! `eg/requirements-kg-2.5.x.txt`) for a test.
 //!
 //! The same machinery as [`super::eg`]: a cached venv built by `scripts/py-venv`, a free loopback port (retried
 //! when another test grabs it first), the repo's `eg/kernels/` kernelspecs plus a test's own, EG-style readiness
@@ -18,8 +19,10 @@ use super::eg::{free_port, get_status, py_venv, repo_path, stop_tree};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const PORT_ATTEMPTS: usize = 5;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KgOptions {
+    /// KG release line with a pinned requirements file: "3.0.x" (3.0.1) or "2.5.x" (2.5.2, on notebook 6.5).
+    pub version: &'static str,
     /// `KG_ENV_WHITELIST=a,b`: names KG takes from a request's `env` besides `KERNEL_*`.
     pub env_whitelist: Vec<String>,
     /// `KG_AUTH_TOKEN`: requests then need `Authorization: token X` (or `?token=X`).
@@ -31,9 +34,21 @@ pub struct KgOptions {
     pub kernelspecs: Vec<(String, serde_json::Value)>,
 }
 
-/// The venv holding KG 3.0.x (built on first use, ~30 s).
-pub fn venv() -> PathBuf {
-    py_venv("kg-3.0.x", "eg/requirements-kg-3.0.x.txt", "import kernel_gateway, ipykernel")
+impl Default for KgOptions {
+    fn default() -> Self {
+        KgOptions {
+            version: "3.0.x",
+            env_whitelist: Vec::new(),
+            auth_token: None,
+            extra_env: Vec::new(),
+            kernelspecs: Vec::new(),
+        }
+    }
+}
+
+/// The venv holding KG `version` (built on first use, ~30 s).
+pub fn venv(version: &str) -> PathBuf {
+    py_venv(&format!("kg-{version}"), &format!("eg/requirements-kg-{version}.txt"), "import kernel_gateway, ipykernel")
 }
 
 /// A running KG. Dropping it stops KG and its kernels.
@@ -52,7 +67,7 @@ pub struct Kg {
 impl Kg {
     /// Starts KG and waits until `GET /api/kernelspecs` answers 200. Panics with KG's log on failure.
     pub fn start(opts: KgOptions) -> Kg {
-        let venv = venv();
+        let venv = venv(opts.version);
         let dir = tempfile::Builder::new().prefix("envgate-kg-").tempdir().expect("temp dir");
         for sub in ["jupyter/kernels", "data", "runtime", "config", "work"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
@@ -87,7 +102,7 @@ impl Kg {
                 Err(Some(why)) => {
                     let log = kg.log();
                     drop(kg);
-                    panic!("KG did not start: {why}\n--- KG log ---\n{log}");
+                    panic!("KG {} did not start: {why}\n--- KG log ---\n{log}", opts.version);
                 }
             }
         }
