@@ -11,8 +11,9 @@
 //!    the global `client_envs` (`config`), `[kernelspecs.K] client_envs` (`kernelspec_config`),
 //!    the kernelspec's `spec.metadata.client_envs` (`kernelspec_metadata`), the keys of its `env`
 //!    stanza (`kernelspec_env`, "plan B"), its `metadata.process_proxy.config.forwarded_envs` or
-//!    `forward_env` (`process_proxy`, "plan C"), and EG's own `EG_CLIENT_ENVS` /
-//!    `EG_ENV_WHITELIST` (`eg_config`, where `*` means every name); each source can be turned off;
+//!    `forward_env` (`process_proxy`, "plan C"), and the gateway's own list: EG's
+//!    `EG_CLIENT_ENVS` / `EG_ENV_WHITELIST` (where `*` means every name) or Jupyter Kernel
+//!    Gateway's `KG_ENV_WHITELIST` (`eg_config`); each source can be turned off;
 //! 4. a name that starts with an allowed prefix is kept: `KERNEL_` when `kernel_prefix` is on
 //!    (EG's own rule), and every prefix in `allow_prefixes` (`prefix:P`);
 //! 5. anything else is rejected (`not_allowed`).
@@ -159,8 +160,9 @@ impl PrefixRule {
     }
 }
 
-/// The names EG itself would forward, read from its own settings (`EG_CLIENT_ENVS`, or the
-/// deprecated `EG_ENV_WHITELIST`), exactly as EG reads them.
+/// The names the gateway itself would forward, read from its own settings exactly as it reads them:
+/// EG's `EG_CLIENT_ENVS` (or the deprecated `EG_ENV_WHITELIST`), and Jupyter Kernel Gateway's
+/// `KG_ENV_WHITELIST` (docs/kernel-gateway.md), whichever are set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EgEnvs {
     /// The list was exactly `*`: every name.
@@ -177,8 +179,16 @@ impl EgEnvs {
         if items == ["*"] {
             return EgEnvs { all: true, names: NameSet::new() };
         }
-        EgEnvs { all: false, names: items.into_iter().filter(|s| !s.is_empty()).map(str::to_string).collect() }
+        let kg = get("KG_ENV_WHITELIST").unwrap_or_default();
+        let names = items.into_iter().filter(|s| !s.is_empty()).chain(kg_env_whitelist(&kg)).map(str::to_string);
+        EgEnvs { all: false, names: names.collect() }
     }
+}
+
+/// KG 3.0.x: `os.getenv("KG_ENV_WHITELIST", "").split(",")`, items not trimmed. KG has no wildcard: a `*`
+/// there is a literal name no client sends, and left out here, where `*` would read as "every name".
+fn kg_env_whitelist(raw: &str) -> impl Iterator<Item = &str> {
+    raw.split(',').filter(|s| !s.is_empty() && *s != "*")
 }
 
 /// A set of variable names: looked up by hash (every name of every kernel start is looked up
@@ -788,7 +798,7 @@ impl fmt::Display for Policy {
         writeln!(f, "inherit_eg_env_config = {}", self.eg_config.is_some())?;
         if let Some(e) = &self.eg_config {
             let shown = if e.all { BTreeSet::from(["*".to_string()]) } else { (*e.names).clone() };
-            writeln!(f, "# inherited from EG_CLIENT_ENVS / EG_ENV_WHITELIST: {}", list(&shown))?;
+            writeln!(f, "# inherited from EG_CLIENT_ENVS / EG_ENV_WHITELIST / KG_ENV_WHITELIST: {}", list(&shown))?;
         }
         writeln!(f, "kernel_path = {:?}", self.kernel_path.as_str())?;
         writeln!(f, "value_max_length = {}", self.values.max_length)?;
@@ -1102,6 +1112,22 @@ mod tests {
         let e = EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "*,A, B")]));
         assert!(!e.all);
         assert_eq!(e.names, set(&["*", "A", " B"]));
+    }
+
+    #[test]
+    fn kernel_gateway_settings_are_read_as_kg_reads_them() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(EgEnvs::from_env(env(&[("KG_ENV_WHITELIST", "A,B")])).names, set(&["A", "B"]));
+        assert_eq!(EgEnvs::from_env(env(&[("KG_ENV_WHITELIST", "")])), EgEnvs::default());
+        // no wildcard in KG: `*` alone or among names allows nothing more
+        assert_eq!(EgEnvs::from_env(env(&[("KG_ENV_WHITELIST", "*")])), EgEnvs::default());
+        assert_eq!(EgEnvs::from_env(env(&[("KG_ENV_WHITELIST", "*,A, B")])).names, set(&["A", " B"]));
+        // both gateways' lists add up; EG's `*` still means every name
+        let both = EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "E"), ("KG_ENV_WHITELIST", "K")]));
+        assert_eq!(both.names, set(&["E", "K"]));
+        assert!(EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "*"), ("KG_ENV_WHITELIST", "K")])).all);
     }
 
     #[test]

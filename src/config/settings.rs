@@ -214,7 +214,8 @@ settings! {
     kernelspec_env: Bool = false, "kernelspec-env", "ENVGATE_KERNELSPEC_ENV", "BOOL", policy;
     /// Allow a kernelspec's process_proxy.config.forwarded_envs / forward_env ("plan C").
     process_proxy_envs: Bool = false, "process-proxy-envs", "ENVGATE_PROCESS_PROXY_ENVS", "BOOL", policy;
-    /// Also allow what EG's own EG_CLIENT_ENVS / EG_ENV_WHITELIST (in envgate's environment) allow.
+    /// Also allow what the gateway's own EG_CLIENT_ENVS / EG_ENV_WHITELIST / KG_ENV_WHITELIST
+    /// (in envgate's environment) allow.
     inherit_eg_env_config: Switch = false,
         "inherit-eg-env-config", "ENVGATE_INHERIT_EG_ENV_CONFIG", "BOOL", policy;
     /// Per-kernelspec names, NAME=A,B; repeat the flag or separate with ';'.

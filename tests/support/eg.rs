@@ -174,35 +174,40 @@ impl Eg {
         }
     }
 
-    /// Stops EG and all its kernels. SIGTERM lets EG shut its kernels down (it takes ~10 ms); if EG is
-    /// still there after a grace period, SIGKILL goes to its process group. Kernels run in sessions of
-    /// their own (jupyter_client uses start_new_session), so last every process that was below EG and is
-    /// still alive gets SIGKILL too.
+    /// Stops EG and all its kernels ([`stop_tree`]).
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = child.id();
-        let descendants = descendants_of(pid);
-        signal("-TERM", &[pid.to_string()]);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.take() {
+            stop_tree(child);
         }
-        if child.try_wait().ok().flatten().is_none() {
-            // Not reaped yet, so the group id cannot have been reused.
-            signal("-KILL", &[format!("-{pid}")]);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let survivors: Vec<String> = descendants
-            .into_iter()
-            .filter(|&(p, started)| proc_stat(p).is_some_and(|(_, s)| s == started))
-            .map(|(p, _)| p.to_string())
-            .collect();
-        if !survivors.is_empty() {
-            signal("-KILL", &survivors);
-        }
+    }
+}
+
+/// Stops a gateway process started in its own process group, and every kernel below it: SIGTERM lets the
+/// gateway shut its kernels down (it takes ~10 ms); if it is still there after a grace period, SIGKILL
+/// goes to its process group. Kernels run in sessions of their own (jupyter_client uses
+/// start_new_session), so last every process that was below it and is still alive gets SIGKILL too.
+/// Shared by [`Eg`] and `kg::Kg`.
+pub fn stop_tree(mut child: Child) {
+    let pid = child.id();
+    let descendants = descendants_of(pid);
+    signal("-TERM", &[pid.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().ok().flatten().is_none() {
+        // Not reaped yet, so the group id cannot have been reused.
+        signal("-KILL", &[format!("-{pid}")]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let survivors: Vec<String> = descendants
+        .into_iter()
+        .filter(|&(p, started)| proc_stat(p).is_some_and(|(_, s)| s == started))
+        .map(|(p, _)| p.to_string())
+        .collect();
+    if !survivors.is_empty() {
+        signal("-KILL", &survivors);
     }
 }
 
@@ -302,7 +307,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Status code of a plain `GET`, std only (start must not need a tokio runtime).
-fn get_status(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<u16> {
+pub fn get_status(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<u16> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let auth = token.map(|t| format!("Authorization: token {t}\r\n")).unwrap_or_default();

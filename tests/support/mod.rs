@@ -7,3 +7,4 @@ pub mod http;
 pub mod jupyter;
 pub mod jwt;
 pub mod kernel;
+pub mod kg;
