@@ -172,7 +172,9 @@ pub struct EgEnvs {
 
 impl EgEnvs {
     /// EG 3.x: `os.getenv("EG_CLIENT_ENVS", os.getenv("EG_ENV_WHITELIST", "")).split(",")`, and
-    /// `client_envs == ["*"]` means every name. Items are not trimmed, as in EG.
+    /// `client_envs == ["*"]` means every name. Items are not trimmed, as in EG. EG 2.x knows only
+    /// `EG_ENV_WHITELIST` (same split, same `*`), so a 2.x deployment that sets it alone is read right; 2.x's
+    /// last fallback, Kernel Gateway's `KG_ENV_WHITELIST`, is not read.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> EgEnvs {
         let raw = get("EG_CLIENT_ENVS").or_else(|| get("EG_ENV_WHITELIST")).unwrap_or_default();
         let items: Vec<&str> = raw.split(',').collect();
@@ -1128,6 +1130,16 @@ mod tests {
         let both = EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "E"), ("KG_ENV_WHITELIST", "K")]));
         assert_eq!(both.names, set(&["E", "K"]));
         assert!(EgEnvs::from_env(env(&[("EG_CLIENT_ENVS", "*"), ("KG_ENV_WHITELIST", "K")])).all);
+    }
+
+    #[test]
+    fn eg_2x_setting_alone_is_read_star_included() {
+        // EG 2.x knows only `env_whitelist` (`EG_ENV_WHITELIST`): an admin pairing envgate with it sets that
+        // variable alone, and `*` there means every name, as in EG 2.6.0's handler.
+        let get = |k: &str| (k == "EG_ENV_WHITELIST").then(|| "*".to_string());
+        assert_eq!(EgEnvs::from_env(get), EgEnvs { all: true, names: NameSet::new() });
+        let get = |k: &str| (k == "EG_ENV_WHITELIST").then(|| "A,B".to_string());
+        assert_eq!(EgEnvs::from_env(get).names, set(&["A", "B"]));
     }
 
     #[test]

@@ -24,11 +24,13 @@ const PORT_ATTEMPTS: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct EgOptions {
-    /// EG release with a pinned requirements file: "3.3.0" or "3.2.3".
+    /// EG release with a pinned requirements file (`eg/requirements-VERSION.txt`): "3.3.0", "3.2.3",
+    /// "3.1.0", "3.0.0" or "2.6.0".
     pub version: &'static str,
     /// EG's `base_url`, e.g. `Some("/gw".into())`; `None` serves at `/`.
     pub base_url: Option<String>,
-    /// Names EG lets through from a request's `env` besides `KERNEL_*` (passed as `EG_CLIENT_ENVS=a,b`).
+    /// Names EG lets through from a request's `env` besides `KERNEL_*`, passed in the variable this
+    /// version reads ([`client_envs_var`]: `EG_CLIENT_ENVS=a,b`, or `EG_ENV_WHITELIST=a,b` for EG 2.x).
     pub client_envs: Vec<String>,
     /// EG's `auth_token` (`EG_AUTH_TOKEN`): requests then need `Authorization: token X`.
     pub auth_token: Option<String>,
@@ -256,7 +258,7 @@ fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Pat
         .env("JUPYTER_RUNTIME_DIR", dir.join("runtime"))
         .env("JUPYTER_CONFIG_DIR", dir.join("config"));
     if !opts.client_envs.is_empty() {
-        cmd.env("EG_CLIENT_ENVS", opts.client_envs.join(","));
+        cmd.env(client_envs_var(opts.version), opts.client_envs.join(","));
     }
     if let Some(token) = &opts.auth_token {
         cmd.env("EG_AUTH_TOKEN", token);
@@ -268,6 +270,17 @@ fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Pat
         .stderr(log)
         .process_group(0); // so Drop can signal EG (and anything else in its group) at once
     cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn scripts/eg-start: {e}"))
+}
+
+/// The variable EG `version` reads its `client_envs` list from: `EG_CLIENT_ENVS` in 3.x (which falls back to
+/// `EG_ENV_WHITELIST`); EG 2.x knows only `env_whitelist`, `EG_ENV_WHITELIST` (falling back to
+/// `KG_ENV_WHITELIST`), and ignores `EG_CLIENT_ENVS`.
+pub fn client_envs_var(version: &str) -> &'static str {
+    if version.starts_with("2.") {
+        "EG_ENV_WHITELIST"
+    } else {
+        "EG_CLIENT_ENVS"
+    }
 }
 
 /// Path of a ready venv holding exactly the pins of `requirements` (relative to the repository), named
