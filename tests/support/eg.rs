@@ -12,15 +12,11 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long EG gets to answer `GET /api/kernelspecs` (it takes ~0.5 s on the 2-core machine).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Starting on a free port can still lose a race with another test; retry on a new port this often.
-const PORT_ATTEMPTS: usize = 5;
+use super::gateway::{auth_headers, command, prepare_dir, start_with_retries, Launch, Running};
 
 #[derive(Debug, Clone)]
 pub struct EgOptions {
@@ -67,68 +63,46 @@ pub struct Eg {
     pub auth_token: Option<String>,
     /// Serving HTTPS (`EG_CERTFILE` and `EG_KEYFILE` in `extra_env`).
     pub tls: bool,
-    child: Option<Child>,
-    log_path: PathBuf,
-    // Fields drop after `Drop::drop` has stopped the processes, so the dir outlives them.
-    dir: Option<tempfile::TempDir>,
+    gw: Running,
 }
 
 impl Eg {
     /// Starts EG and waits until `GET {url}/api/kernelspecs` answers 200. Panics with EG's log on failure.
     pub fn start(opts: EgOptions) -> Eg {
-        // Build the venv first if needed (~25 s, once per machine), so it does not eat into START_TIMEOUT;
+        // Build the venv first if needed (~25 s, once per machine), so it does not eat into the start timeout;
         // eg-start then finds it ready.
         venv(opts.version);
-        let dir = tempfile::Builder::new().prefix("envgate-eg-").tempdir().expect("temp dir");
-        for sub in ["jupyter/kernels", "data", "runtime", "config", "work"] {
-            fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
-        for (name, spec) in &opts.kernelspecs {
-            let spec_dir = dir.path().join("jupyter/kernels").join(name);
-            fs::create_dir_all(&spec_dir).unwrap();
-            fs::write(spec_dir.join("kernel.json"), serde_json::to_vec_pretty(spec).unwrap()).unwrap();
-        }
+        let dir = prepare_dir("eg", &opts.kernelspecs);
         let base_url = normalize_base_url(opts.base_url.as_deref());
-
-        // The temp dir moves into the Eg only once EG is up; a failed attempt's Eg is dropped (stopping its
-        // process) while the dir, shared by all attempts, stays here.
-        let mut dir = Some(dir);
-        let mut last_log = String::new();
-        for attempt in 1..=PORT_ATTEMPTS {
-            let port = free_port();
-            let root = dir.as_ref().unwrap().path();
-            let log_path = root.join(format!("eg-{attempt}.log"));
-            let child = spawn(&opts, root, port, &base_url, &log_path);
-            let mut eg = Eg {
-                port,
-                addr: format!("127.0.0.1:{port}"),
-                url: format!("http://127.0.0.1:{port}{base_url}"),
-                base_url: base_url.clone(),
-                auth_token: opts.auth_token.clone(),
-                tls: opts.extra_env.iter().any(|(k, _)| k == "EG_CERTFILE"),
-                child: Some(child),
-                log_path,
-                dir: None,
-            };
-            match eg.wait_ready() {
-                Ok(()) => {
-                    eg.dir = dir.take();
-                    return eg;
-                }
-                Err(Failure::PortTaken) => last_log = eg.log(),
-                Err(Failure::Fatal(why)) => {
-                    let log = eg.log();
-                    drop(eg);
-                    panic!("EG {} did not start: {why}\n--- EG log ---\n{log}", opts.version);
-                }
-            }
+        let tls = opts.extra_env.iter().any(|(k, _)| k == "EG_CERTFILE");
+        let gw = start_with_retries(
+            dir,
+            Launch {
+                name: "EG",
+                version: opts.version,
+                spawn: |root: &Path, port, log_path: &Path| spawn(&opts, root, port, &base_url, log_path),
+                // EG's own "available at ...:PORT" line.
+                ready_line: &|port| format!("is available at http{}://127.0.0.1:{port}", if tls { "s" } else { "" }),
+                port_taken_line: "could not be started because no available port",
+                // Served over TLS (EG_CERTFILE): the plain-HTTP probe cannot talk to it.
+                probe_path: (!tls).then(|| format!("{base_url}/api/kernelspecs")),
+                auth_token: opts.auth_token.as_deref(),
+            },
+        );
+        Eg {
+            port: gw.port,
+            addr: gw.addr.clone(),
+            url: format!("http://127.0.0.1:{}{base_url}", gw.port),
+            base_url,
+            auth_token: opts.auth_token.clone(),
+            tls,
+            gw,
         }
-        panic!("EG {} found no free port in {PORT_ATTEMPTS} tries\n--- last EG log ---\n{last_log}", opts.version);
     }
 
     /// Everything EG printed so far (stdout and stderr, including eg-start's command line).
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("<cannot read {:?}: {e}>", self.log_path))
+        self.gw.log()
     }
 
     /// `ws://127.0.0.1:PORT{base_url}/api/kernels/{id}/channels`
@@ -138,49 +112,7 @@ impl Eg {
 
     /// `(Authorization, token X)` when EG has a token, for `http::request` and `kernel::run_code`.
     pub fn auth_headers(&self) -> Vec<(&'static str, String)> {
-        match &self.auth_token {
-            Some(t) => vec![("Authorization", format!("token {t}"))],
-            None => Vec::new(),
-        }
-    }
-
-    fn wait_ready(&mut self) -> Result<(), Failure> {
-        // Wait for EG's own "available at ...:PORT" line before polling: with port_retries=0 it proves EG
-        // holds this port, so a 200 cannot come from some other test's server that grabbed it.
-        let bound = format!("is available at http{}://127.0.0.1:{}", if self.tls { "s" } else { "" }, self.port);
-        let path = format!("{}/api/kernelspecs", self.base_url);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let log = self.log();
-                if log.contains("could not be started because no available port") {
-                    return Err(Failure::PortTaken);
-                }
-                return Err(Failure::Fatal(format!("EG exited with {status}")));
-            }
-            if self.log().contains(&bound) && self.tls {
-                // Served over TLS (EG_CERTFILE): the plain-HTTP probe below cannot talk to it.
-                return Ok(());
-            }
-            if self.log().contains(&bound) {
-                match get_status(&self.addr, &path, self.auth_token.as_deref()) {
-                    Ok(200) => return Ok(()),
-                    Ok(code) => return Err(Failure::Fatal(format!("GET {path} answered {code}"))),
-                    Err(_) => {} // not accepting yet
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(Failure::Fatal(format!("no 200 from GET {path} within {START_TIMEOUT:?}")));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops EG and all its kernels ([`stop_tree`]).
-    fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            stop_tree(child);
-        }
+        auth_headers(self.auth_token.as_deref())
     }
 }
 
@@ -213,17 +145,6 @@ pub fn stop_tree(mut child: Child) {
     }
 }
 
-impl Drop for Eg {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-enum Failure {
-    PortTaken,
-    Fatal(String),
-}
-
 /// Path of the ready venv for `version` (runs `scripts/eg-venv`, which builds it on first use).
 pub fn venv(version: &str) -> PathBuf {
     let script = repo_path("scripts/eg-venv");
@@ -239,24 +160,11 @@ pub fn venv(version: &str) -> PathBuf {
 }
 
 fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Path) -> Child {
-    let log = fs::File::create(log_path).unwrap();
-    let mut cmd = Command::new(repo_path("scripts/eg-start"));
+    let mut cmd = command(repo_path("scripts/eg-start"), dir, dir.join("jupyter"), log_path);
     cmd.args(["--version", opts.version, "--port", &port.to_string()]);
     if !base_url.is_empty() {
         cmd.args(["--base-url", base_url]);
     }
-    // EG inherits the test's environment (realistic: that is what a careless EG leaks), minus any EG/Jupyter
-    // settings from the developer's shell, which would make runs differ.
-    for (name, _) in std::env::vars_os() {
-        let n = name.to_string_lossy();
-        if n.starts_with("EG_") || n.starts_with("KG_") || n.starts_with("JUPYTER") {
-            cmd.env_remove(&name);
-        }
-    }
-    cmd.env("JUPYTER_PATH", dir.join("jupyter"))
-        .env("JUPYTER_DATA_DIR", dir.join("data"))
-        .env("JUPYTER_RUNTIME_DIR", dir.join("runtime"))
-        .env("JUPYTER_CONFIG_DIR", dir.join("config"));
     if !opts.client_envs.is_empty() {
         cmd.env(client_envs_var(opts.version), opts.client_envs.join(","));
     }
@@ -264,11 +172,6 @@ fn spawn(opts: &EgOptions, dir: &Path, port: u16, base_url: &str, log_path: &Pat
         cmd.env("EG_AUTH_TOKEN", token);
     }
     cmd.envs(opts.extra_env.iter().map(|(k, v)| (k, v)));
-    cmd.current_dir(dir.join("work"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .process_group(0); // so Drop can signal EG (and anything else in its group) at once
     cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn scripts/eg-start: {e}"))
 }
 

@@ -3,6 +3,7 @@
 pub mod eg;
 pub mod envgate;
 pub mod fake_upstream;
+pub mod gateway;
 pub mod http;
 pub mod jupyter;
 pub mod jwt;
