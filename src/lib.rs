@@ -24,6 +24,7 @@
 //! - [`rawhead`]: what hyper's parsed head hides (a `Content-Length` next to chunked), from the
 //!   bytes it reads;
 //! - [`limits`]: the open-file limit raised at start-up;
+//! - [`output`]: what the commands print, a closed pipe ending it quietly;
 //! - [`procfs`]: the `process_*` metrics, read from /proc at each scrape;
 //! - [`splice`]: upgraded connections copied both ways, no buffer while idle;
 //! - [`explain`]: `envgate explain`, the policy's verdicts on names, and a kernel start dry-run
@@ -49,6 +50,7 @@ pub mod json;
 pub mod jwt;
 pub mod limits;
 pub mod metrics;
+pub mod output;
 pub mod policy;
 pub mod pool;
 pub mod procfs;

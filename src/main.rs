@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use envgate::cli::{Cli, Command, ExplainArgs, HealthcheckArgs};
 use envgate::config::{Config, LogFormat};
+use envgate::output::emit;
 use envgate::summary::Format;
 use tracing_subscriber::EnvFilter;
 
@@ -34,13 +35,18 @@ fn main() -> ExitCode {
     match &cli.command {
         Some(Command::Healthcheck(args)) => return healthcheck(args),
         Some(Command::Completions { shell }) => {
-            envgate::cli::completions(*shell, &mut std::io::stdout());
+            let mut script = Vec::new();
+            envgate::cli::completions(*shell, &mut script);
+            emit(script);
             return ExitCode::SUCCESS;
         }
         Some(Command::Man { dir }) => {
             let written = match dir {
                 Some(d) => envgate::cli::man_pages(d),
-                None => envgate::cli::man(&mut std::io::stdout()),
+                None => {
+                    let mut page = Vec::new();
+                    envgate::cli::man(&mut page).map(|()| emit(page))
+                }
             };
             return match written {
                 Ok(()) => ExitCode::SUCCESS,
@@ -71,8 +77,7 @@ fn main() -> ExitCode {
             for w in config.warnings() {
                 eprintln!("envgate: warning: {w}");
             }
-            println!("# envgate: configuration is valid; effective settings:");
-            print!("{}", config.effective());
+            emit(format!("# envgate: configuration is valid; effective settings:\n{}", config.effective()));
             ExitCode::SUCCESS
         }
         Some(Command::Explain(args)) => explain(&config, &args),
@@ -152,9 +157,9 @@ fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
         let who = envgate::explain::Asking { user: args.user.as_deref(), groups: &groups };
         let e = envgate::explain::explain_for(&config.policy, &index, args.kernelspec.as_deref(), who, &args.names);
         if args.format == Format::Json {
-            println!("{}", serde_json::to_string_pretty(&e).expect("serializing an explanation"));
+            emit(format!("{}\n", serde_json::to_string_pretty(&e).expect("serializing an explanation")));
         } else {
-            print!("{}", e.to_text());
+            emit(e.to_text());
         }
         return ExitCode::SUCCESS;
     }
@@ -181,9 +186,9 @@ fn explain(config: &Config, args: &ExplainArgs) -> ExitCode {
     e.adopt(&dry);
     if args.format == Format::Json {
         let both = serde_json::json!({"explanation": e, "request": dry});
-        println!("{}", serde_json::to_string_pretty(&both).expect("serializing an explanation"));
+        emit(format!("{}\n", serde_json::to_string_pretty(&both).expect("serializing an explanation")));
     } else {
-        print!("{}{}", e.to_text(), dry.to_text());
+        emit(format!("{}{}", e.to_text(), dry.to_text()));
     }
     if dry.forwarded_body.is_some() {
         ExitCode::SUCCESS

@@ -618,8 +618,11 @@ pub fn run(cmd: &AuditCommand) -> ExitCode {
         eprintln!("envgate: skipped {} lines that are not audit records (first: line {first})", summary.invalid);
     }
     match args.format {
-        Format::Text => print!("{}", summary.to_text()),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&summary.to_json()).expect("serializable")),
+        Format::Text => crate::output::emit(summary.to_text()),
+        Format::Json => crate::output::emit(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&summary.to_json()).expect("serializable")
+        )),
     }
     if summary.invalid > 0 {
         ExitCode::from(3)

@@ -306,3 +306,28 @@ fn sigterm_stops_envgate_with_exit_0() {
     let status = gate.terminate();
     assert_eq!(status.code(), Some(0));
 }
+
+/// A reader that goes away before envgate writes (`envgate check | head -0`) ends the output
+/// quietly, with the command's own exit code, not a panic; a write error of another kind is said.
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    use std::process::Stdio;
+    for args in [&["check"][..], &["completions", "bash"], &["man"]] {
+        let mut child = Command::new(support::envgate::bin())
+            .args(args)
+            .env_remove("ENVGATE_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = Command::new(support::envgate::bin()).arg("check").stdout(full).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot write the output"));
+}
