@@ -13,56 +13,20 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-
-use serde_json::{json, Value};
+use serde_json::json;
+use support::api::Api;
 use support::eg::{Eg, EgOptions};
 use support::envgate::Envgate;
-use support::http::{request, Response};
-use support::kernel::{run_code, Protocol};
-
-/// Prints the kernel's whole environment as one JSON object.
-const PRINT_ENV: &str = "import os, json; print(json.dumps(dict(os.environ)))";
+use support::kernel::Protocol;
 
 /// A secret that lives only in EG's own process environment.
 const EG_SECRET: (&str, &str) = ("EG_ONLY_SECRET", "eg-process-secret");
 
 const POLICY_ARGS: &[&str] = &["--client-envs", "GLOBAL_OK", "--kernelspec-client-envs", "python3_meta=SPEC_OK"];
 
-async fn post(addr: &str, path: &str, body: &Value) -> Response {
-    let body = serde_json::to_vec(body).unwrap();
-    request(addr, "POST", path, &[("Content-Type", "application/json")], &body).await.unwrap()
-}
+/// EG runs without a token here.
+const API: Api = Api { auth: None };
 
-async fn get(addr: &str, path: &str) -> Response {
-    request(addr, "GET", path, &[], b"").await.unwrap()
-}
-
-async fn start_kernel(addr: &str, body: &Value) -> String {
-    let r = post(addr, "/api/kernels", body).await;
-    assert_eq!(r.status, 201, "kernel start: {}", r.text());
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
-/// The kernel's environment, read over the channels WebSocket at `addr`.
-async fn kernel_env(addr: &str, id: &str, protocol: Protocol) -> BTreeMap<String, String> {
-    let url = format!("ws://{addr}/api/kernels/{id}/channels");
-    let out = run_code(&url, &[], protocol, PRINT_ENV).await.unwrap_or_else(|e| panic!("{url}: {e}"));
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("kernel printed no JSON ({e}): {out}"))
-}
-
-async fn delete_kernel(addr: &str, id: &str) {
-    let r = request(addr, "DELETE", &format!("/api/kernels/{id}"), &[], b"").await.unwrap();
-    assert_eq!(r.status, 204, "delete: {}", r.text());
-}
-
-async fn kernel_count(addr: &str) -> usize {
-    let r = get(addr, "/api/kernels").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json().as_array().unwrap().len()
-}
-
-/// The subset, against EG `version`.
 async fn subset(version: &'static str) {
     let eg = Eg::start(EgOptions {
         version,
@@ -71,19 +35,19 @@ async fn subset(version: &'static str) {
         extra_env: vec![(EG_SECRET.0.into(), EG_SECRET.1.into()), ("EG_LIST_KERNELS".into(), "True".into())],
         ..EgOptions::default()
     });
-    let api = get(&eg.addr, "/api").await.json();
+    let api = API.get(&eg.addr, "/api").await.json();
     assert_eq!(api["gateway_version"], version, "the EG under test: {api}");
     let gate = Envgate::start(&eg.url, POLICY_ARGS);
 
     // Kernelspecs: client_envs injected, everything else as EG serves it.
-    let list = get(&gate.addr, "/api/kernelspecs").await;
+    let list = API.get(&gate.addr, "/api/kernelspecs").await;
     assert_eq!(list.status, 200, "{version}: {}", list.text());
-    let mut expected = get(&eg.addr, "/api/kernelspecs").await.json();
+    let mut expected = API.get(&eg.addr, "/api/kernelspecs").await.json();
     expected["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"] = json!(["GLOBAL_OK"]);
     expected["kernelspecs"]["python3_meta"]["spec"]["metadata"]["client_envs"] =
         json!(["GLOBAL_OK", "META_VAR", "SPEC_OK"]);
     assert_eq!(list.json(), expected, "{version}");
-    let one = get(&gate.addr, "/api/kernelspecs/python3_meta").await;
+    let one = API.get(&gate.addr, "/api/kernelspecs/python3_meta").await;
     assert_eq!(one.json()["spec"]["metadata"]["client_envs"], json!(["GLOBAL_OK", "META_VAR", "SPEC_OK"]));
 
     // A filtered start, read from inside the kernel over both WebSocket framings.
@@ -91,9 +55,9 @@ async fn subset(version: &'static str) {
         "GLOBAL_OK": "g", "SPEC_OK": "s", "META_VAR": "m", "KERNEL_CUSTOM": "k", "KERNEL_USERNAME": "alice",
         "NOT_ALLOWED": "x", "LD_PRELOAD": "/tmp/evil.so", "PATH": "/tmp/evil",
     });
-    let id = start_kernel(&gate.addr, &json!({"name": "python3_meta", "env": env})).await;
+    let id = API.start_kernel(&gate.addr, &json!({"name": "python3_meta", "env": env})).await;
     for protocol in [Protocol::Legacy, Protocol::V1] {
-        let got = kernel_env(&gate.addr, &id, protocol).await;
+        let got = API.kernel_env(&gate.addr, &id, protocol).await;
         for (k, v) in [
             ("GLOBAL_OK", "g"),
             ("SPEC_OK", "s"),
@@ -111,28 +75,28 @@ async fn subset(version: &'static str) {
     }
     let rec = gate.audit(1).into_iter().find(|r| r["kernel_id"] == id.as_str()).expect("an audit record");
     assert_eq!((rec["outcome"].as_str(), rec["status"].as_u64()), (Some("forwarded"), Some(201)), "{version}");
-    delete_kernel(&gate.addr, &id).await;
+    API.delete_kernel(&gate.addr, &id).await;
 
     // No `env`: straight to EG the kernel inherits EG's environment; through envgate it gets `"env": {}`.
-    let direct = start_kernel(&eg.addr, &json!({"name": "python3"})).await;
-    let got = kernel_env(&eg.addr, &direct, Protocol::Legacy).await;
+    let direct = API.start_kernel(&eg.addr, &json!({"name": "python3"})).await;
+    let got = API.kernel_env(&eg.addr, &direct, Protocol::Legacy).await;
     assert_eq!(got.get(EG_SECRET.0).map(String::as_str), Some(EG_SECRET.1), "{version}: control, EG leaks");
-    delete_kernel(&eg.addr, &direct).await;
-    let id = start_kernel(&gate.addr, &json!({"name": "python3"})).await;
-    let got = kernel_env(&gate.addr, &id, Protocol::V1).await;
+    API.delete_kernel(&eg.addr, &direct).await;
+    let id = API.start_kernel(&gate.addr, &json!({"name": "python3"})).await;
+    let got = API.kernel_env(&gate.addr, &id, Protocol::V1).await;
     assert!(!got.contains_key(EG_SECRET.0), "{version}: EG's environment reached the kernel");
-    delete_kernel(&gate.addr, &id).await;
+    API.delete_kernel(&gate.addr, &id).await;
 
     // Every one of these releases lacks EG 3.3's value checks; envgate refuses an exploit value before EG.
-    let r = post(&gate.addr, "/api/kernels", &json!({"name": "python3", "env": {"KERNEL_UID": "0 "}})).await;
+    let r = API.post(&gate.addr, "/api/kernels", &json!({"name": "python3", "env": {"KERNEL_UID": "0 "}})).await;
     assert_eq!(r.status, 400, "{version}: {}", r.text());
     assert!(r.text().contains("KERNEL_UID"), "{}", r.text());
 
     // Sessions start kernels with EG's whole environment: refused, nothing started.
     let body = json!({"path": "nb.ipynb", "type": "notebook", "kernel": {"name": "python3"}});
-    let r = post(&gate.addr, "/api/sessions", &body).await;
+    let r = API.post(&gate.addr, "/api/sessions", &body).await;
     assert_eq!(r.status, 403, "{version}: {}", r.text());
-    assert_eq!(kernel_count(&eg.addr).await, 0, "{version}: a refused request started a kernel");
+    assert_eq!(API.kernel_count(&eg.addr).await, 0, "{version}: a refused request started a kernel");
     let events: Vec<(String, String)> = gate
         .audit(4)
         .iter()

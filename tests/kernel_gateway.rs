@@ -5,15 +5,13 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-
-use serde_json::{json, Value};
+use serde_json::json;
+use support::api::Api;
 use support::envgate::Envgate;
-use support::http::{request, Response};
+use support::http::request;
 use support::kernel::{run_code, Protocol};
 use support::kg::{Kg, KgOptions};
 
-const PRINT_ENV: &str = "import os, json; print(json.dumps(dict(os.environ)))";
 const TOKEN: &str = "kgtok";
 const AUTH: &str = "token kgtok";
 /// A secret that lives only in KG's own process environment.
@@ -31,37 +29,7 @@ fn kg(version: &'static str) -> Kg {
     })
 }
 
-async fn post(addr: &str, path: &str, body: &Value) -> Response {
-    let body = serde_json::to_vec(body).unwrap();
-    request(addr, "POST", path, &[("Content-Type", "application/json"), ("Authorization", AUTH)], &body).await.unwrap()
-}
-
-async fn get(addr: &str, path: &str) -> Response {
-    request(addr, "GET", path, &[("Authorization", AUTH)], b"").await.unwrap()
-}
-
-async fn start_kernel(addr: &str, body: &Value) -> String {
-    let r = post(addr, "/api/kernels", body).await;
-    assert_eq!(r.status, 201, "kernel start: {}", r.text());
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
-/// The kernel's environment, read over the channels WebSocket of `addr` (envgate or KG).
-async fn kernel_env(addr: &str, id: &str, protocol: Protocol) -> BTreeMap<String, String> {
-    let url = format!("ws://{addr}/api/kernels/{id}/channels");
-    let out =
-        run_code(&url, &[("Authorization", AUTH)], protocol, PRINT_ENV).await.unwrap_or_else(|e| panic!("{url}: {e}"));
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("kernel printed no JSON ({e}): {out}"))
-}
-
-async fn delete_kernel(addr: &str, id: &str) {
-    let r = request(addr, "DELETE", &format!("/api/kernels/{id}"), &[("Authorization", AUTH)], b"").await.unwrap();
-    assert_eq!(r.status, 204, "delete: {}", r.text());
-}
-
-async fn kernel_count(kg: &Kg) -> usize {
-    get(&kg.addr, "/api/kernels").await.json().as_array().unwrap().len()
-}
+const API: Api = Api { auth: Some(AUTH) };
 
 fn start_envgate(kg: &Kg, extra: &[&str], env: &[(&str, &str)]) -> Envgate {
     let mut args = vec!["--client-envs", "GLOBAL_OK", "--kernelspec-client-envs", "python3_meta=SPEC_OK"];
@@ -75,7 +43,7 @@ async fn envgate_in_front_of_kernel_gateway() {
     let gate = start_envgate(&kg, &[], &[]);
 
     // Kernelspecs: KG's own shape (as EG's), with client_envs injected; the token goes through.
-    let specs = get(&gate.addr, "/api/kernelspecs").await;
+    let specs = API.get(&gate.addr, "/api/kernelspecs").await;
     assert_eq!(specs.status, 200, "{}", specs.text());
     let v = specs.json();
     assert_eq!(v["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"], json!(["GLOBAL_OK"]));
@@ -83,7 +51,7 @@ async fn envgate_in_front_of_kernel_gateway() {
         v["kernelspecs"]["python3_meta"]["spec"]["metadata"]["client_envs"],
         json!(["GLOBAL_OK", "META_VAR", "SPEC_OK"])
     );
-    let one = get(&gate.addr, "/api/kernelspecs/python3_meta").await;
+    let one = API.get(&gate.addr, "/api/kernelspecs/python3_meta").await;
     assert_eq!(one.json()["spec"]["metadata"]["client_envs"], json!(["GLOBAL_OK", "META_VAR", "SPEC_OK"]));
     // Without the token KG answers 401 and envgate fails closed on the kernel start.
     let r = request(&gate.addr, "POST", "/api/kernels", &[], br#"{"env":{}}"#).await.unwrap();
@@ -95,9 +63,9 @@ async fn envgate_in_front_of_kernel_gateway() {
         "GLOBAL_OK": "g", "SPEC_OK": "s", "META_VAR": "m", "KERNEL_CUSTOM": "k",
         "NOT_ALLOWED": "x", "LD_PRELOAD": "/tmp/evil.so", "PATH": "/tmp/evil",
     });
-    let id = start_kernel(&gate.addr, &json!({"name": "python3_meta", "env": env})).await;
+    let id = API.start_kernel(&gate.addr, &json!({"name": "python3_meta", "env": env})).await;
     for protocol in [Protocol::Legacy, Protocol::V1] {
-        let seen = kernel_env(&gate.addr, &id, protocol).await;
+        let seen = API.kernel_env(&gate.addr, &id, protocol).await;
         for (k, v) in [("GLOBAL_OK", "g"), ("SPEC_OK", "s"), ("META_VAR", "m"), ("KERNEL_CUSTOM", "k")] {
             assert_eq!(seen.get(k).map(String::as_str), Some(v), "{k} should reach the kernel ({protocol:?})");
         }
@@ -109,30 +77,30 @@ async fn envgate_in_front_of_kernel_gateway() {
     }
     let rec = gate.audit(1).into_iter().find(|r| r["kernel_id"] == id.as_str()).expect("audit record");
     assert_eq!((rec["outcome"].as_str(), rec["status"].as_u64()), (Some("forwarded"), Some(201)));
-    delete_kernel(&gate.addr, &id).await;
+    API.delete_kernel(&gate.addr, &id).await;
 
     // Control: straight to KG, a start without `env` hands the kernel KG's whole environment.
-    let direct = start_kernel(&kg.addr, &json!({"name": "python3"})).await;
-    let seen = kernel_env(&kg.addr, &direct, Protocol::Legacy).await;
+    let direct = API.start_kernel(&kg.addr, &json!({"name": "python3"})).await;
+    let seen = API.kernel_env(&kg.addr, &direct, Protocol::Legacy).await;
     assert_eq!(seen.get(KG_SECRET.0).map(String::as_str), Some(KG_SECRET.1), "control: KG leaks without env");
-    delete_kernel(&kg.addr, &direct).await;
+    API.delete_kernel(&kg.addr, &direct).await;
     // Through envgate, the forwarded body always has an `env` object.
-    let id = start_kernel(&gate.addr, &json!({"name": "python3"})).await;
-    let seen = kernel_env(&gate.addr, &id, Protocol::V1).await;
+    let id = API.start_kernel(&gate.addr, &json!({"name": "python3"})).await;
+    let seen = API.kernel_env(&gate.addr, &id, Protocol::V1).await;
     assert!(!seen.contains_key(KG_SECRET.0), "KG's environment reached the kernel through envgate");
-    delete_kernel(&gate.addr, &id).await;
+    API.delete_kernel(&gate.addr, &id).await;
 
     // Control: KG checks no value; `$(...)` reaches the kernel as sent.
     let direct =
-        start_kernel(&kg.addr, &json!({"name": "python3", "env": {"KERNEL_X": "$(id)", "KERNEL_UID": "0 "}})).await;
-    let seen = kernel_env(&kg.addr, &direct, Protocol::Legacy).await;
+        API.start_kernel(&kg.addr, &json!({"name": "python3", "env": {"KERNEL_X": "$(id)", "KERNEL_UID": "0 "}})).await;
+    let seen = API.kernel_env(&kg.addr, &direct, Protocol::Legacy).await;
     assert_eq!(seen.get("KERNEL_X").map(String::as_str), Some("$(id)"));
     assert_eq!(seen.get("KERNEL_UID").map(String::as_str), Some("0 "));
-    delete_kernel(&kg.addr, &direct).await;
+    API.delete_kernel(&kg.addr, &direct).await;
     // envgate's value rules stop both, and nothing starts.
-    let before = kernel_count(&kg).await;
+    let before = API.kernel_count(&kg.addr).await;
     for (name, value, rule) in [("KERNEL_UID", "0 ", "pattern"), ("KERNEL_X", "$(id)", "forbidden")] {
-        let r = post(&gate.addr, "/api/kernels", &json!({"name": "python3", "env": {name: value}})).await;
+        let r = API.post(&gate.addr, "/api/kernels", &json!({"name": "python3", "env": {name: value}})).await;
         assert_eq!(r.status, 400, "{name}: {}", r.text());
         assert_eq!(r.json()["violations"][0]["name"], name);
         assert_eq!(r.json()["violations"][0]["rule"], rule, "{}", r.text());
@@ -141,9 +109,9 @@ async fn envgate_in_front_of_kernel_gateway() {
 
     // POST /api/sessions (which KG serves, and which starts a kernel with KG's environment) is refused.
     let body = json!({"path": "nb.ipynb", "type": "notebook", "kernel": {"name": "python3"}});
-    let r = post(&gate.addr, "/api/sessions", &body).await;
+    let r = API.post(&gate.addr, "/api/sessions", &body).await;
     assert_eq!(r.status, 403, "{}", r.text());
-    assert_eq!(kernel_count(&kg).await, before, "a refused request started a kernel");
+    assert_eq!(API.kernel_count(&kg.addr).await, before, "a refused request started a kernel");
     let text = gate.audit_text();
     for v in ["/tmp/evil", "$(id)", KG_SECRET.1] {
         assert!(!text.contains(v), "audit log holds a value: {v}");
@@ -155,18 +123,19 @@ async fn envgate_in_front_of_kernel_gateway() {
         &["--inherit-eg-env-config"],
         &[("KG_ENV_WHITELIST", "FROM_KG,*"), ("EG_CLIENT_ENVS", "FROM_EG")],
     );
-    let v = get(&inheriting.addr, "/api/kernelspecs").await.json();
+    let v = API.get(&inheriting.addr, "/api/kernelspecs").await.json();
     assert_eq!(
         v["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"],
         json!(["FROM_EG", "FROM_KG", "GLOBAL_OK"])
     );
-    let r = post(&inheriting.addr, "/api/kernels", &json!({"name": "python3", "env": {"FROM_KG": "1", "OTHER": "2"}}))
+    let r = API
+        .post(&inheriting.addr, "/api/kernels", &json!({"name": "python3", "env": {"FROM_KG": "1", "OTHER": "2"}}))
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let rec = inheriting.audit(1).into_iter().find(|r| r["kernel_id"] == id.as_str()).expect("audit record");
     assert_eq!(rec["kept"], json!([{"name": "FROM_KG", "source": "eg_config"}]), "{rec}");
-    delete_kernel(&inheriting.addr, &id).await;
+    API.delete_kernel(&inheriting.addr, &id).await;
 }
 
 /// KG 2.5.x (the last release on notebook 6.5) still installs and runs on Python 3.11: the same filter and
@@ -175,24 +144,24 @@ async fn envgate_in_front_of_kernel_gateway() {
 async fn kernel_gateway_2_5_is_covered_the_same_way() {
     let kg = kg("2.5.x");
     let gate = start_envgate(&kg, &[], &[]);
-    let v = get(&gate.addr, "/api/kernelspecs").await.json();
+    let v = API.get(&gate.addr, "/api/kernelspecs").await.json();
     assert_eq!(v["kernelspecs"]["python3"]["spec"]["metadata"]["client_envs"], json!(["GLOBAL_OK"]));
 
     let env = json!({"GLOBAL_OK": "g", "NOT_ALLOWED": "x", "KERNEL_CUSTOM": "k"});
-    let id = start_kernel(&gate.addr, &json!({"name": "python3", "env": env})).await;
-    let seen = kernel_env(&gate.addr, &id, Protocol::Legacy).await;
+    let id = API.start_kernel(&gate.addr, &json!({"name": "python3", "env": env})).await;
+    let seen = API.kernel_env(&gate.addr, &id, Protocol::Legacy).await;
     assert_eq!(seen.get("GLOBAL_OK").map(String::as_str), Some("g"));
     assert_eq!(seen.get("KERNEL_CUSTOM").map(String::as_str), Some("k"));
     assert!(!seen.contains_key("NOT_ALLOWED"), "KG's list allows it, envgate's does not");
     // KG 2.5 does not select the v1 subprotocol; a client offering it gets no subprotocol back.
     let url = format!("ws://{}/api/kernels/{id}/channels", gate.addr);
     assert!(run_code(&url, &[("Authorization", AUTH)], Protocol::V1, "1").await.is_err());
-    delete_kernel(&gate.addr, &id).await;
+    API.delete_kernel(&gate.addr, &id).await;
 
-    let id = start_kernel(&gate.addr, &json!({"name": "python3"})).await;
-    let seen = kernel_env(&gate.addr, &id, Protocol::Legacy).await;
+    let id = API.start_kernel(&gate.addr, &json!({"name": "python3"})).await;
+    let seen = API.kernel_env(&gate.addr, &id, Protocol::Legacy).await;
     assert!(!seen.contains_key(KG_SECRET.0), "KG's environment reached the kernel through envgate");
-    delete_kernel(&gate.addr, &id).await;
-    let r = post(&gate.addr, "/api/sessions", &json!({"kernel": {"name": "python3"}})).await;
+    API.delete_kernel(&gate.addr, &id).await;
+    let r = API.post(&gate.addr, "/api/sessions", &json!({"kernel": {"name": "python3"}})).await;
     assert_eq!(r.status, 403, "{}", r.text());
 }

@@ -1,5 +1,6 @@
 //! Shared helpers for integration tests (`mod support;` in each test crate).
 
+pub mod api;
 pub mod eg;
 pub mod envgate;
 pub mod fake_upstream;
