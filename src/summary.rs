@@ -827,6 +827,15 @@ mod tests {
     }
 
     #[test]
+    fn a_numeric_time_out_of_range_is_no_time() {
+        for n in [1e300, f64::MAX, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(Time::Number(n).at(), None, "{n}");
+        }
+        assert!(Time::Number(1_764_000_000.0).at().is_some());
+        assert!(Time::Number(1_764_000_000_000.0).at().is_some(), "milliseconds");
+    }
+
+    #[test]
     fn filters_by_time_user_and_kernelspec() {
         let at = |t: &str| parse_time(t, SystemTime::now()).unwrap();
         let run = |f: Filter| {
